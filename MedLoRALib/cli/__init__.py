@@ -1,0 +1,66 @@
+"""The ``medlora`` command line.
+
+Each subcommand lives in its own module of this package with two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when
+their subcommand runs, so ``medlora crop`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from .. import __version__
+from ..errors import MedLoRAError
+
+# subcommand -> (module in this package, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "crop": ("crop", "cut nodule patches from a CT into image files and an index CSV"),
+    "score": ("score", "score nodules with an adapter and write a results table"),
+    "adapters": ("adapters", "list, inspect, import, export, rename or delete adapters"),
+    "train": ("train", "train a LoRA adapter from a dataset manifest"),
+    "dataset": ("dataset", "check a training manifest before training"),
+    "serve": ("serve", "run the scoring engine (JSON lines on stdin/stdout)"),
+    "phantom": ("phantom", "write synthetic chest CT phantoms with known nodules"),
+    "demo": ("demo", "synthetic end-to-end run: cohort, training, scoring, report"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(prog="medlora", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medlora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == command:
+            _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except MedLoRAError as exc:
+        if args.verbose:
+            raise
+        print(f"medlora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medlora {args.command}: interrupted", file=sys.stderr)
+        return 130
