@@ -1,0 +1,533 @@
+"""Reading CT volumes (DICOM series, NRRD, NIfTI, MetaImage) into a CTImage, and saving them.
+
+DICOM geometry is computed here from the tags, not trusted to the pixel reader: every slice's
+``ImagePositionPatient`` is projected on the slice normal (row × column of
+``ImageOrientationPatient``) and the slices are sorted by that position (``InstanceNumber`` is
+ignored). A series that would be read wrongly is refused with a ``CTLoadError`` that says what is
+wrong and where: missing slices, duplicated slices, non-uniform spacing, mixed orientations or sizes,
+and gantry tilt. SimpleITK (GDCM) decodes the pixels, applying each file's rescale slope and
+intercept, so voxels come back in Hounsfield units.
+
+Choosing a series in a folder with several: the CT series with the most slices, ties broken by the
+thinnest slice step, then by the lowest SeriesNumber. Localizer (scout) images are never part of a
+volume. Pass ``series_uid`` (the full SeriesInstanceUID, or the 8-character key shown in messages)
+to choose another.
+
+Gantry tilt is refused rather than corrected: correcting it means resampling the whole volume,
+which would add a second interpolation to every patch (see DESIGN "one interpolation per patch").
+Resample the series once (e.g. 3D Slicer's DICOM "acquisition geometry regularization") and load
+the saved NRRD instead.
+
+Patient and study identifiers never appear in logs or messages; a series is named by its place in
+the folder ("series 2 of 3") and a short hash of its UID (``series_key``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import CTLoadError, MedLoRAError
+from .geometry import Geometry
+from .image import CTImage, StudyIds
+
+log = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+WRITABLE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# Files that are certainly not DICOM: skipped without being opened.
+NOT_DICOM_SUFFIXES = (".xml", ".txt", ".json", ".csv", ".md", ".html", ".pdf", ".png", ".jpg", ".jpeg",
+                      ".zip", ".gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".raw", ".py", ".log")
+
+GAP_FACTOR = 1.5              # a step this many times the median step means missing slices
+SPACING_TOLERANCE = 0.05      # steps may differ from the median by 5 % (rounding in the tags)
+DUPLICATE_FRACTION = 0.1      # two slices closer than 10 % of the step are the same position
+TILT_TOLERANCE_PIXELS = 0.25  # sideways slice offset allowed before a stack counts as tilted
+ORIENTATION_TOLERANCE = 1e-3  # IOP components may differ this much between slices of one stack
+
+_TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality",
+         "SeriesDescription", "SeriesNumber", "ImageType", "ImagePositionPatient",
+         "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "NumberOfFrames",
+         "RescaleSlope", "RescaleIntercept", "SliceThickness"]
+
+
+def series_key(uid: str) -> str:
+    """A short, stable stand-in for a UID in messages (the first 8 hex digits of its SHA-1)."""
+    return hashlib.sha1(uid.encode()).hexdigest()[:8]
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM headers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DicomSlice:
+    """The header facts of one DICOM image file that decide how it joins a volume."""
+
+    path: Path
+    position_lps: np.ndarray | None
+    orientation: np.ndarray | None  # (6,) row then column direction cosines, LPS
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns) mm
+    rows: int
+    columns: int
+    frames: int
+    is_localizer: bool
+    rescale: tuple[float, float] = (1.0, 0.0)  # (slope, intercept)
+
+    @property
+    def has_geometry(self) -> bool:
+        return self.position_lps is not None and self.orientation is not None and self.pixel_spacing is not None
+
+
+@dataclass
+class SeriesInfo:
+    """One series found in a folder; identifiers are kept out of its repr."""
+
+    uid: str = field(repr=False)
+    modality: str
+    description: str
+    series_number: int | None
+    slices: list[DicomSlice] = field(repr=False)
+    localizers: int = 0
+    other_images: int = 0  # images without position/orientation (secondary captures, ...)
+    patient_id: str = field(default="", repr=False)
+    study_uid: str = field(default="", repr=False)
+    index: int = 0  # 1-based place in the folder's listing
+    total: int = 0
+
+    @property
+    def key(self) -> str:
+        return series_key(self.uid)
+
+    @property
+    def slice_step_mm(self) -> float | None:
+        """Median distance between neighbouring slices along the normal (None below 2 slices)."""
+        stack = [s for s in self.slices if s.has_geometry]
+        if len(stack) < 2:
+            return None
+        normal = _normal(stack[0].orientation)
+        positions = np.sort([float(s.position_lps @ normal) for s in stack])
+        return float(np.median(np.diff(positions)))
+
+    @property
+    def is_ct_volume(self) -> bool:
+        return self.modality == "CT" and len(self.slices) > 0
+
+    def describe(self) -> str:
+        parts = [self.modality or "unknown modality"]
+        if self.slices:
+            parts.append(f"{len(self.slices)} slices")
+        if self.localizers:
+            parts.append(f"{self.localizers} localizer images")
+        if self.other_images:
+            parts.append(f"{self.other_images} images without slice position")
+        if self.description:
+            parts.append(repr(self.description))
+        parts.append(f"key {self.key}")
+        where = f"series {self.index} of {self.total}" if self.total else "series"
+        return f"{where} ({', '.join(parts)})"
+
+
+def _is_dicom_candidate(path: Path) -> tuple[bool, bool]:
+    """(worth parsing, certainly DICOM): by the 'DICM' magic, else by suffix."""
+    name = path.name.lower()
+    if name.startswith(".") or name.endswith(NOT_DICOM_SUFFIXES):
+        return False, False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise CTLoadError(f"cannot open {path.name}: {exc.strerror}. Check the file permissions.") from exc
+    if head[128:132] == b"DICM":
+        return True, True
+    return True, name.endswith(DICOM_SUFFIXES)
+
+
+def _floats(value, count: int) -> np.ndarray | None:
+    """A multi-valued numeric tag as floats, None when absent or of the wrong length."""
+    if value is None or value == "":
+        return None
+    values = np.atleast_1d(np.asarray([float(v) for v in np.atleast_1d(value)], dtype=float))
+    return values if values.size == count and np.isfinite(values).all() else None
+
+
+def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
+    """(dataset, DicomSlice) for an image file, None for a non-image or non-DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS, force=not certainly_dicom)
+        if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
+            if certainly_dicom:
+                return ds, None  # a DICOM object that is not an image (DICOMDIR, ...)
+            return None
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows == 0 or columns == 0:
+            return ds, None  # SR, RTSTRUCT, presentation states ...: no pixels
+        spacing = _floats(ds.get("PixelSpacing"), 2)
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        slice_ = DicomSlice(
+            path=path,
+            position_lps=_floats(ds.get("ImagePositionPatient"), 3),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+            rows=rows, columns=columns, frames=int(ds.get("NumberOfFrames", 1) or 1),
+            is_localizer="LOCALIZER" in image_type,
+            rescale=(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)))
+    except InvalidDicomError:
+        if certainly_dicom:
+            raise CTLoadError(f"{shown_name} is not a valid DICOM file (no DICOM header). Remove it from the "
+                              "folder or replace it with an intact copy.") from None
+        return None
+    except Exception as exc:  # pydicom raises many types on corrupt headers; report, never skip
+        if certainly_dicom:
+            raise CTLoadError(f"{shown_name} is a corrupt DICOM file ({type(exc).__name__}: {exc}). Remove it "
+                              "from the folder or replace it with an intact copy.") from exc
+        return None
+    return ds, slice_
+
+
+def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
+    """Every DICOM series under ``folder`` (searched recursively), ordered by SeriesNumber."""
+    root = Path(folder)
+    if not root.exists():
+        raise CTLoadError(f"{root} does not exist. Check the path.")
+    if not root.is_dir():
+        raise CTLoadError(f"{root} is not a folder.")
+    groups: dict[str, SeriesInfo] = {}
+    ignored: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            shown = str(path.relative_to(root))
+            worth, certain = _is_dicom_candidate(path)
+            result = _read_header(path, certain, shown) if worth else None
+            if result is None:
+                ignored.append(shown)
+                continue
+            ds, slice_ = result
+            uid = str(ds.get("SeriesInstanceUID", "")) or "<no series UID>"
+            info = groups.get(uid)
+            if info is None:
+                number = ds.get("SeriesNumber")
+                info = groups[uid] = SeriesInfo(
+                    uid=uid, modality=str(ds.get("Modality", "")).upper(),
+                    description=str(ds.get("SeriesDescription", "") or ""),
+                    series_number=int(number) if number not in (None, "") else None, slices=[],
+                    patient_id=str(ds.get("PatientID", "") or ""), study_uid=str(ds.get("StudyInstanceUID", "") or ""))
+            if slice_ is None:
+                continue
+            if slice_.is_localizer:
+                info.localizers += 1
+            elif not slice_.has_geometry:
+                info.other_images += 1
+            else:
+                info.slices.append(slice_)
+    if ignored:
+        log.debug("ignored %d non-DICOM file(s) in the folder: %s", len(ignored), ", ".join(ignored[:5]))
+    series = sorted(groups.values(), key=lambda s: (s.series_number is None, s.series_number or 0, s.key))
+    for index, info in enumerate(series, start=1):
+        info.index, info.total = index, len(series)
+    return series
+
+
+def _pick_series(series: list[SeriesInfo], folder: Path, series_uid: str | None) -> SeriesInfo:
+    listing = "; ".join(s.describe() for s in series)
+    if series_uid is not None:
+        wanted = series_uid.strip()
+        found = [s for s in series if wanted in (s.uid, s.key)]
+        if not found:
+            raise CTLoadError(f"the requested series (key {series_key(wanted) if len(wanted) != 8 else wanted}) is "
+                              f"not in {folder}. The folder holds: {listing}. Pass one of these keys or its "
+                              "SeriesInstanceUID.")
+        chosen = found[0]
+        if not chosen.is_ct_volume:
+            raise CTLoadError(f"the requested {chosen.describe()} is not a CT image volume. The folder holds: {listing}.")
+        return chosen
+    candidates = [s for s in series if s.is_ct_volume]
+    if not candidates:
+        raise CTLoadError(f"no CT image series in {folder}: it holds {listing}. MedLoRA needs a CT volume "
+                          "(Modality CT, axial images with position and orientation).")
+    step = {s.key: abs(s.slice_step_mm or np.inf) for s in candidates}
+    chosen = min(candidates, key=lambda s: (-len(s.slices), step[s.key], s.index))
+    others = [s.describe() for s in series if s is not chosen]
+    if others:
+        log.info("%s holds %d series; using %s (the CT series with the most slices). Others: %s. "
+                 "Choose another with series_uid (key or UID).", folder.name or str(folder), len(series),
+                 chosen.describe(), "; ".join(others))
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry checks
+# --------------------------------------------------------------------------------------------
+def _normal(orientation: np.ndarray) -> np.ndarray:
+    normal = np.cross(orientation[:3], orientation[3:])
+    return normal / np.linalg.norm(normal)
+
+
+def _orthonormal_axes(orientation: np.ndarray, where: str) -> np.ndarray:
+    """3×3 direction (columns: row axis i, column axis j, normal k) from IOP, checked."""
+    row, col = orientation[:3], orientation[3:]
+    if not (abs(np.linalg.norm(row) - 1) < 1e-2 and abs(np.linalg.norm(col) - 1) < 1e-2 and abs(row @ col) < 1e-2):
+        raise CTLoadError(f"{where}: ImageOrientationPatient {np.round(orientation, 4).tolist()} is not two "
+                          "perpendicular unit vectors; the file's geometry is corrupt.")
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row  # remove rounding in the tags
+    col = col / np.linalg.norm(col)
+    return np.column_stack([row, col, np.cross(row, col)])
+
+
+def _stack_geometry(info: SeriesInfo) -> tuple[list[DicomSlice], Geometry]:
+    """Sort the slices along the normal and refuse stacks that would be read wrongly."""
+    where = info.describe()
+    slices = info.slices
+    multi = [s for s in slices if s.frames > 1]
+    if multi:
+        raise CTLoadError(f"{where} is stored as multi-frame (enhanced) DICOM, which MedLoRA does not read. "
+                          "Convert it to NRRD or NIfTI (e.g. in 3D Slicer or with dcm2niix) and load that file.")
+    if len(slices) < 2:
+        raise CTLoadError(f"{where} has a single slice: a 2D image, not a CT volume. Load the full series.")
+    orientations = np.array([s.orientation for s in slices])
+    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+        distinct = len(np.unique(np.round(orientations, 3), axis=0))
+        raise CTLoadError(f"{where} mixes {distinct} slice orientations (e.g. axial and reformatted images in "
+                          "one series). Export the axial stack as its own series.")
+    sizes = {(s.rows, s.columns) for s in slices}
+    spacings = np.array([s.pixel_spacing for s in slices])
+    if len(sizes) > 1 or np.abs(spacings - spacings[0]).max() > 1e-4:
+        raise CTLoadError(f"{where} mixes image sizes {sorted(sizes)} or pixel spacings; its slices do not "
+                          "form one volume.")
+    direction = _orthonormal_axes(orientations[0], where)
+    normal = direction[:, 2]
+    positions = np.array([s.position_lps for s in slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    positions, along = positions[order], along[order]
+    steps = np.diff(along)
+    span = along[-1] - along[0]
+    nominal = span / (len(slices) - 1)
+    if nominal <= 0:
+        raise CTLoadError(f"{where}: all {len(slices)} slices are at the same position "
+                          f"({along[0]:.2f} mm along the slice normal): duplicated images, not a volume.")
+    duplicate = np.flatnonzero(steps < DUPLICATE_FRACTION * nominal)
+    if duplicate.size:
+        k = int(duplicate[0])
+        raise CTLoadError(
+            f"{where} has duplicated slices: {duplicate.size} position(s) occur twice, first at "
+            f"{along[k]:.2f} mm along the slice normal (files {slices[k].path.name} and {slices[k + 1].path.name}). "
+            "Remove the duplicate files (often a second copy or a re-sent image) and load again.")
+    median = float(np.median(steps))
+    gaps = np.flatnonzero(steps > GAP_FACTOR * median)
+    if gaps.size:
+        k = int(gaps[0])
+        missing = int(round(steps[k] / median)) - 1
+        raise CTLoadError(
+            f"{where} has missing slices: a gap of {steps[k]:.2f} mm between slice positions {along[k]:.2f} and "
+            f"{along[k + 1]:.2f} mm along the normal (after file {slices[k].path.name}), where the usual step is "
+            f"{median:.2f} mm — about {missing} slice(s) missing"
+            + (f", and {gaps.size - 1} more gap(s)" if gaps.size > 1 else "")
+            + ". Re-export or re-download the complete series.")
+    if np.abs(steps - median).max() > SPACING_TOLERANCE * median:
+        raise CTLoadError(
+            f"{where} has non-uniform slice spacing: steps between neighbouring slices range from "
+            f"{steps.min():.3f} to {steps.max():.3f} mm (median {median:.3f} mm). A regular grid would misplace "
+            "slices; resample the series to uniform spacing first.")
+    offsets = positions - positions[0]
+    sideways = offsets - np.outer(offsets @ normal, normal)
+    lateral = float(np.linalg.norm(sideways, axis=1).max())
+    pixel = min(slices[0].pixel_spacing)
+    if lateral > max(0.05, TILT_TOLERANCE_PIXELS * pixel):
+        angle = float(np.degrees(np.arctan2(np.linalg.norm(sideways[-1]), abs(span))))
+        raise CTLoadError(
+            f"{where} is tilted (gantry tilt of about {angle:.1f}°): slice positions drift {lateral:.1f} mm "
+            "sideways from the slice normal, so the voxels do not form a rectangular grid. MedLoRA refuses "
+            "sheared volumes instead of resampling them. Resample once — e.g. in 3D Slicer with "
+            "'acquisition geometry regularization' enabled in the DICOM settings — save as NRRD, and load that.")
+    row_mm, col_mm = slices[0].pixel_spacing  # PixelSpacing = (between rows, between columns)
+    geometry = Geometry(size=(slices[0].columns, slices[0].rows, len(slices)),
+                        spacing=(col_mm, row_mm, span / (len(slices) - 1)),
+                        origin_lps=tuple(positions[0]), direction=direction)
+    return slices, geometry
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------------
+def compact_hu(voxels: np.ndarray) -> np.ndarray:
+    """int16 when every value is an integer that fits, else float32 (exact for integers below 2**24)."""
+    if voxels.dtype == np.int16:
+        return voxels
+    if voxels.size == 0:
+        return voxels.astype(np.int16)
+    lo, hi = voxels.min(), voxels.max()
+    fits = -32768 <= lo and hi <= 32767
+    if np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_:
+        return voxels.astype(np.int16 if fits else np.float32)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise CTLoadError("the volume contains NaN or infinite voxel values; it is not a valid CT.")
+    if fits and np.array_equal(voxels, np.round(voxels)):
+        return voxels.astype(np.int16)
+    return voxels.astype(np.float32)
+
+
+def _sitk_message(exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if "ERROR" in ln or "error" in ln.lower()]
+    text = (detail or lines or ["unknown error"])[-1]
+    return text.split(": ", 2)[-1] if text.count(": ") >= 2 else text
+
+
+def _read_dicom_pixels(slices: list[DicomSlice], info: SeriesInfo, folder: Path) -> np.ndarray:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(s.path) for s in slices])
+    # Each file is rescaled with its own slope/intercept; float output keeps that exact even when
+    # the first file's header would suggest a narrower integer type.
+    mixed_rescale = len({s.rescale for s in slices}) > 1
+    reader.SetOutputPixelType(sitk.sitkFloat32 if mixed_rescale else sitk.sitkUnknown)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        bad = _find_unreadable(slices)
+        name = str(bad.relative_to(folder)) if bad is not None else "one of its files"
+        raise CTLoadError(f"cannot read the pixels of {info.describe()}: {name} is corrupt or truncated "
+                          f"({_sitk_message(exc)}). Replace it with an intact copy.") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CTLoadError(f"{info.describe()} holds colour images, not CT Hounsfield units.")
+    return compact_hu(sitk.GetArrayFromImage(image))
+
+
+def _find_unreadable(slices: list[DicomSlice]) -> Path | None:
+    for s in slices:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(s.path))
+        try:
+            reader.Execute()
+        except RuntimeError:
+            return s.path
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> CTImage:
+    """Read one CT series from a folder (see the module docstring for the rule that picks it)."""
+    root = Path(folder)
+    series = list_series(root)
+    if not series:
+        raise CTLoadError(f"no DICOM files in {root}. Point to the folder that holds the .dcm files of the series, "
+                          f"or to a volume file ({', '.join(VOLUME_SUFFIXES)}).")
+    info = _pick_series(series, root, series_uid)
+    slices, geometry = _stack_geometry(info)
+    voxels = _read_dicom_pixels(slices, info, root)
+    if voxels.shape != tuple(reversed(geometry.size)):
+        raise CTLoadError(f"{info.describe()}: decoded pixels {voxels.shape} do not match the headers "
+                          f"({geometry.size[::-1]}); the series is inconsistent.")
+    log.info("read %s: %d×%d×%d voxels, spacing %.3f×%.3f×%.3f mm", info.describe(), *geometry.size, *geometry.spacing)
+    ids = StudyIds(patient_id=info.patient_id, study_uid=info.study_uid, series_uid=info.uid)
+    return CTImage(voxels_hu=voxels, geometry=geometry, ids=ids, source=str(root))
+
+
+def ct_from_sitk(image: sitk.Image, ids: StudyIds | None = None, source: str = "", name: str = "the image") -> CTImage:
+    """A CTImage from a SimpleITK image in HU: checks it is a 3D scalar volume, compacts the dtype."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CTLoadError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
+                          "vector data); a CT has one value (HU) per voxel.")
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dimension = 3
+    if dimension == 2 or (dimension == 3 and image.GetSize()[2] == 1):
+        raise CTLoadError(f"{name} is a 2D image (one slice); MedLoRA needs a 3D CT volume.")
+    if dimension != 3:
+        raise CTLoadError(f"{name} has {dimension} dimensions of sizes {image.GetSize()}; MedLoRA needs a 3D CT volume.")
+    try:
+        geometry = Geometry.from_sitk(image)
+    except ValueError as exc:
+        raise CTLoadError(f"{name} has an invalid grid: {exc}.") from exc
+    return CTImage(voxels_hu=compact_hu(sitk.GetArrayFromImage(image)), geometry=geometry,
+                   ids=ids or StudyIds(), source=source)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def load_volume_file(path: str | os.PathLike) -> CTImage:
+    """Read a single-file volume (NRRD, NIfTI, MHA/MHD); values are taken as HU."""
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise CTLoadError(f"cannot read {path.name}: {_sitk_message(exc)}. The file is corrupt or not a "
+                          f"supported volume ({', '.join(VOLUME_SUFFIXES)}).") from exc
+    image_ct = ct_from_sitk(image, source=str(path), name=path.name)
+    log.info("read %s: %d×%d×%d voxels, spacing %.3f×%.3f×%.3f mm", path.name, *image_ct.geometry.size,
+             *image_ct.geometry.spacing)
+    return image_ct
+
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTImage:
+    """Load a CT in HU with its LPS grid from a DICOM folder, a DICOM file's series, or a volume file.
+
+    Args:
+        path: a folder of DICOM files (searched recursively), one DICOM file (its whole series is
+            read), or a ``.nrrd``/``.nhdr``/``.nii``/``.nii.gz``/``.mha``/``.mhd`` file.
+        series_uid: for DICOM, the SeriesInstanceUID or its 8-character key to read instead of the
+            default choice (the CT series with the most slices).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CTLoadError(f"{path} does not exist. Check the path (a DICOM folder or a volume file).")
+    if path.is_dir():
+        return load_dicom_series(path, series_uid)
+    if _suffix(path) in VOLUME_SUFFIXES:
+        return load_volume_file(path)
+    worth, certain = _is_dicom_candidate(path)
+    if worth:
+        result = _read_header(path, certain, path.name)
+        if result is not None and result[1] is not None:
+            wanted = series_uid or str(result[0].get("SeriesInstanceUID"))
+            return load_dicom_series(path.parent, wanted)
+        if certain:
+            raise CTLoadError(f"{path.name} is a DICOM file without an image (e.g. a report or structure set).")
+    raise CTLoadError(f"{path.name} is neither DICOM nor a supported volume file ({', '.join(VOLUME_SUFFIXES)}).")
+
+
+def save_volume(image: CTImage, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` as NRRD, NIfTI or MHA (chosen by suffix), atomically.
+
+    The file appears complete or not at all: it is written beside the target and renamed.
+    Identifiers are not written into the file.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise MedLoRAError(f"cannot save a volume as {path.name}: use one of {', '.join(WRITABLE_SUFFIXES)} "
+                           "(.mhd is not offered because its separate data file cannot be written atomically).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image.to_sitk(), tmp_name, compress)
+        os.replace(tmp_name, path)
+    except RuntimeError as exc:
+        raise MedLoRAError(f"cannot write {path}: {_sitk_message(exc)}") from exc
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
