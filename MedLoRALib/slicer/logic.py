@@ -1,0 +1,221 @@
+"""The module's logic without Qt: what the MedLoRA widget calls, usable from scripts and tests.
+
+``SceneLogic`` composes the pieces of this package: MRML conversion, patch cutting in
+this process, scoring in the engine process, the results table, batch scoring and
+training. Its engine client and process runner are constructor arguments, so tests
+drive the real ``medlora serve``/``medlora train`` and the widget could hand in others.
+Long operations come in two forms: ``begin_*`` returns a job the caller polls (a Qt
+timer in Slicer, so the GUI never freezes) and the plain form waits for it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import MedLoRAError
+from ..image import CTImage
+from ..nodule import centres_lps
+from ..patches import PatchSpec, cube_geometry, extract_patches
+from .engine_client import EngineClient, EngineConfig
+from .mrml import ScenePoint, add_volume_node, markups_to_points, volume_to_ct_image
+from .process import ProcessRunner, SubprocessRunner
+from .results import ScoreRow, colour_control_points, write_table
+
+
+@dataclass
+class PatchBatch:
+    """Patches cut for the marked points of one volume; points outside it get an error."""
+
+    volume_name: str
+    points: list[ScenePoint]
+    inside: np.ndarray
+    patches: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def cut_patches(volume_node, markups_node, spec: PatchSpec) -> PatchBatch:
+    """Cut the adapter's patches for every control point, in Slicer's process (no torch)."""
+    image = volume_to_ct_image(volume_node)
+    points = markups_to_points(markups_node, case_id=volume_node.GetName())
+    if not points:
+        raise MedLoRAError(f"'{markups_node.GetName()}' has no placed points: click on the nodules first.")
+    centres = centres_lps([p.nodule for p in points])
+    inside = image.geometry.contains_lps(centres)
+    lo, hi = image.geometry.extent_lps
+    errors = {i: (f"point at RAS ({p.position_ras[0]:.1f}, {p.position_ras[1]:.1f}, {p.position_ras[2]:.1f}) mm "
+                  f"lies outside volume '{volume_node.GetName()}'")
+              for i, p in enumerate(points) if not inside[i]}
+    patches = (extract_patches(image, centres[inside], spec, require_inside=False) if inside.any()
+               else np.zeros((0, *spec.shape), np.float32))
+    return PatchBatch(volume_name=volume_node.GetName(), points=points, inside=inside, patches=patches,
+                      errors=errors)
+
+
+def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, version: str) -> list[ScoreRow]:
+    """Join the engine's results (one per inside point) with the points, in point order."""
+    scored = iter(results)
+    rows = []
+    for i, point in enumerate(batch.points):
+        row = ScoreRow(volume=batch.volume_name, nodule=point.name, point_id=point.point_id,
+                       r=point.position_ras[0], a=point.position_ras[1], s=point.position_ras[2],
+                       adapter=adapter, adapter_version=version)
+        if batch.inside[i]:
+            result = next(scored)
+            row.probability = float(result["probability"])
+            row.label = None if result.get("label") is None else int(result["label"])
+            row.adapter = str(result.get("adapter", adapter))
+            row.adapter_version = str(result.get("adapter_version", version))
+            row.random_init = bool(result.get("random_init", False))
+        else:
+            row.error = batch.errors[i]
+        rows.append(row)
+    return rows
+
+
+def patch_spec_from_manifest(manifest: dict) -> PatchSpec:
+    """The adapter's own patch spec, so Slicer cuts exactly what the adapter was trained on."""
+    spec = manifest.get("patch_spec") or manifest.get("preprocessing", {}).get("patch_spec")
+    if not isinstance(spec, dict):
+        raise MedLoRAError("the adapter's manifest has no patch_spec: it cannot be used for scoring; "
+                           "re-export it with a current MedLoRA.")
+    return PatchSpec.from_dict(spec)
+
+
+@dataclass
+class ScoreJob:
+    """A scoring request in flight; ``poll`` returns the rows when the engine answered."""
+
+    logic: SceneLogic
+    batch: PatchBatch
+    markups_node: object
+    adapter: str
+    version: str
+    request_id: int | None
+    table_node: object = None
+    rows: list[ScoreRow] | None = None
+
+    def poll(self) -> list[ScoreRow] | None:
+        if self.rows is not None:
+            return self.rows
+        results = []
+        if self.request_id is not None:
+            answer = self.logic.engine.poll(self.request_id)
+            if answer is None:
+                return None
+            results = answer["results"]
+        self.rows = rows_from_results(self.batch, results, self.adapter, self.version)
+        self.table_node = write_table(self.logic.scene, self.rows, self.table_node)
+        colour_control_points(self.markups_node, self.rows)
+        return self.rows
+
+    def wait(self, timeout_s: float = 300.0) -> list[ScoreRow]:
+        deadline = time.monotonic() + timeout_s
+        while (rows := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise MedLoRAError(f"scoring did not finish within {timeout_s:.0f} s")
+            time.sleep(0.02)
+        return rows
+
+
+class SceneLogic:
+    """MedLoRA's logic on one MRML scene.
+
+    Args:
+        scene: the MRML scene (``slicer.mrmlScene`` in Slicer).
+        engine: the scoring engine client (default: ``medlora serve`` started on first use).
+        runner: runs training processes (default: real child processes).
+        store: an adapter store (``MedLoRALib.adapters.store.AdapterStore``) or ``None``.
+    """
+
+    def __init__(self, scene, engine: EngineClient | None = None, runner: ProcessRunner | None = None,
+                 store=None, engine_config: EngineConfig | None = None) -> None:
+        self.scene = scene
+        self.runner = runner or SubprocessRunner()
+        self.engine = engine or EngineClient(engine_config, runner=self.runner)
+        self.store = store
+        self.adapters: dict[str, dict] = {}  # attached adapter name -> manifest
+        self._sources: dict[str, tuple[str, str | None]] = {}  # name -> (path, backbone weights)
+        self.active_adapter: str | None = None
+
+    # --- adapters ----------------------------------------------------------------------
+    def attach_adapter(self, path: str, name: str | None = None, weights: str | None = None) -> str:
+        """Load an adapter into the engine (kept there alongside the others); returns its name."""
+        result = self.engine.attach_adapter(str(path), name=name, weights=weights)
+        self.adapters[result["name"]] = result.get("manifest", {})
+        self._sources[result["name"]] = (str(path), weights)
+        if self.active_adapter is None:
+            self.active_adapter = result["name"]
+        return result["name"]
+
+    def set_adapter(self, name: str) -> None:
+        """Switch the active adapter: a message to the warm engine, no reload."""
+        if name not in self.adapters:
+            raise MedLoRAError(f"adapter '{name}' is not attached; attached: {', '.join(self.adapters) or 'none'}.")
+        self.engine.set_adapter(name)
+        self.active_adapter = name
+
+    def _restore_adapters(self) -> None:
+        """After an engine restart, attach the adapters again (the engine lost them)."""
+        if self.engine.is_running():
+            return
+        self.engine.start()
+        attached = self.engine.status().get("adapters", [])
+        for name, (path, weights) in self._sources.items():
+            if name not in attached:
+                self.engine.attach_adapter(path, name=name, weights=weights)
+
+    def _adapter(self, name: str | None) -> tuple[str, dict]:
+        name = name or self.active_adapter
+        if not name or name not in self.adapters:
+            raise MedLoRAError("no adapter attached: choose an adapter (or import one) before scoring.")
+        return name, self.adapters[name]
+
+    # --- scoring -------------------------------------------------------------------------
+    def begin_score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
+                    tta: bool = True) -> ScoreJob:
+        """Cut patches here and send them to the engine; poll the returned job."""
+        name, manifest = self._adapter(adapter)
+        batch = cut_patches(volume_node, markups_node, patch_spec_from_manifest(manifest))
+        self._restore_adapters()
+        request_id = None
+        if len(batch.patches):
+            from .engine_client import encode_patches
+
+            request_id = self.engine.submit("score", patches=encode_patches(batch.patches), adapter=name, tta=tta)
+        return ScoreJob(logic=self, batch=batch, markups_node=markups_node, adapter=name,
+                        version=str(manifest.get("version", "")), request_id=request_id, table_node=table_node)
+
+    def score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
+              tta: bool = True) -> tuple[object, list[ScoreRow]]:
+        """Score every control point; returns the results table node and the rows."""
+        job = self.begin_score(volume_node, markups_node, adapter, table_node, tta)
+        rows = job.wait(self.engine.config.request_timeout_s)
+        return job.table_node, rows
+
+    # --- crops ---------------------------------------------------------------------------
+    def thumbnail(self, volume_node, point: ScenePoint, spec: PatchSpec) -> np.ndarray:
+        """The selected nodule's views side by side, windowed to [0, 1] (rows × planes·columns)."""
+        image = volume_to_ct_image(volume_node)
+        views = extract_patches(image, np.array([point.nodule.centre_lps]), spec)[0]
+        if spec.views == "cube":
+            views = views[[spec.pixels // 2]]  # the middle axial slice
+        return np.concatenate(list(views), axis=1)
+
+    def cube_to_volume(self, volume_node, point: ScenePoint, spec: PatchSpec, name: str | None = None):
+        """The ``cube`` patch around a point as a new volume node, placed exactly where it was cut."""
+        if spec.views != "cube":
+            spec = PatchSpec(views="cube", fov_mm=spec.fov_mm, pixels=spec.pixels, window_hu=None,
+                             normalisation="none")
+        image = volume_to_ct_image(volume_node)
+        cube = extract_patches(image, np.array([point.nodule.centre_lps]), spec)[0]
+        geometry = cube_geometry(np.asarray(point.nodule.centre_lps), spec)
+        return add_volume_node(self.scene, CTImage(voxels_hu=cube, geometry=geometry),
+                               name or f"{point.name} cube")
+
+    def close(self) -> None:
+        """Shut the engine down (module unloaded, application closing)."""
+        self.engine.close()
+

@@ -1,0 +1,181 @@
+"""Scores in the scene: a results table node, coloured control points, CSV export.
+
+The table has one row per nodule and keeps working after a ``.mrb`` save and reload
+(typed columns are stored in the table's schema file). Control points show their score
+in the views: malignant-at-threshold points are drawn in the display node's selected
+colour (red), the others in its plain colour (green); the label gets the probability.
+Descriptions the user wrote (e.g. a training label) are never overwritten.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MedLoRAError
+
+MALIGNANT_RGB = (0.90, 0.10, 0.10)
+BENIGN_RGB = (0.10, 0.80, 0.20)
+_SCORE_SUFFIX = re.compile(r" · (\d{1,3}%|error)$")
+DESCRIPTION_PREFIX = "MedLoRA:"
+
+
+@dataclass
+class ScoreRow:
+    """One nodule's result (``error`` set instead of a probability when it could not be scored)."""
+
+    volume: str
+    nodule: str
+    point_id: str
+    r: float
+    a: float
+    s: float
+    probability: float | None = None
+    label: int | None = None
+    adapter: str = ""
+    adapter_version: str = ""
+    random_init: bool = False
+    error: str = ""
+
+
+# column title, ScoreRow field, vtk array kind
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("Volume", "volume", "string"), ("Nodule", "nodule", "string"), ("Point ID", "point_id", "string"),
+    ("R", "r", "double"), ("A", "a", "double"), ("S", "s", "double"),
+    ("Probability", "probability", "double"), ("Label", "label", "string"),
+    ("Adapter", "adapter", "string"), ("Adapter version", "adapter_version", "string"),
+    ("Random init", "random_init", "string"), ("Error", "error", "string"),
+)
+LABEL_TEXT = {0: "benign", 1: "malignant", None: ""}
+
+
+def _cell(row: ScoreRow, field_name: str):
+    value = getattr(row, field_name)
+    if field_name == "probability":
+        return float("nan") if value is None else float(value)
+    if field_name == "label":
+        return LABEL_TEXT[value]
+    if field_name == "random_init":
+        return "yes" if value else "no"
+    return value
+
+
+def write_table(scene, rows: list[ScoreRow], table_node=None, name: str = "MedLoRA results"):
+    """Fill (or create) a table node with one row per result."""
+    import vtk
+
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    was_modifying = table_node.StartModify()
+    table = table_node.GetTable()
+    table.Initialize()
+    for title, field_name, kind in COLUMNS:
+        column = vtk.vtkDoubleArray() if kind == "double" else vtk.vtkStringArray()
+        column.SetName(title)
+        column.SetNumberOfValues(len(rows))
+        for index, row in enumerate(rows):
+            value = _cell(row, field_name)
+            column.SetValue(index, value if kind == "double" else str(value))
+        table.AddColumn(column)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.SetAttribute("MedLoRA.results", "1")
+    table_node.Modified()
+    table_node.EndModify(was_modifying)
+    return table_node
+
+
+def read_table(table_node) -> list[ScoreRow]:
+    """The rows of a results table node (e.g. after reloading a scene)."""
+    table = table_node.GetTable()
+    titles = [table.GetColumn(c).GetName() for c in range(table.GetNumberOfColumns())]
+    missing = [title for title, _, _ in COLUMNS if title not in titles]
+    if missing:
+        raise MedLoRAError(f"table '{table_node.GetName()}' is not a MedLoRA results table (missing columns: "
+                           f"{', '.join(missing)}).")
+    rows = []
+    for index in range(table.GetNumberOfRows()):
+        values = {}
+        for title, field_name, kind in COLUMNS:
+            raw = table.GetColumnByName(title).GetValue(index)
+            values[field_name] = _from_cell(field_name, raw)
+        rows.append(ScoreRow(**values))
+    return rows
+
+
+def _from_cell(field_name: str, raw):
+    if field_name in ("r", "a", "s"):
+        return float(raw)
+    if field_name == "probability":
+        value = float(raw)
+        return None if value != value else value  # NaN: not scored
+    if field_name == "label":
+        return {"benign": 0, "malignant": 1}.get(str(raw))
+    if field_name == "random_init":
+        return str(raw) == "yes"
+    return str(raw)
+
+
+def base_label(label: str) -> str:
+    """A control point label without the score MedLoRA appended to it."""
+    return _SCORE_SUFFIX.sub("", label)
+
+
+def colour_control_points(markups_node, rows: list[ScoreRow]) -> None:
+    """Colour and describe the scored control points of one markups node."""
+    display = markups_node.GetDisplayNode()
+    if display is None:
+        markups_node.CreateDefaultDisplayNodes()
+        display = markups_node.GetDisplayNode()
+    display.SetSelectedColor(*MALIGNANT_RGB)
+    display.SetColor(*BENIGN_RGB)
+    display.SetActiveColor(*MALIGNANT_RGB)
+    by_id = {row.point_id: row for row in rows}
+    was_modifying = markups_node.StartModify()
+    for index in range(markups_node.GetNumberOfControlPoints()):
+        row = by_id.get(markups_node.GetNthControlPointID(index))
+        if row is None:
+            continue
+        name = base_label(markups_node.GetNthControlPointLabel(index))
+        if row.error:
+            suffix, text = "error", f"{DESCRIPTION_PREFIX} not scored: {row.error}"
+        else:
+            suffix = f"{round(100 * row.probability):d}%"
+            text = (f"{DESCRIPTION_PREFIX} probability {row.probability:.3f}, {LABEL_TEXT[row.label] or 'unlabelled'}"
+                    f" at the adapter's threshold (adapter {row.adapter} {row.adapter_version})"
+                    + (" — RANDOM-INIT BACKBONE, not a real score" if row.random_init else ""))
+        markups_node.SetNthControlPointLabel(index, f"{name} · {suffix}")
+        markups_node.SetNthControlPointSelected(index, row.label == 1 and not row.error)
+        description = markups_node.GetNthControlPointDescription(index)
+        if not description or description.startswith(DESCRIPTION_PREFIX):
+            markups_node.SetNthControlPointDescription(index, text)
+    markups_node.EndModify(was_modifying)
+
+
+def export_csv(rows: list[ScoreRow], path: str | os.PathLike) -> Path:
+    """Write the results as a points CSV (RAS, one row per nodule), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = ["volume", "nodule_id", "point_id", "x", "y", "z", "coordinate_system", "probability", "label",
+             "adapter", "adapter_version", "random_init", "error"]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=names)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({
+                    "volume": row.volume, "nodule_id": row.nodule, "point_id": row.point_id,
+                    "x": f"{row.r:.3f}", "y": f"{row.a:.3f}", "z": f"{row.s:.3f}", "coordinate_system": "RAS",
+                    "probability": "" if row.probability is None else f"{row.probability:.6f}",
+                    "label": "" if row.label is None else row.label, "adapter": row.adapter,
+                    "adapter_version": row.adapter_version, "random_init": int(row.random_init),
+                    "error": row.error})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
