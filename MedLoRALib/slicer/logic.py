@@ -96,6 +96,7 @@ class ScoreJob:
     request_id: int | None
     table_node: object = None
     rows: list[ScoreRow] | None = None
+    write_results_table: bool = True
 
     def poll(self) -> list[ScoreRow] | None:
         if self.rows is not None:
@@ -107,7 +108,8 @@ class ScoreJob:
                 return None
             results = answer["results"]
         self.rows = rows_from_results(self.batch, results, self.adapter, self.version)
-        self.table_node = write_table(self.logic.scene, self.rows, self.table_node)
+        if self.write_results_table:
+            self.table_node = write_table(self.logic.scene, self.rows, self.table_node)
         colour_control_points(self.markups_node, self.rows)
         return self.rows
 
@@ -175,7 +177,7 @@ class SceneLogic:
 
     # --- scoring -------------------------------------------------------------------------
     def begin_score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
-                    tta: bool = True) -> ScoreJob:
+                    tta: bool = True, write_results_table: bool = True) -> ScoreJob:
         """Cut patches here and send them to the engine; poll the returned job."""
         name, manifest = self._adapter(adapter)
         batch = cut_patches(volume_node, markups_node, patch_spec_from_manifest(manifest))
@@ -186,12 +188,13 @@ class SceneLogic:
 
             request_id = self.engine.submit("score", patches=encode_patches(batch.patches), adapter=name, tta=tta)
         return ScoreJob(logic=self, batch=batch, markups_node=markups_node, adapter=name,
-                        version=str(manifest.get("version", "")), request_id=request_id, table_node=table_node)
+                        version=str(manifest.get("version", "")), request_id=request_id, table_node=table_node,
+                        write_results_table=write_results_table)
 
     def score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
-              tta: bool = True) -> tuple[object, list[ScoreRow]]:
+              tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
         """Score every control point; returns the results table node and the rows."""
-        job = self.begin_score(volume_node, markups_node, adapter, table_node, tta)
+        job = self.begin_score(volume_node, markups_node, adapter, table_node, tta, write_results_table)
         rows = job.wait(self.engine.config.request_timeout_s)
         return job.table_node, rows
 
