@@ -216,7 +216,10 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise ModelError(f"backbone weights {path} do not fit {type(model).__name__}: {exc}") from exc
     if isinstance(model.head, nn.Identity):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"backbone weights {path} do not fit {type(model).__name__}: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
             f"backbone weights {path} do not match the model: missing {result.missing_keys[:5]}, "
