@@ -1,0 +1,192 @@
+"""3D Slicer markups JSON (``.mrk.json``, ``markups-schema-v1.0.x``) ↔ nodules.
+
+Read:
+
+* ``Fiducial`` (point list): every placed control point is a nodule centre; the point's
+  ``label`` becomes ``nodule_id``; its ``description`` may say ``benign`` or
+  ``malignant`` and carry ``malignancy=…`` and ``diameter_mm=…`` (what ``write_markups``
+  writes).
+* ``ROI``: its ``center`` is the nodule centre and its box (``center``, ``size`` along the
+  ROI axes in ``orientation``) gives ``box_lps`` and a diameter estimate (longest edge).
+* ``Line``: a ruler across the nodule; its midpoint is the centre and its length the
+  diameter.
+* Control points whose ``positionStatus`` is not ``defined`` (not yet placed) are skipped;
+  other markup types are ignored.
+
+``coordinateSystem`` is honoured per markup. When it is missing, LPS is used: that is
+the schema's default and what Slicer's reader (``vtkMRMLMarkupsJsonStorageNode``)
+assumes; Slicer has written LPS by default since the format appeared (4.11).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AnnotationError
+from ..geometry import lps_to_ras, to_lps
+from ..nodule import Nodule
+from ._common import read_text
+
+SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+          "Resources/Schema/markups-schema-v1.0.3.json#")
+_KEY_VALUE = re.compile(r"\b(malignancy|diameter_mm)\s*=\s*([-+0-9.eE]+)")
+
+
+def _description_fields(text: str) -> tuple[int | None, float | None, float | None]:
+    """(label, malignancy, diameter_mm) from a free-text control point description."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    says_benign, says_malignant = "benign" in words, "malignant" in words
+    label = None if says_benign == says_malignant else int(says_malignant)
+    values = {key: float(value) for key, value in _KEY_VALUE.findall(text)}
+    return label, values.get("malignancy"), values.get("diameter_mm")
+
+
+def _vector(value, n: int, where: str) -> np.ndarray:
+    array = np.asarray(value, dtype=float) if isinstance(value, list) else np.array([])
+    if array.shape != (n,) or not np.isfinite(array).all():
+        raise AnnotationError(f"{where}: expected {n} finite numbers, got {value!r}")
+    return array
+
+
+def _system(markup: dict, where: str) -> str:
+    system = markup.get("coordinateSystem", "LPS")
+    if not isinstance(system, str) or system.strip().upper() not in ("LPS", "RAS"):
+        raise AnnotationError(f"{where}: coordinateSystem must be 'LPS' or 'RAS', got {system!r}")
+    units = markup.get("coordinateUnits", "mm")
+    unit = units[0] if isinstance(units, list) and units else units
+    if unit != "mm":
+        raise AnnotationError(f"{where}: coordinates are in {unit!r}; only millimetres are supported")
+    return system.strip().upper()
+
+
+def _placed_points(markup: dict, system: str, where: str) -> list[tuple[dict, np.ndarray]]:
+    points = []
+    for index, point in enumerate(markup.get("controlPoints") or [], start=1):
+        if not isinstance(point, dict):
+            raise AnnotationError(f"{where}, control point {index}: expected an object")
+        if point.get("positionStatus", "defined") != "defined":
+            continue
+        position = _vector(point.get("position"), 3, f"{where}, control point {index} position")
+        points.append((point, to_lps(position, system)))
+    return points
+
+
+def _nodule(centre_lps, point: dict, default_id: str, source: str, **fields) -> Nodule:
+    label, malignancy, diameter = _description_fields(str(point.get("description") or ""))
+    return Nodule(centre_lps=tuple(centre_lps), nodule_id=str(point.get("label") or default_id),
+                  label=label, malignancy=malignancy, source=source,
+                  diameter_mm=fields.pop("diameter_mm", None) or diameter, **fields)
+
+
+def _roi_nodule(markup: dict, system: str, where: str, default_id: str, source: str) -> Nodule | None:
+    points = _placed_points(markup, system, where)
+    if "center" in markup:
+        centre_lps = to_lps(_vector(markup["center"], 3, f"{where} center"), system)
+    elif points:
+        centre_lps = np.mean([p for _, p in points], axis=0)
+    else:
+        return None
+    size = _vector(markup.get("size", [0, 0, 0]), 3, f"{where} size")
+    axes = _vector(markup.get("orientation", [1, 0, 0, 0, 1, 0, 0, 0, 1]), 9, f"{where} orientation")
+    axes = to_lps(axes.reshape(3, 3).T, system).T  # columns are the ROI axes
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * size / 2
+    world = centre_lps + corners @ axes.T
+    box = (tuple(world.min(axis=0)), tuple(world.max(axis=0))) if size.any() else None
+    point = points[0][0] if points else {}
+    name = markup.get("name") or default_id
+    return _nodule(centre_lps, {**point, "label": point.get("label") or name}, default_id, source,
+                   box_lps=box, diameter_mm=float(size.max()) if size.any() else None)
+
+
+def load_markups(path: str | Path) -> list[Nodule]:
+    """Nodules from a Slicer ``.mrk.json`` (point lists, ROIs and lines) in LPS mm."""
+    path = Path(path)
+    text = read_text(path, "markups")
+    if not text.strip():
+        raise AnnotationError(f"markups file {path} is empty")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(f"markups file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                              f"column {exc.colno}") from None
+    markups = document.get("markups") if isinstance(document, dict) else None
+    if not isinstance(markups, list):
+        raise AnnotationError(f"{path} is not a Slicer markups file: it has no 'markups' list "
+                              "(expected {\"@schema\": \"…markups-schema-v1.0.x.json#\", \"markups\": [...]})")
+    nodules, types = [], []
+    for m_index, markup in enumerate(markups, start=1):
+        where = f"{path}, markup {m_index}"
+        if not isinstance(markup, dict):
+            raise AnnotationError(f"{where}: expected an object")
+        kind = markup.get("type")
+        types.append(str(kind))
+        system = _system(markup, where)
+        source = f"markups:{path.name}"
+        if kind == "Fiducial":
+            for index, (point, centre_lps) in enumerate(_placed_points(markup, system, where), start=1):
+                nodules.append(_nodule(centre_lps, point, f"{markup.get('name') or 'F'}-{index}", source))
+        elif kind == "ROI":
+            roi = _roi_nodule(markup, system, where, f"ROI-{m_index}", source)
+            nodules.extend([roi] if roi is not None else [])
+        elif kind == "Line":
+            points = _placed_points(markup, system, where)
+            if len(points) == 2:
+                (first, a), (_, b) = points
+                nodules.append(_nodule((a + b) / 2, {**first, "label": markup.get("name") or first.get("label")},
+                                       f"L-{m_index}", source, diameter_mm=float(np.linalg.norm(a - b))))
+    if not nodules:
+        raise AnnotationError(f"{path} has no placed points, ROIs or lines (markup types found: "
+                              f"{', '.join(types) or 'none'}); place a point on each nodule in Slicer")
+    return nodules
+
+
+def _description(nodule: Nodule) -> str:
+    parts = [] if nodule.label is None else [("benign", "malignant")[int(nodule.label)]]
+    if nodule.malignancy is not None:
+        parts.append(f"malignancy={nodule.malignancy:g}")
+    if nodule.diameter_mm is not None:
+        parts.append(f"diameter_mm={nodule.diameter_mm:.2f}")
+    return "; ".join(parts)
+
+
+def write_markups(nodules: list[Nodule], path: str | Path, coordinate_system: str = "LPS",
+                  name: str = "Nodules") -> Path:
+    """Write nodules as one Slicer point list (atomically); Slicer ≥ 4.11 loads it."""
+    system = coordinate_system.strip().upper()
+    if system not in ("LPS", "RAS"):
+        raise AnnotationError(f"coordinate_system must be 'LPS' or 'RAS', got {coordinate_system!r}")
+    points = []
+    for index, nodule in enumerate(nodules, start=1):
+        centre = np.asarray(nodule.centre_lps, dtype=float)
+        position = lps_to_ras(centre) if system == "RAS" else centre
+        points.append({
+            "id": str(index), "label": nodule.nodule_id or f"{name}-{index}",
+            "description": _description(nodule), "associatedNodeID": "",
+            "position": [float(v) for v in position],
+            "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0] if system == "LPS"
+            else [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+            "selected": True, "locked": False, "visibility": True, "positionStatus": "defined",
+        })
+    document = {"@schema": SCHEMA, "markups": [{
+        "type": "Fiducial", "name": name, "coordinateSystem": system, "coordinateUnits": "mm",
+        "locked": False, "fixedNumberOfControlPoints": False, "labelFormat": "%N-%d",
+        "lastUsedControlPointNumber": len(points), "controlPoints": points,
+        "display": {"pointLabelsVisibility": True, "glyphType": "Sphere3D"},
+    }]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
