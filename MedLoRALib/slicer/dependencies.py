@@ -1,0 +1,106 @@
+"""Python packages MedLoRA needs inside 3D Slicer, installed on first use after one confirmation.
+
+Nothing is installed at import time. torch comes only from the PyTorch extension
+(``PyTorchUtils``), so pip never replaces Slicer's torch; Slicer's own numpy, SimpleITK,
+pydicom and requests are never touched. The rest is installed with
+``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12) or ``slicer.util.pip_install`` (older).
+When the engine runs in a separate Python (set in the module), MedLoRA does not install
+into it but says what is missing there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import MedLoRAError
+
+# import name -> requirement, for Slicer's own process and for the engine/trainer process.
+SLICER_PROCESS = {"scipy": "scipy>=1.10", "psutil": "psutil>=5.9"}
+ENGINE_PROCESS = {"timm": "timm>=1.0.8", "peft": "peft>=0.13", "safetensors": "safetensors>=0.4",
+                  "sklearn": "scikit-learn>=1.3", "tqdm": "tqdm>=4.60"}
+NEVER_PIP = ("torch", "torchvision", "numpy", "SimpleITK", "pydicom", "requests")
+
+
+def _missing_here(modules: dict[str, str]) -> list[str]:
+    return [req for name, req in modules.items() if importlib.util.find_spec(name) is None]
+
+
+def _missing_in(python: str, modules: list[str]) -> list[str]:
+    """Import names missing in another interpreter (found without importing them)."""
+    code = ("import importlib.util, json, sys; "
+            "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
+    try:
+        out = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MedLoRAError(f"cannot run the engine's Python {python!r}: {exc}. Set a working interpreter in "
+                           "the MedLoRA module's settings.") from exc
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def missing(engine_python: str | None = None) -> dict[str, list[str]]:
+    """What is missing: ``torch`` (PyTorch extension), ``slicer`` (pip here), ``engine`` (separate Python)."""
+    same_python = engine_python in (None, "", sys.executable) or Path(engine_python).name.startswith("PythonSlicer")
+    result = {"torch": [], "pip": _missing_here(SLICER_PROCESS), "engine": []}
+    if same_python:
+        result["pip"] += _missing_here(ENGINE_PROCESS)
+        if importlib.util.find_spec("torch") is None:
+            result["torch"] = ["torch"]
+    else:
+        absent = _missing_in(engine_python, ["torch", *ENGINE_PROCESS])
+        result["engine"] = ["torch" if m == "torch" else ENGINE_PROCESS[m] for m in absent]
+    return result
+
+
+def ensure(engine_python: str | None, confirm: Callable[[str], bool]) -> bool:
+    """Install what is missing after one confirmation listing all of it; False if the user declines."""
+    needed = missing(engine_python)
+    if needed["engine"]:
+        raise MedLoRAError(f"the engine's Python {engine_python} lacks {', '.join(needed['engine'])}: install "
+                           f"them there ({engine_python} -m pip install ...) or clear the setting to use Slicer's.")
+    if not needed["torch"] and not needed["pip"]:
+        return True
+    items = (["PyTorch (through the PyTorch extension)"] if needed["torch"] else []) + needed["pip"]
+    if not confirm("MedLoRA needs these Python packages, which will now be installed:\n\n  "
+                   + "\n  ".join(items) + "\n\nThis needs internet access and may take several minutes."):
+        return False
+    import slicer
+
+    if needed["torch"]:
+        _install_torch()
+    if needed["pip"]:
+        try:
+            if hasattr(slicer, "packaging"):
+                slicer.packaging.pip_ensure(needed["pip"], skip_packages=list(NEVER_PIP), prompt_install=False,
+                                            requester="MedLoRA")
+            else:
+                slicer.util.pip_install(needed["pip"])
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise MedLoRAError(f"installing {', '.join(needed['pip'])} failed ({exc}). If this computer is "
+                               "offline, install them from a local wheel folder with PythonSlicer -m pip install "
+                               "--no-index --find-links FOLDER ...") from exc
+    return True
+
+
+def _install_torch() -> None:
+    try:
+        import PyTorchUtils
+    except ImportError as exc:
+        raise MedLoRAError("MedLoRA needs the PyTorch extension for torch: install 'PyTorch' from the "
+                           "Extensions Manager and restart Slicer.") from exc
+    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+        raise MedLoRAError("PyTorch could not be installed (offline?). Install it from the PyTorch module "
+                           "when the computer is online.")
+
+
+def requirements_file() -> Path:
+    """``Resources/requirements.txt`` beside the module (built) or in the repository."""
+    here = Path(__file__).resolve().parents[2]
+    return here / "Resources" / "requirements.txt"
+
+
+__all__ = ["ENGINE_PROCESS", "NEVER_PIP", "SLICER_PROCESS", "ensure", "missing", "requirements_file"]

@@ -1,0 +1,79 @@
+"""The Slicer module files: the .ui matches the code, and the module imports without torch."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("slicer")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "MedLoRA" / "MedLoRA.py"
+UI = ROOT / "Resources" / "UI" / "MedLoRA.ui"
+
+
+def _ui_widgets() -> dict[str, ET.Element]:
+    tree = ET.parse(UI)  # raises if the file is not well-formed XML
+    assert tree.getroot().tag == "ui"
+    return {w.get("name"): w for w in tree.iter("widget") if w.get("name")}
+
+
+def test_ui_parses_and_has_every_widget_the_module_uses():
+    widgets = _ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    assert used, "the module looks up no widgets"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"MedLoRA.py uses widgets missing from MedLoRA.ui: {missing}"
+
+
+def test_ui_parameter_names_are_fields_of_the_parameter_node():
+    source = MODULE.read_text()
+    block = source[source.index("class MedLoRAParameterNode"):source.index("class MedLoRAWidget")]
+    fields = set(re.findall(r"^    (\w+):", block, flags=re.M))
+    bound = {p.find("string").text for p in ET.parse(UI).iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound and bound <= fields, f"unknown parameters in the .ui: {sorted(bound - fields)}"
+    # Every MRML widget gets the scene from the top-level widget.
+    receivers = {c.findtext("receiver") for c in ET.parse(UI).iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    mrml_widgets = {name for name, w in _ui_widgets().items() if w.get("class", "").startswith("qMRML")} - {"MedLoRA"}
+    assert mrml_widgets <= receivers
+
+
+def test_resources_exist_where_the_module_looks_for_them():
+    for relative in ("Icons/MedLoRA.png", "UI/MedLoRA.ui", "requirements.txt"):
+        assert (ROOT / "Resources" / relative).is_file()
+    assert (ROOT / "Resources" / "Icons" / "MedLoRA.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cmake = (ROOT / "MedLoRA" / "CMakeLists.txt").read_text()
+    assert "MedLoRALib/*.py" in cmake and "Resources/UI/${MODULE_NAME}.ui" in cmake
+
+
+def test_module_and_logic_import_with_slicer_core_alone_and_no_torch():
+    """A fresh interpreter without MedLoRALib on its path, as in Slicer's developer mode."""
+    code = f"""
+import importlib.util, json, sys
+sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]
+sys.path.insert(0, {str(ROOT / 'MedLoRA')!r})
+import MedLoRA
+from MedLoRALib.slicer import batch, dependencies, engine_client, logic, mrml, process, render, results, training
+scene = mrml.create_headless_scene()
+module_logic = MedLoRA.MedLoRALogic(scene=scene.scene)
+print(json.dumps({{
+    "heavy": sorted(m for m in ("torch", "timm", "peft", "torchvision", "safetensors.torch") if m in sys.modules),
+    "lib": MedLoRA.LIB_ROOT,
+    "logic": type(module_logic.sceneLogic).__name__,
+    "python": module_logic.sceneLogic.engine.config.command()[1:4],
+}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == []
+    assert report["lib"] == str(ROOT)
+    assert report["logic"] == "SceneLogic"
+    assert report["python"] == ["-m", "MedLoRALib", "serve"]
