@@ -102,7 +102,7 @@ def train_command(config: TrainingConfig, manifest: Path, out_dir: Path, stop_fi
         from .engine_client import default_python
 
         python = default_python()
-    args = [python or sys.executable, "-m", "MedLoRALib", "train", str(manifest), "--out", str(out_dir),
+    args = [python or sys.executable, "-m", "MedLoRALib", "train", "--manifest", str(manifest), "--out", str(out_dir),
             "--name", config.name, "--backbone", config.backbone, "--epochs", str(config.epochs),
             "--rank", str(config.rank), "--progress", "json", "--stop-file", str(stop_file)]
     if resume:
@@ -131,7 +131,7 @@ class TrainingJob:
         scene: where the plot goes.
         handle: the running process (from the logic's runner).
         config: the run's settings.
-        out_dir: the trainer's output folder (checkpoints, the adapter).
+        out_dir: the adapter folder the trainer writes (its checkpoint goes beside it).
         store: adapter store to register the finished adapter in (or ``None``).
     """
 
@@ -223,7 +223,7 @@ class TrainingJob:
         elif kind == "checkpoint":
             state.checkpoint = event.get("path")
         elif kind == "done":
-            state.adapter_path = event.get("adapter") or event.get("path")
+            state.adapter_path = event.get("adapter") or event.get("path") or str(self.out_dir)
             state.metrics = event.get("metrics") or {}
         elif kind == "stopped":
             state.checkpoint = event.get("checkpoint") or event.get("path") or state.checkpoint
@@ -273,7 +273,7 @@ def start_training(scene, runner: ProcessRunner, pairs: list[tuple[object, objec
     manifest = work_dir / "manifest.csv" if resume else write_training_set(pairs, work_dir)
     if not manifest.exists():
         raise MedLoRAError(f"nothing to resume in {work_dir}: no manifest.csv there.")
-    out_dir = work_dir / "run"
+    out_dir = work_dir / "adapter"
     stop_file = work_dir / "STOP"
     stop_file.unlink(missing_ok=True)
     handle = runner.start(train_command(config, manifest, out_dir, stop_file, resume), cwd=str(work_dir),
