@@ -1,0 +1,461 @@
+"""Pre-train the tiny ViT on synthetic CT: the honest stand-in for a pretrained large vision model.
+
+Large pretrained backbones cannot be downloaded here, and a randomly initialised backbone
+makes LoRA vs full fine-tuning vs linear probe meaningless (there is nothing pretrained to
+keep frozen). So the ``medlora_tiny`` architecture is pre-trained on a *different* task than
+malignancy: naming the anatomical structure at the centre of a synthetic chest CT patch —
+lung parenchyma, vessel, vessel bifurcation, airway, pleura/chest wall, or nodule. Nodules
+of every shape and density (smooth, lobulated, spiculated; solid, ground-glass,
+part-solid) are all just "nodule": the pretext labels never say anything about malignancy.
+
+Each patch is an analytic scene (soft-edged tubes, ellipsoids and half-spaces in
+millimetres, distractor vessels, smooth parenchyma variation) evaluated at the very
+sample points ``patches.extract_patches`` uses for a randomly rotated frame, then given
+correlated CT noise and the same HU window and normalisation as the classifier's input.
+Single grey planes and ortho3 (three planes as RGB) are mixed, the two ways the
+classifier shows patches to the ViT.
+
+Everything is seeded: the batch drawn at step ``s`` depends only on ``(seed, s)``.
+The scene code is numpy-only; torch is imported by the training functions alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import MedLoRAError
+from ..patches import PatchSpec, normalise, sample_points_lps
+from .augment import random_rotation
+
+log = logging.getLogger(__name__)
+
+STRUCTURES = ("parenchyma", "vessel", "bifurcation", "airway", "pleura", "nodule")
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_WEIGHTS = ASSETS_DIR / "medlora_tiny_synthct.safetensors"
+_VAL_STREAM, _TRAIN_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A pre-training run.
+
+    Args:
+        backbone: registry name of the architecture to pre-train.
+        steps: optimizer steps.
+        batch_size: patches per step.
+        lr: peak AdamW learning rate (linear warm-up, cosine decay).
+        weight_decay: AdamW decay on matrices.
+        warmup_fraction: share of steps with linear warm-up.
+        label_smoothing: cross-entropy label smoothing.
+        ortho3_fraction: share of patches shown as three orthogonal planes in RGB.
+        fov_mm: patch field of view (the classifier's default crop is 50 mm).
+        val_size: fixed validation patches drawn once from a separate seed stream.
+        seed: the only source of randomness.
+        threads: torch CPU threads.
+        storage_dtype: dtype of the saved tensors (``float16`` halves the file; loading is exact).
+    """
+
+    backbone: str = "medlora_tiny"
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    label_smoothing: float = 0.1
+    ortho3_fraction: float = 0.25
+    fov_mm: float = 50.0
+    val_size: int = 600
+    seed: int = 0
+    threads: int = 2
+    storage_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be ≥ 1, got {getattr(self, name)}"
+                    for name in ("steps", "batch_size", "val_size", "threads") if int(getattr(self, name)) < 1]
+        if not 0.0 <= self.ortho3_fraction <= 1.0:
+            problems.append(f"ortho3_fraction must be in [0, 1], got {self.ortho3_fraction}")
+        if self.storage_dtype not in ("float16", "float32"):
+            problems.append(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
+        if not self.lr > 0 or not self.fov_mm > 0:
+            problems.append("lr and fov_mm must be positive")
+        if problems:
+            raise MedLoRAError("invalid pre-training configuration: " + "; ".join(problems))
+
+
+# --- scene primitives (millimetres, numpy) ------------------------------------------------------
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _random_unit(rng: np.random.Generator) -> np.ndarray:
+    return _unit(rng.normal(size=3))
+
+
+def _perpendicular(rng: np.random.Generator, axis: np.ndarray) -> np.ndarray:
+    v = rng.normal(size=3)
+    return _unit(v - v.dot(axis) * axis)
+
+
+def _segment_distance_sq(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = (b - a).astype(points.dtype)
+    rel = points - a.astype(points.dtype)
+    t = np.clip(rel @ ab / max(float(ab.dot(ab)), 1e-12), 0.0, 1.0)
+    rel -= t[:, None] * ab
+    return np.einsum("ij,ij->i", rel, rel)
+
+
+def _polyline_distance(points: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    squared = _segment_distance_sq(points, nodes[0], nodes[1])
+    for i in range(1, len(nodes) - 1):
+        np.minimum(squared, _segment_distance_sq(points, nodes[i], nodes[i + 1]), out=squared)
+    return np.sqrt(squared)
+
+
+def _paint(hu: np.ndarray, sdf: np.ndarray, value: float, edge_mm: float) -> None:
+    """Blend ``value`` in where the signed distance is negative, with a soft (partial-volume) edge."""
+    occupancy = 0.5 * (1.0 - np.tanh(np.clip(sdf / (2.0 * edge_mm), -20.0, 20.0)))
+    hu += occupancy * (value - hu)
+
+
+def _curved_path(rng: np.random.Generator, through: np.ndarray, direction: np.ndarray,
+                 half_length: float = 45.0, bend: float = 0.004) -> np.ndarray:
+    """Three nodes of a gently bent vessel/airway path through ``through``."""
+    normal = _perpendicular(rng, direction)
+    s = np.linspace(-half_length, half_length, 3)
+    curvature = rng.uniform(-bend, bend)
+    return through + s[:, None] * direction + (curvature * s ** 2)[:, None] * normal
+
+
+class _Scene:
+    """HU values at a set of sample points, built up structure by structure."""
+
+    def __init__(self, points: np.ndarray, rng: np.random.Generator) -> None:
+        self.points = points
+        self.rng = rng
+        self.edge = rng.uniform(0.35, 0.8)  # mm: blur of the scanner + interpolation
+        base = rng.uniform(-900.0, -820.0)
+        waves = np.zeros(len(points))
+        for _ in range(3):  # smooth parenchyma density variation (gravity, perfusion)
+            k = _random_unit(rng) * 2 * np.pi / rng.uniform(15.0, 60.0)
+            waves += rng.uniform(0.0, 20.0) * np.cos(points @ k + rng.uniform(0, 2 * np.pi))
+        self.hu = base + waves
+
+    def vessel(self, nodes: np.ndarray, radius: float, value: float | None = None) -> None:
+        value = self.rng.uniform(-10.0, 70.0) if value is None else value
+        _paint(self.hu, _polyline_distance(self.points, nodes) - radius, value, self.edge)
+
+    def distractors(self, keep_clear_mm: float) -> None:
+        """Small vessels that pass no closer than ``keep_clear_mm`` to the centre."""
+        for _ in range(self.rng.poisson(2.5)):
+            direction = _random_unit(self.rng)
+            radius = self.rng.uniform(0.5, 2.5)
+            offset = _perpendicular(self.rng, direction) * (keep_clear_mm + radius + self.rng.uniform(2.0, 22.0))
+            self.vessel(_curved_path(self.rng, offset, direction, bend=0.002), radius)
+
+    def pleura(self, distance_mm: float, normal: np.ndarray) -> None:
+        """Chest wall beyond the plane ``x·normal = distance``: fat layer, muscle, ribs."""
+        depth = self.points @ normal - distance_mm
+        fat = self.rng.uniform(1.0, 4.0)
+        _paint(self.hu, -depth, self.rng.uniform(-120.0, -70.0), self.edge)
+        _paint(self.hu, fat - depth, self.rng.uniform(20.0, 60.0), self.edge)
+        along = _perpendicular(self.rng, normal)
+        across = np.cross(normal, along)
+        rib_depth = fat + self.rng.uniform(4.0, 10.0)
+        for shift in self.rng.uniform(-30, 30) + np.array([-24.0, 0.0, 24.0]):
+            centre = normal * (distance_mm + rib_depth) + across * shift
+            self.vessel(np.stack([centre - 60 * along, centre + 60 * along]), self.rng.uniform(3.5, 6.0),
+                        value=self.rng.uniform(300.0, 800.0))
+
+    def airway(self, offset: np.ndarray, direction: np.ndarray) -> None:
+        lumen = self.rng.uniform(1.5, 6.0)
+        wall = self.rng.uniform(0.6, 2.0)
+        nodes = _curved_path(self.rng, offset, direction, bend=0.002)
+        distance = _polyline_distance(self.points, nodes)
+        _paint(self.hu, distance - lumen - wall, self.rng.uniform(-60.0, 50.0), self.edge)
+        _paint(self.hu, distance - lumen, self.rng.uniform(-1010.0, -960.0), self.edge)
+        artery = lumen * self.rng.uniform(0.6, 1.2)  # the bronchovascular bundle's companion artery
+        beside = _perpendicular(self.rng, direction) * (lumen + wall + artery + self.rng.uniform(0.5, 2.0))
+        self.vessel(nodes + beside, artery)
+
+    def nodule(self, centre: np.ndarray) -> None:
+        rng = self.rng
+        radius = rng.uniform(2.5, 14.0)
+        frame = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        semi_axes = np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
+        lobes = [(_random_unit(rng), rng.uniform(-0.3, 0.3), rng.uniform(0.05, 0.4))
+                 for _ in range(rng.integers(0, 7))]
+
+        def surface_radius(unit: np.ndarray) -> np.ndarray:
+            local = unit @ frame
+            r = radius / np.sqrt(np.sum((local / semi_axes) ** 2, axis=-1))
+            for axis, amplitude, width in lobes:
+                r = r * (1.0 + amplitude * np.exp((unit @ axis - 1.0) / width))
+            return r
+
+        rel = self.points - centre
+        dist = np.linalg.norm(rel, axis=1)
+        sdf = dist - surface_radius(rel / np.maximum(dist, 1e-6)[:, None])
+        kind = rng.choice(["solid", "ground-glass", "part-solid"], p=[0.65, 0.15, 0.2])
+        solid = rng.uniform(-80.0, 80.0)
+        value = solid if kind == "solid" else rng.uniform(-720.0, -350.0)
+        _paint(self.hu, sdf, value, self.edge)
+        if kind == "part-solid":
+            core = rng.uniform(0.3, 0.7)
+            _paint(self.hu, dist - core * surface_radius(rel / np.maximum(dist, 1e-6)[:, None]), solid, self.edge)
+        for _ in range(rng.integers(0, 10) if rng.random() < 0.4 else 0):  # spicules
+            unit = _random_unit(rng)
+            base = float(surface_radius(unit[None])[0])
+            self.vessel(np.stack([centre + 0.7 * base * unit, centre + (base + rng.uniform(2.0, 12.0)) * unit]),
+                        rng.uniform(0.3, 0.9), value=value)
+        if rng.random() < 0.4:  # a vessel running into the nodule
+            direction = _random_unit(rng)
+            self.vessel(np.stack([centre, centre + direction * 60.0]), rng.uniform(0.7, 2.5))
+
+
+def synthetic_patch(rng: np.random.Generator, structure: int, spec: PatchSpec) -> np.ndarray:
+    """One normalised patch (``spec.shape``) whose centre shows ``STRUCTURES[structure]``."""
+    rotation = random_rotation(rng, 180.0)
+    points = sample_points_lps(np.zeros(3), spec, rotation[None])[0].reshape(-1, 3).astype(np.float32)
+    scene = _Scene(points, rng)
+    name = STRUCTURES[structure]
+    jitter = rng.normal(scale=0.7, size=3)
+    if name == "parenchyma":
+        scene.distractors(keep_clear_mm=5.0)
+    elif name == "vessel":
+        scene.distractors(keep_clear_mm=8.0)
+        radius = rng.uniform(1.0, 4.5)
+        scene.vessel(_curved_path(rng, jitter * min(1.0, radius / 2), _random_unit(rng)), radius)
+    elif name == "bifurcation":
+        scene.distractors(keep_clear_mm=10.0)
+        parent = _random_unit(rng)
+        radius = rng.uniform(1.5, 4.5)
+        scene.vessel(np.stack([jitter, jitter - parent * 60.0]), radius)
+        bend_axis = _perpendicular(rng, parent)
+        for sign in (-1.0, 1.0):
+            angle = np.deg2rad(rng.uniform(20.0, 60.0)) * sign
+            child = parent * np.cos(angle) + np.cross(bend_axis, parent) * np.sin(angle)
+            scene.vessel(np.stack([jitter, jitter + child * 60.0]), radius * rng.uniform(0.6, 0.9))
+    elif name == "airway":
+        scene.distractors(keep_clear_mm=10.0)
+        scene.airway(jitter, _random_unit(rng))
+    elif name == "pleura":
+        scene.distractors(keep_clear_mm=5.0)
+        scene.pleura(rng.uniform(-8.0, 8.0), _random_unit(rng))
+    else:
+        scene.distractors(keep_clear_mm=6.0)
+        centre = jitter * 2.0
+        if rng.random() < 0.15:  # juxta-pleural
+            scene.pleura(rng.uniform(3.0, 16.0), _random_unit(rng))
+        scene.nodule(centre)
+    image = scene.hu.reshape(spec.shape)
+    noise = ndimage.gaussian_filter(rng.normal(size=image.shape), sigma=(0, *(rng.uniform(0.5, 1.1),) * 2))
+    image = image + noise * (rng.uniform(8.0, 45.0) / max(float(noise.std()), 1e-6))
+    return normalise(image, spec)
+
+
+def patch_specs(fov_mm: float, pixels: int) -> tuple[PatchSpec, PatchSpec]:
+    """The grey single-plane and the ortho3 (RGB) crops the classifier feeds to its ViT."""
+    return (PatchSpec(views="axial", fov_mm=fov_mm, pixels=pixels),
+            PatchSpec(views="ortho3", fov_mm=fov_mm, pixels=pixels))
+
+
+def synthetic_batch(seed: int, stream: int, index: int, size: int, pixels: int, fov_mm: float = 50.0,
+                    ortho3_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(size, 3, P, P) float32 images and (size,) structure labels, fixed by (seed, stream, index).
+
+    Classes are balanced by cycling through them from a random start.
+    """
+    rng = np.random.default_rng([int(seed), int(stream), int(index), 0x5C7])
+    grey, ortho3 = patch_specs(fov_mm, pixels)
+    labels = (rng.integers(len(STRUCTURES)) + np.arange(size)) % len(STRUCTURES)
+    rng.shuffle(labels)
+    images = np.empty((size, 3, pixels, pixels), dtype=np.float32)
+    for i, label in enumerate(labels):
+        if rng.random() < ortho3_fraction:
+            images[i] = synthetic_patch(rng, int(label), ortho3)
+        else:
+            images[i] = synthetic_patch(rng, int(label), grey)  # (1, P, P) broadcast to 3 channels
+    return images, labels.astype(np.int64)
+
+
+# --- training (torch) ---------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    warmup = max(1, int(round(warmup_fraction * total)))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+
+
+def _build(config: PretrainConfig):
+    import timm
+    import torch
+
+    from ..models import get_backbone_config
+
+    arch = get_backbone_config(config.backbone)
+    torch.manual_seed(config.seed)
+    vit = timm.create_model(arch.timm_name, pretrained=False, num_classes=0,
+                            **{**arch.timm_kwargs, "img_size": arch.img_size})
+    head = torch.nn.Linear(int(vit.embed_dim), len(STRUCTURES))
+    return vit, head, arch
+
+
+def _accuracy(vit, head, images: np.ndarray, labels: np.ndarray) -> tuple[float, list[list[int]]]:
+    import torch
+
+    vit.eval()
+    with torch.no_grad():
+        predicted = np.concatenate([head(vit(torch.from_numpy(images[i:i + 128]))).argmax(1).numpy()
+                                    for i in range(0, len(images), 128)])
+    confusion = np.zeros((len(STRUCTURES),) * 2, dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    return float((predicted == labels).mean()), confusion.tolist()
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: str = "",
+             log_every: int = 50) -> dict:
+    """Pre-train, save the backbone (no head) as safetensors and a JSON record beside it.
+
+    Returns the record (also written to ``out`` with suffix ``.json``).
+    """
+    import safetensors.torch
+    import timm
+    import torch
+
+    from ..adapters.manifest import now_iso, sha256_file
+
+    out = Path(out)
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    vit, head, arch = _build(config)
+    pixels = arch.img_size
+    val_images, val_labels = synthetic_batch(config.seed, _VAL_STREAM, 0, config.val_size, pixels,
+                                             config.fov_mm, config.ortho3_fraction)
+    decay = [p for p in (*vit.parameters(), *head.parameters()) if p.ndim >= 2]
+    no_decay = [p for p in (*vit.parameters(), *head.parameters()) if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.steps, config.warmup_fraction))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    data_s = 0.0
+    losses = []
+    for step in range(config.steps):
+        t0 = time.perf_counter()
+        images, labels = synthetic_batch(config.seed, _TRAIN_STREAM, step, config.batch_size, pixels,
+                                         config.fov_mm, config.ortho3_fraction)
+        data_s += time.perf_counter() - t0
+        vit.train()
+        loss = criterion(head(vit(torch.from_numpy(images))), torch.from_numpy(labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*vit.parameters(), *head.parameters()], 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if not np.isfinite(losses[-1]):
+            raise MedLoRAError(f"pre-training diverged at step {step + 1} (loss {losses[-1]}): lower --lr")
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
+            log.info("step %d/%d: loss %.4f (mean of last %d), %.0f s", step + 1, config.steps,
+                     float(np.mean(losses[-log_every:])), min(log_every, len(losses)), time.perf_counter() - started)
+    dtype = getattr(torch, config.storage_dtype)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in vit.state_dict().items()}
+    vit.load_state_dict(state)  # evaluate exactly what is shipped (float16 rounding included)
+    val_accuracy, confusion = _accuracy(vit, head, val_images, val_labels)
+    train_s = time.perf_counter() - started
+    metadata = {"format": "pt", "backbone": config.backbone, "task": "synthetic CT structure classification",
+                "seed": str(config.seed)}
+    _write_atomic(out, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
+    record = {
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "size_bytes": out.stat().st_size,
+        "backbone": config.backbone,
+        "architecture": {"timm_name": arch.timm_name, **arch.timm_kwargs, "img_size": arch.img_size},
+        "parameters": int(sum(v.numel() for v in state.values())),
+        "storage_dtype": config.storage_dtype,
+        "pretext_task": {
+            "what": "classify the structure at the centre of a synthetic chest CT patch (never malignancy)",
+            "classes": list(STRUCTURES),
+            "data": ("analytic synthetic CT scenes (soft-edged vessels, bifurcations, airways with companion "
+                     "arteries, pleura with fat and ribs, nodules of any shape and density, distractor vessels, "
+                     "parenchyma variation, correlated noise) sampled on randomly rotated planes with "
+                     "MedLoRALib.patches; single grey planes and ortho3 RGB mixed"),
+            "patch": {"fov_mm": config.fov_mm, "pixels": pixels, "window_hu": list(PatchSpec().window_hu),
+                      "normalisation": "unit", "ortho3_fraction": config.ortho3_fraction},
+            "train_patches": config.steps * config.batch_size,
+            "final_train_loss": float(np.mean(losses[-min(50, len(losses)):])),
+            "val_patches": config.val_size,
+            "val_accuracy": val_accuracy,
+            "val_confusion": confusion,
+        },
+        "config": asdict(config),
+        "command": command,
+        "seconds": round(train_s, 1),
+        "data_generation_seconds": round(data_s, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {config.threads}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "numpy": np.__version__},
+        "created": now_iso(),
+        "note": ("a stand-in for a pretrained large vision model, made by MedLoRA's own script on synthetic "
+                 "data; not a clinical model"),
+    }
+    _write_atomic(out.with_suffix(".json"),
+                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``scripts/pretrain_tiny_backbone.py``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = PretrainConfig()
+    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="safetensors file to write")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--val-size", type=int, default=defaults.val_size)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--storage-dtype", choices=("float16", "float32"), default=defaults.storage_dtype)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_size=args.val_size,
+                                seed=args.seed, threads=args.threads, storage_dtype=args.storage_dtype)
+        command = "python scripts/pretrain_tiny_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        record = pretrain(config, args.out, command=command.strip())
+    except MedLoRAError as exc:
+        print(f"pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: record[k] for k in ("file", "sha256", "size_bytes", "seconds")}
+                     | {"val_accuracy": record["pretext_task"]["val_accuracy"]}))
+    return 0
