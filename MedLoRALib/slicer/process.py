@@ -31,6 +31,13 @@ class ProcessHandle(Protocol):
     def read_lines(self, timeout: float = 0.0) -> list[str]: ...
     def poll(self) -> int | None: ...
     def wait(self, timeout: float | None = None) -> int | None: ...
+    def _exited_within(self, timeout: float) -> int | None:
+        """Wait for the process only (its orphaned children may still hold the pipes)."""
+        try:
+            return self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stderr_tail(self) -> str: ...
     def cancel(self, grace_s: float = 10.0) -> int | None: ...
 
@@ -122,6 +129,13 @@ class SubprocessHandle:
             reader.join(timeout=2.0)
         return code
 
+    def _exited_within(self, timeout: float) -> int | None:
+        """Wait for the process only (its orphaned children may still hold the pipes)."""
+        try:
+            return self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
 
@@ -141,9 +155,9 @@ class SubprocessHandle:
                 _touch(self.stop_file)
             else:
                 self._popen.terminate()
-            if self.wait(timeout=grace_s) is None and self.stop_file:
+            if self._exited_within(grace_s) is None and self.stop_file:
                 self._popen.terminate()
-                self.wait(timeout=grace_s)
+                self._exited_within(grace_s)
         kill_process_tree(self.pid, descendants=descendants)
         return self.wait(timeout=grace_s)
 
