@@ -1,0 +1,232 @@
+"""``medlora crop`` end to end on synthetic CT files: patches, index CSV, cube geometry, errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from MedLoRALib.cli import main
+from MedLoRALib.cli.crop import montage
+from MedLoRALib.ctio import load_ct, save_volume
+from MedLoRALib.geometry import Geometry, lps_to_ras
+from MedLoRALib.image import CTImage
+from MedLoRALib.patches import PatchSpec, extract_patches
+
+_A = np.radians(10)
+OBLIQUE = np.array([[np.cos(_A), -np.sin(_A), 0.0], [np.sin(_A), np.cos(_A), 0.0], [0.0, 0.0, 1.0]])
+
+
+def phantom_ct(direction=OBLIQUE, origin=(-60.0, -50.0, -36.0)) -> tuple[CTImage, list[np.ndarray]]:
+    """Air, a soft-tissue body with two lungs, and two bright 'nodules' (LPS centres returned)."""
+    g = Geometry((80, 72, 36), (1.5, 1.4, 2.0), origin, direction)
+    k, j, i = np.indices((36, 72, 80))
+    world = g.ijk_to_lps(np.stack([i, j, k], -1).astype(float))
+    centre = g.ijk_to_lps((39.5, 35.5, 17.5))
+    rel = world - centre
+    hu = np.full(world.shape[:-1], -1000.0)
+    hu[(rel[..., 0] / 55) ** 2 + (rel[..., 1] / 45) ** 2 < 1] = 40.0
+    for side in (-1, 1):
+        lung = ((rel[..., 0] - side * 24) / 18) ** 2 + (rel[..., 1] / 30) ** 2 < 1
+        hu[lung] = -850.0
+    nodules = [centre + np.array([-24.0, 5.0, 3.0]), centre + np.array([22.0, -8.0, -6.0])]
+    for c in nodules:
+        hu += 900.0 * np.exp(-((world - c) ** 2).sum(-1) / (2 * 3.0 ** 2))
+    return CTImage(hu.astype(np.float32), g), nodules
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory) -> tuple[Path, CTImage, list[np.ndarray]]:
+    ct, nodules = phantom_ct()
+    path = save_volume(ct, tmp_path_factory.mktemp("ct") / "chest.nrrd")
+    return path, load_ct(path), nodules
+
+
+def points_csv(path: Path, nodules: list[np.ndarray]) -> Path:
+    """First nodule in LPS, second in RAS, as Slicer users would write them."""
+    (a, b), b_ras = nodules, lps_to_ras(nodules[1])
+    path.write_text("nodule_id,x,y,z,coordinate_system,label\n"
+                    f"left,{a[0]},{a[1]},{a[2]},LPS,malignant\n"
+                    f"right,{b_ras[0]},{b_ras[1]},{b_ras[2]},RAS,0\n", encoding="utf-8")
+    return path
+
+
+def read_index(out: Path) -> list[dict]:
+    with open(out / "index.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_crop_multiview9_png_and_index(tmp_path, ct_file):
+    path, ct, nodules = ct_file
+    points = points_csv(tmp_path / "points.csv", nodules)
+    out = tmp_path / "out"
+    assert main(["crop", "--volume", str(path), "--points", str(points), "--out", str(out)]) == 0
+    rows = read_index(out)
+    assert [r["nodule_id"] for r in rows] == ["left", "right"] and [r["label"] for r in rows] == ["1", "0"]
+    np.testing.assert_allclose([[float(r[f"{a}_lps"]) for a in "xyz"] for r in rows], nodules, atol=1e-3)
+    assert rows[0]["source"].startswith("points-csv:points.csv") and rows[0]["study"] == "chest.nrrd"
+    expected = extract_patches(ct, np.array(nodules), PatchSpec(views="multiview9", fov_mm=50.0, pixels=64))
+    for row, patch in zip(rows, expected):
+        with Image.open(out / row["file"]) as png:
+            assert png.size == (192, 192) and png.mode == "L"
+            np.testing.assert_array_equal(np.asarray(png), montage(patch))
+    axial = np.asarray(Image.open(out / rows[0]["file"]))[:64, :64]
+    beside = np.r_[axial[30:34, 15:19].ravel(), axial[30:34, 45:49].ravel()]  # lung 12 mm left and right
+    assert axial[30:34, 30:34].mean() > beside.mean() + 80  # the nodule is brighter than the lung
+
+
+@pytest.mark.parametrize("pixels", [33, 32])
+def test_cube_nrrd_overlays_the_ct_at_the_nodule(tmp_path, ct_file, pixels):
+    path, ct, nodules = ct_file
+    points = points_csv(tmp_path / "points.csv", nodules)
+    out = tmp_path / "cubes"
+    assert main(["crop", "--volume", str(path), "--points", str(points), "--out", str(out),
+                 "--views", "cube", "--pixels", str(pixels), "--fov-mm", "24"]) == 0
+    rows = read_index(out)
+    assert all(r["file"].endswith(".nrrd") for r in rows)
+    for row, centre in zip(rows, nodules):
+        cube = sitk.ReadImage(str(out / row["file"]))
+        middle = [(pixels - 1) / 2] * 3
+        np.testing.assert_allclose(cube.TransformContinuousIndexToPhysicalPoint(middle), centre, atol=1e-4)
+        assert cube.GetSpacing() == pytest.approx((24 / pixels,) * 3)
+        values = sitk.GetArrayFromImage(cube)
+        # HU values: the CT resampled onto the cube's own grid by SimpleITK gives the same numbers
+        resampled = sitk.Resample(ct.to_sitk(), cube, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+        np.testing.assert_allclose(values, sitk.GetArrayFromImage(resampled), atol=0.05)
+        m = pixels // 2
+        assert values[m - 1:m + 1, m - 1:m + 1, m - 1:m + 1].mean() > -300  # the nodule, in HU
+        assert values[m - 1:m + 1, m - 1:m + 1, m - 1:m + 1].mean() > np.median(values) + 300
+
+
+def test_crop_real_entry_point_with_markups_and_npy(tmp_path, ct_file):
+    from MedLoRALib.annotations import write_markups
+    from MedLoRALib.nodule import Nodule
+
+    path, ct, nodules = ct_file
+    markups = write_markups([Nodule(tuple(c), nodule_id=f"n{i}") for i, c in enumerate(nodules)],
+                            tmp_path / "points.mrk.json", coordinate_system="RAS")
+    out = tmp_path / "npy"
+    result = subprocess.run([sys.executable, "-m", "MedLoRALib", "crop", "--volume", str(path), "--points",
+                             str(markups), "--out", str(out), "--views", "ortho3", "--pixels", "16",
+                             "--format", "npy", "--window", "-1200", "600"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 patch(es)" in result.stdout
+    rows = read_index(out)
+    patch = np.load(out / rows[1]["file"])
+    spec = PatchSpec(views="ortho3", fov_mm=50.0, pixels=16, window_hu=(-1200.0, 600.0))
+    np.testing.assert_array_equal(patch, extract_patches(ct, nodules[1][None], spec)[0])
+
+
+def test_folder_of_studies_with_luna16_csv(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    centres = {}
+    for uid, direction in (("1.2.840.1", np.eye(3)), ("1.2.840.2", OBLIQUE)):
+        ct, nodules = phantom_ct(direction)
+        save_volume(ct, studies / f"{uid}.nrrd")
+        centres[uid] = nodules
+    (studies / "notes.txt").write_text("not a study")
+    luna = tmp_path / "annotations.csv"
+    lines = ["seriesuid,coordX,coordY,coordZ,diameter_mm"]
+    lines += [f"{uid},{c[0]},{c[1]},{c[2]},6.0" for uid, cs in centres.items() for c in cs]
+    lines.append("9.9.9,0,0,0,5.0")  # a series not in the folder
+    luna.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["crop", "--volume", str(studies), "--points", str(luna), "--out", str(out),
+                 "--views", "axial", "--pixels", "24"]) == 0
+    rows = read_index(out)
+    assert [r["study"] for r in rows] == ["1.2.840.1.nrrd"] * 2 + ["1.2.840.2.nrrd"] * 2
+    assert len({r["file"] for r in rows}) == 4 and all((out / r["file"]).is_file() for r in rows)
+    np.testing.assert_allclose([[float(r[f"{a}_lps"]) for a in "xyz"] for r in rows],
+                               [c for cs in centres.values() for c in cs], atol=1e-3)
+
+
+# --- errors: exit code 2, a clear message, no traceback ------------------------------------------
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(["crop", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_point_outside_the_volume(tmp_path, ct_file, capsys):
+    path, _, nodules = ct_file
+    points = tmp_path / "p.csv"
+    points.write_text(f"x,y,z,coordinate_system,nodule_id\n{nodules[0][0]},{nodules[0][1]},{nodules[0][2]},LPS,ok\n"
+                      "0,0,900,LPS,far\n")
+    code, err = run_cli(capsys, "--volume", path, "--points", points, "--out", tmp_path / "o")
+    assert code == 2 and "#2 far at LPS (0.0, 0.0, 900.0) mm is outside the CT volume" in err
+    assert "Traceback" not in err and not (tmp_path / "o" / "index.csv").exists()
+
+
+def test_ras_point_given_as_lps_is_caught(tmp_path, capsys):
+    """With the patient off the scanner's x = y = 0 (as usual: table height), a RAS point read
+    as LPS lands outside the body; the message says so. (Centred on 0, a swap only moves the
+    point to the other lung, which no geometry check can notice.)"""
+    ct, nodules = phantom_ct(origin=(-60.0, -150.0, -36.0))
+    path = save_volume(ct, tmp_path / "offset.nrrd")
+    ras = lps_to_ras(nodules[0])
+    points = tmp_path / "p.csv"
+    points.write_text(f"x,y,z,coordinate_system\n{ras[0]},{ras[1]},{ras[2]},LPS\n")
+    code, err = run_cli(capsys, "--volume", path, "--points", points, "--out", tmp_path / "o")
+    assert code == 2 and "RAS and LPS are probably swapped" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"x,y,z,coordinate_system\n", "has a header but no rows"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not UTF-8"),
+])
+def test_empty_or_unreadable_points_file(tmp_path, ct_file, capsys, content, message):
+    points = tmp_path / "points.csv"
+    points.write_bytes(content)
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", tmp_path / "o")
+    assert code == 2 and message in err and "points.csv" in err and "Traceback" not in err
+
+
+def test_unreadable_volume_and_missing_files(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    broken = tmp_path / "broken.nrrd"
+    broken.write_bytes(b"NRRD0004\ntype: garbage\n\n")
+    code, err = run_cli(capsys, "--volume", broken, "--points", points, "--out", tmp_path / "o")
+    assert code == 2 and "broken.nrrd" in err and "Traceback" not in err
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", tmp_path / "nope.csv", "--out", tmp_path / "o")
+    assert code == 2 and "not found" in err and "nope.csv" in err
+
+
+def test_bad_option_combinations(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    common = ["--volume", ct_file[0], "--points", points, "--out", tmp_path / "o"]
+    code, err = run_cli(capsys, *common, "--views", "cube", "--format", "png")
+    assert code == 2 and "use nrrd or npy" in err
+    code, err = run_cli(capsys, *common, "--window", "400", "-1000")
+    assert code == 2 and "high > low" in err
+    code, err = run_cli(capsys, *common, "--min-readers", "2")
+    assert code == 2 and "LIDC XML reads only" in err
+
+
+def test_folder_of_studies_with_points_csv_images_and_a_broken_study(tmp_path, capsys):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    ct, nodules = phantom_ct()
+    save_volume(ct, studies / "a.nrrd")
+    (studies / "b.nrrd").write_bytes(b"NRRD0004\ntype: garbage\n\n")
+    points = tmp_path / "manifest.csv"
+    points.write_text("x,y,z,coordinate_system,image\n"
+                      + "".join(f"{c[0]},{c[1]},{c[2]},LPS,studies/a.nrrd\n" for c in nodules)
+                      + "1,2,3,LPS,studies/b.nrrd\n")
+    out = tmp_path / "out"
+    assert main(["crop", "--volume", str(studies), "--points", str(points), "--out", str(out)]) == 0
+    assert [r["study"] for r in read_index(out)] == ["a.nrrd", "a.nrrd"]
+    markups = tmp_path / "m.mrk.json"
+    from MedLoRALib.annotations import write_markups
+    from MedLoRALib.nodule import Nodule
+
+    write_markups([Nodule(tuple(nodules[0]))], markups)
+    code, err = run_cli(capsys, "--volume", studies, "--points", markups, "--out", out)
+    assert code == 2 and "does not say which study" in err
