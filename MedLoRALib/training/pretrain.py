@@ -5,8 +5,8 @@ makes LoRA vs full fine-tuning vs linear probe meaningless (there is nothing pre
 keep frozen). So the ``medlora_tiny`` architecture is pre-trained on a *different* task than
 malignancy: naming the anatomical structure at the centre of a synthetic chest CT patch —
 lung parenchyma, vessel, vessel bifurcation, airway, pleura/chest wall, or nodule. Nodules
-of every shape and density (smooth, lobulated, spiculated; solid, ground-glass,
-part-solid) are all just "nodule": the pretext labels never say anything about malignancy.
+of every shape and composition (smooth, lobulated, spiculated; solid, ground-glass,
+part-solid, calcified) are all just "nodule": the pretext labels never say anything about malignancy.
 
 Each patch is an analytic scene (soft-edged tubes, ellipsoids and half-spaces in
 millimetres, distractor vessels, smooth parenchyma variation) evaluated at the very
@@ -209,13 +209,17 @@ class _Scene:
         rel = self.points - centre
         dist = np.linalg.norm(rel, axis=1)
         sdf = dist - surface_radius(rel / np.maximum(dist, 1e-6)[:, None])
-        kind = rng.choice(["solid", "ground-glass", "part-solid"], p=[0.65, 0.15, 0.2])
+        kind = rng.choice(["solid", "ground-glass", "part-solid", "calcified"], p=[0.55, 0.15, 0.2, 0.1])
         solid = rng.uniform(-80.0, 80.0)
-        value = solid if kind == "solid" else rng.uniform(-720.0, -350.0)
+        value = rng.uniform(-720.0, -350.0) if kind in ("ground-glass", "part-solid") else solid
         _paint(self.hu, sdf, value, self.edge)
         if kind == "part-solid":
             core = rng.uniform(0.3, 0.7)
             _paint(self.hu, dist - core * surface_radius(rel / np.maximum(dist, 1e-6)[:, None]), solid, self.edge)
+        elif kind == "calcified":
+            offset = _random_unit(rng) * rng.uniform(0.0, 0.4) * radius
+            _paint(self.hu, np.linalg.norm(rel - offset, axis=1) - rng.uniform(0.15, 0.5) * radius,
+                   rng.uniform(350.0, 900.0), self.edge)
         for _ in range(rng.integers(0, 10) if rng.random() < 0.4 else 0):  # spicules
             unit = _random_unit(rng)
             base = float(surface_radius(unit[None])[0])
@@ -407,7 +411,7 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
             "what": "classify the structure at the centre of a synthetic chest CT patch (never malignancy)",
             "classes": list(STRUCTURES),
             "data": ("analytic synthetic CT scenes (soft-edged vessels, bifurcations, airways with companion "
-                     "arteries, pleura with fat and ribs, nodules of any shape and density, distractor vessels, "
+                     "arteries, pleura with fat and ribs, nodules of any shape and composition, distractor vessels, "
                      "parenchyma variation, correlated noise) sampled on randomly rotated planes with "
                      "MedLoRALib.patches; single grey planes and ortho3 RGB mixed"),
             "patch": {"fov_mm": config.fov_mm, "pixels": pixels, "window_hu": list(PatchSpec().window_hu),
