@@ -522,7 +522,8 @@ def save_volume(image: CTImage, path: str | os.PathLike, compress: bool = True) 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image.to_sitk(), tmp_name, compress)
+        # zlib level 1: about twice as fast as the default level, files ~15 % larger
+        sitk.WriteImage(image.to_sitk(), tmp_name, compress, 1 if compress else -1)
         os.replace(tmp_name, path)
     except RuntimeError as exc:
         raise MedLoRAError(f"cannot write {path}: {_sitk_message(exc)}") from exc
