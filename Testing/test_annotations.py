@@ -509,3 +509,16 @@ def test_validate_inside_hints_at_a_ras_lps_swap():
     with pytest.raises(AnnotationError, match="RAS and LPS are probably swapped"):
         validate_inside([mistaken], ct)
     validate_inside([Nodule(tuple(lung_lps))], ct)
+
+
+def test_validate_inside_accepts_every_real_lidc_nodule(lidc_0001, lidc_0003, ct_0001, ct_0003):
+    """No false alarms on real reads (the < 3 mm nodules included)."""
+    for folder, ct in ((lidc_0001, ct_0001), (lidc_0003, ct_0003)):
+        validate_inside(load_nodules(_xml(folder), image=ct, include_small=True), ct)
+
+
+def test_quoted_header_and_min_readers_validation(tmp_path, lidc_0001, ct_0001):
+    path = write_csv(tmp_path / "q.csv", '"x","y","z","coordinate_system"', ['1,2,3,"LPS"'])
+    assert detect_format(path) == "points" and load_nodules(path)[0].centre_lps == (1.0, 2.0, 3.0)
+    with pytest.raises(AnnotationError, match="min_readers must be at least 1"):
+        load_nodules(_xml(lidc_0001), image=ct_0001, min_readers=0)

@@ -8,6 +8,7 @@ Torch-free: numpy (and pydicom for DICOM slice identifiers) only.
 
 from __future__ import annotations
 
+import csv
 import inspect
 from pathlib import Path
 
@@ -44,12 +45,13 @@ def detect_format(path: str | Path) -> str:
         return "lidc"
     if head.startswith("{"):
         return "markups"
-    header = [normalise_column(c) for c in head.splitlines()[0].replace(";", ",").replace("\t", ",").split(",")]
+    first_line = head.splitlines()[0]
+    header = [normalise_column(c) for c in next(csv.reader([first_line.replace(";", ",").replace("\t", ",")]))]
     for fmt, matches in (("nlstx", is_nlstx_header), ("luna16", is_luna16_header), ("points", is_points_header)):
         if matches(header):
             return fmt
     raise AnnotationError(
-        f"cannot tell the format of {path}: its first line is {head.splitlines()[0][:120]!r}. Expected a "
+        f"cannot tell the format of {path}: its first line is {first_line[:120]!r}. Expected a "
         "LIDC XML, a Slicer .mrk.json, or a CSV with x,y,z,coordinate_system (points), "
         "seriesuid,coordX,coordY,coordZ (LUNA16) or NLSTx columns; or pass fmt=")
 
@@ -118,6 +120,9 @@ def validate_inside(nodules: list[Nodule], image: CTImage, check_body: bool = Tr
 
     A point given in RAS but read as LPS lands mirrored in x and y; the message says
     where each bad point would land if it was RAS and whether that is inside the patient.
+    Limitation: when the patient lies near the scanner's x = y = 0 (as in many chest CTs)
+    the mirrored point is still inside the body — often in the other lung — and no
+    geometric check can tell; only a coordinate system stated with the points can.
     """
     problems = []
     geometry = image.geometry

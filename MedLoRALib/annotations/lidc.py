@@ -311,6 +311,8 @@ def load_lidc_xml(path: str | Path, image: CTImage, *, min_readers: int = 1, inc
             folder the CT was loaded from when not given.
     """
     path = Path(path)
+    if not 1 <= int(min_readers):
+        raise AnnotationError(f"min_readers must be at least 1, got {min_readers}")
     if image is None:
         raise AnnotationError(f"{path}: LIDC XML outlines are in pixel coordinates; pass the CT "
                               "series they were drawn on (image=...) to place them")

@@ -3,8 +3,9 @@
 Columns: ``x, y, z`` (mm) and ``coordinate_system`` (``LPS`` or ``RAS``, per row — a
 missing or unknown system is an error naming the row, never a guess); optional
 ``nodule_id, label (0/1 or benign/malignant), malignancy (1–5), diameter_mm,
-patient_id, image``. ``image`` (relative to the CSV's folder, or absolute) ties a row
-to a CT; given a CT, only rows naming that CT, or naming none, are returned.
+patient_id, image``, and ``series_uid`` (the DICOM series the point was placed on).
+``image`` (relative to the CSV's folder, or absolute) ties a row to a CT; given a CT, only
+rows naming that CT, or naming none, are returned.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fov-mm", type=float, default=50.0, help="patch edge in mm (default 50)")
     parser.add_argument("--pixels", type=int, default=64, help="samples along each edge (default 64)")
     parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 400.0), metavar=("LOW", "HIGH"),
-                        help="HU window mapped to 0–1 / 0–255 for 2D outputs (default -1000 400)")
+                        help="HU window mapped to 0–255 in PNG and 0–1 in .npy (default -1000 400); "
+                             "cube NRRD files keep HU")
     parser.add_argument("--format", choices=("png", "npy", "nrrd"),
                         help="png or npy for 2D view sets (default png); nrrd or npy for cube (default nrrd)")
     parser.add_argument("--points-format", choices=("lidc", "luna16", "nlstx", "markups", "points"),
