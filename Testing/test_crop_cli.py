@@ -230,3 +230,11 @@ def test_folder_of_studies_with_points_csv_images_and_a_broken_study(tmp_path, c
     write_markups([Nodule(tuple(nodules[0]))], markups)
     code, err = run_cli(capsys, "--volume", studies, "--points", markups, "--out", out)
     assert code == 2 and "does not say which study" in err
+
+
+def test_crop_and_annotations_stay_torch_free():
+    code = ("import sys, MedLoRALib.annotations, MedLoRALib.cli.crop, MedLoRALib.patches; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'peft')]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
