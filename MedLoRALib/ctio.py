@@ -166,9 +166,12 @@ def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS, force=not certainly_dicom)
         if "SeriesInstanceUID" not in ds or "SOPClassUID" not in ds:
-            if certainly_dicom:
+            if not certainly_dicom:
+                return None
+            if "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):
                 return ds, None  # a DICOM object that is not an image (DICOMDIR, ...)
-            return None
+            raise CTLoadError(f"{shown_name} is a corrupt DICOM file (no readable header elements). Remove it "
+                              "from the folder or replace it with an intact copy.")
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if rows == 0 or columns == 0:
             return ds, None  # SR, RTSTRUCT, presentation states ...: no pixels
