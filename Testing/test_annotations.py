@@ -268,8 +268,10 @@ def test_luna16_world_coordinates_are_lps_and_filter_by_series(tmp_path):
 def test_luna16_candidates_class_column(tmp_path):
     path = write_csv(tmp_path / "candidates.csv", "seriesuid,coordX,coordY,coordZ,class",
                      ["1.2.3,1,2,3,0", "1.2.3,4,5,6,1"])
-    assert [n.label for n in load_nodules(path)] == [0, 1]
-    assert load_nodules(path)[0].source.startswith("luna16-candidates:")
+    # class is "is a nodule", not malignancy: non-nodules are dropped and nothing gets a label
+    (nodule,) = load_nodules(path)
+    assert nodule.centre_lps == (4.0, 5.0, 6.0) and nodule.label is None
+    assert nodule.source.startswith("luna16-candidates:")
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -2,9 +2,9 @@
 ``candidates.csv`` / ``candidates_V2.csv`` (seriesuid, coordX, coordY, coordZ, class).
 
 LUNA16 coordinates are ITK world coordinates of the ``.mhd`` images, i.e. LPS mm, so
-they are used unchanged. Beware what ``class`` means: 1 is "this candidate is a
-nodule", 0 "not a nodule" (the detection task) — it is copied to ``Nodule.label``
-only because it is the file's only label; it is not a malignancy label.
+they are used unchanged. In candidates files ``class`` means "is a nodule" (1) or "is not"
+(0) — the detection task, not malignancy — so class-0 rows are skipped and no row gets a
+malignancy label (``Nodule.label`` stays ``None``).
 """
 
 from __future__ import annotations
@@ -63,14 +63,15 @@ def load_luna16_csv(path: str | Path, image: CTImage | None = None, *,
             raise AnnotationError(f"{path} line {row.line}: seriesuid is empty")
         if wanted is not None and uid != wanted:
             continue
-        per_series[uid] = per_series.get(uid, 0) + 1
         try:
-            label = parse_label(row.get("class")) if "class" in header else None
+            if "class" in header and parse_label(row.get("class")) == 0:
+                continue  # a detection candidate that is not a nodule
         except ValueError as exc:
             raise AnnotationError(f"{path} line {row.line}: class: {exc}") from None
+        per_series[uid] = per_series.get(uid, 0) + 1
         nodules.append(Nodule(
             centre_lps=tuple(parse_float(row, c, path) for c in ("coordx", "coordy", "coordz")),
             nodule_id=f"{uid}/n{per_series[uid]}", case_id=uid, series_uid=uid,
             diameter_mm=parse_float(row, "diameter_mm", path, required=False) if "diameter_mm" in header else None,
-            label=label, source=f"{kind}:{path.name}:{row.line}"))
+            source=f"{kind}:{path.name}:{row.line}"))
     return nodules
