@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test clean
+.PHONY: demo test clean system-deps
 
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,15 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/medlora demo --out demo-output
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Xvfb lets Slicer's displayable managers render slice views headless (VTK falls back
+# to its own off-screen rendering without it). Installed only where we may: as root.
+system-deps:
+	@command -v Xvfb >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq xvfb >/dev/null) \
+	  || echo "note: Xvfb not installed; slice-view rendering uses VTK's off-screen fallback"; }
 
 clean:
 	rm -rf $(VENV) demo-output
