@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             problems.append(str(exc))
     summary = data.summary()
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems, "excluded": data.excluded, **summary}, indent=1))
+        print(json.dumps({**summary, "ok": not problems, "problems": problems, "excluded": data.excluded}, indent=1))
     if problems:
         print(format_problems(args.manifest, problems), file=sys.stderr)
         return 2

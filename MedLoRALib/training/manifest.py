@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError, MedLoRAError
+from ..errors import AnnotationError, DatasetError, MedLoRAError
 from ..geometry import Geometry, to_lps
 from ..image import CTImage
 
@@ -284,8 +284,9 @@ def load_training_set(path: str | Path, *, keep_images: bool = True,
                                             row.nodule_id or f"{row.row}", row.row, row.diameter_mm))
             else:
                 image_samples.extend(_samples_from_annotations(row, key, image, load_nodules, problems, excluded))
-        problems.extend(_outside_problems(image_samples, image.geometry, first.image))
-        samples.extend(s for s in image_samples if image.geometry.contains_lps(np.array(s.centre_lps))[0])
+        usable, location_problems = _location_problems(image_samples, image, first.image)
+        problems.extend(location_problems)
+        samples.extend(usable)
         if keep_images:
             images[key] = crop_to_reach(image, [s.centre_lps for s in image_samples], reach_mm) if reach_mm else image
     problems.extend(_duplicate_problems(samples))
@@ -351,18 +352,20 @@ def _unlabelled_reason(nodule) -> str:
     return "the annotations give no malignancy label"
 
 
-def _outside_problems(samples: list[Sample], geometry: Geometry, image_path: Path) -> list[str]:
-    if not samples:
-        return []
-    centres = np.array([s.centre_lps for s in samples])
-    inside = geometry.contains_lps(centres)
-    if inside.all():
-        return []
-    lo, hi = geometry.extent_lps
-    span = f"x {lo[0]:.1f}…{hi[0]:.1f}, y {lo[1]:.1f}…{hi[1]:.1f}, z {lo[2]:.1f}…{hi[2]:.1f}"
-    return [f"{s.row}: point LPS ({c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}) mm lies outside image {image_path} "
-            f"(LPS {span} mm); check coordinate_system (RAS read as LPS flips x and y) and that the "
-            "point belongs to this series" for s, c, ok in zip(samples, centres, inside) if not ok]
+def _location_problems(samples: list[Sample], image: CTImage, image_path: Path) -> tuple[list[Sample], list[str]]:
+    """Split samples into usable ones and messages for points outside the CT or in the air
+    outside the patient (the importers' check, which also spots swapped RAS/LPS)."""
+    from ..annotations import validate_inside
+    from ..nodule import Nodule
+
+    usable, problems = [], []
+    for s in samples:
+        try:
+            validate_inside([Nodule(centre_lps=s.centre_lps, nodule_id=s.nodule_id)], image)
+            usable.append(s)
+        except AnnotationError as exc:
+            problems.append(f"{s.row} (image {image_path}): {exc}")
+    return usable, problems
 
 
 def _duplicate_problems(samples: list[Sample]) -> list[str]:
