@@ -368,11 +368,12 @@ def _stack_geometry(info: SeriesInfo) -> tuple[list[DicomSlice], Geometry]:
 # Pixels
 # --------------------------------------------------------------------------------------------
 def compact_hu(voxels: np.ndarray) -> np.ndarray:
-    """int16 when every value is an integer that fits, else float32 (exact for integers below 2**24)."""
-    if voxels.dtype == np.int16:
-        return voxels
-    if voxels.size == 0:
-        return voxels.astype(np.int16)
+    """A new int16 array when every value is an integer that fits, else float32 (exact below 2**24).
+
+    Always returns a fresh array, so ``voxels`` may be a view into a SimpleITK image's buffer.
+    """
+    if voxels.dtype == np.int16 or voxels.size == 0:
+        return np.array(voxels, dtype=np.int16)
     lo, hi = voxels.min(), voxels.max()
     fits = -32768 <= lo and hi <= 32767
     if np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_:
@@ -407,7 +408,7 @@ def _read_dicom_pixels(slices: list[DicomSlice], info: SeriesInfo, folder: Path)
                           f"({_sitk_message(exc)}). Replace it with an intact copy.") from exc
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTLoadError(f"{info.describe()} holds colour images, not CT Hounsfield units.")
-    return compact_hu(sitk.GetArrayFromImage(image))
+    return compact_hu(sitk.GetArrayViewFromImage(image))
 
 
 def _find_unreadable(slices: list[DicomSlice]) -> Path | None:
@@ -460,7 +461,7 @@ def ct_from_sitk(image: sitk.Image, ids: StudyIds | None = None, source: str = "
         geometry = Geometry.from_sitk(image)
     except ValueError as exc:
         raise CTLoadError(f"{name} has an invalid grid: {exc}.") from exc
-    return CTImage(voxels_hu=compact_hu(sitk.GetArrayFromImage(image)), geometry=geometry,
+    return CTImage(voxels_hu=compact_hu(sitk.GetArrayViewFromImage(image)), geometry=geometry,
                    ids=ids or StudyIds(), source=source)
 
 
