@@ -380,18 +380,17 @@ class NoduleShape:
         for start, end, r0, r1 in self.spicules:
             reach = 0.5 * float(np.linalg.norm(end - start)) + r0 + 0.5
             near = np.flatnonzero(np.linalg.norm(local - 0.5 * (start + end), axis=-1) <= reach)
-            d, t = _segment_distance(local.reshape(-1, 3)[near] if local.ndim > 2 else local[near], start, end)
+            d, t = _segment_distance(local.reshape(-1, 3)[near], start, end)
             flat = occupied.reshape(-1)
             flat[near] = np.maximum(flat[near], self._ramp(r0 + (r1 - r0) * t - d, 0.5))
         return occupied, self._core(local, dist, outline) * occupied
 
-    def _core(self, local: np.ndarray, dist: np.ndarray, outline: np.ndarray, size: float | None = None) -> np.ndarray:
-        size = self.core_size if size is None else size
-        if self.kind == "calcified":
+    def _core(self, local: np.ndarray, dist: np.ndarray, outline: np.ndarray) -> np.ndarray:
+        if self.kind == "calcified":  # one central or several popcorn blobs
             distances = np.linalg.norm(local[..., None, :] - self.core_centres, axis=-1).min(axis=-1)
-            return self._ramp(size - distances, 0.4)
-        if self.kind == "part-solid":
-            return self._ramp(size * outline - dist, self.edge_mm)
+            return self._ramp(self.core_size - distances, 0.4)
+        if self.kind == "part-solid":  # the outline shrunk: an irregular solid core
+            return self._ramp(self.core_size * outline - dist, self.edge_mm)
         return np.zeros_like(dist)
 
     def density(self, core: np.ndarray) -> np.ndarray:
