@@ -301,17 +301,19 @@ class Trainer:
             if cfg.overwrite and self.ctx.is_main:
                 shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
             self._barrier()
+        spec = self._spec_for_backbone()
+        if self.data is None:  # every data problem is reported before a model is built
+            self.data = check_training_set(cfg.manifest, reach_mm=patch_reach_mm(spec, cfg.augment))
+        self.labels = self.data.labels
+        self._stages({})  # refuses impossible splits now, not after loading the backbone
         torch.manual_seed(cfg.seed)
-        self.model, self.info = build_model(cfg.backbone, patch_spec=self._spec_for_backbone(),
+        self.model, self.info = build_model(cfg.backbone, patch_spec=spec,
                                             mode=cfg.mode, lora=cfg.lora if cfg.mode == "lora" else None,
                                             weights=cfg.weights, allow_random_init=cfg.random_init)
         self.spec = self.model.patch_spec
         self.model.to(self.ctx.device)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.initial = self._snapshot()
-        if self.data is None:
-            self.data = check_training_set(cfg.manifest, reach_mm=patch_reach_mm(self.spec, cfg.augment))
-        self.labels = self.data.labels
         self.identity = jsonable({**cfg.identity(), "patch_spec": self.spec.to_dict(), "world_size": self.ctx.world,
                                   "backbone_identity": self.info.identity, "data": _data_fingerprint(self.data),
                                   "frozen": _frozen_fingerprint(self.model, self.trainable)})
@@ -503,7 +505,8 @@ class Trainer:
                 global_step = epoch * steps_per_epoch + step_index + 1
                 if global_step % cfg.progress_every == 0:
                     now = time.monotonic()
-                    self.reporter.emit("step", stage=stage.name, epoch=epoch + 1, step=step_index + 1,
+                    self.reporter.emit("step", stage=stage.name, epoch=epoch + 1, epochs=stage.epochs,
+                                       step=step_index + 1, steps_per_epoch=steps_per_epoch,
                                        global_step=global_step, total_steps=total_steps, loss=step_loss,
                                        lr=scheduler.get_last_lr()[0],
                                        images_per_s=window_images / max(now - window_start, 1e-9))
@@ -609,10 +612,13 @@ class Trainer:
             metrics["fold_auc_mean"] = float(np.mean([f["auc"] for f in per_fold]))
             metrics["fold_auc_std"] = float(np.std([f["auc"] for f in per_fold]))
         training = self._training_summary(progress)
+        predictions = [{"nodule_id": self.data.samples[i].nodule_id, "patient_id": self.data.samples[i].patient_id,
+                        "row": self.data.samples[i].row, "label": int(self.labels[i]), "logit": float(z),
+                        "probability": float(M.sigmoid(z / overall.temperature))} for i, z in zip(indices, logits)]
         adapter = None
         if self.ctx.is_main:
             adapter = write_adapter(self.model, cfg, self.info, self.spec, overall, metrics, training,
-                                    progress["history"], labels, logits)
+                                    progress["history"], labels, logits, predictions)
             if not cfg.keep_checkpoint:
                 shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
         self._barrier()
@@ -690,7 +696,8 @@ def _check_identity(saved: dict, current: dict, directory: Path) -> None:
 
 
 def write_adapter(model, cfg: TrainConfig, info, spec: PatchSpec, overall: M.Metrics, metrics: dict,
-                  training: dict, history: dict, labels: np.ndarray, logits: np.ndarray) -> Path:
+                  training: dict, history: dict, labels: np.ndarray, logits: np.ndarray,
+                  predictions: list[dict]) -> Path:
     """Save adapter + reports in a staging folder, then move it into place in one rename.
 
     A run killed before the rename leaves only a hidden staging folder; ``out`` is either
@@ -711,7 +718,8 @@ def write_adapter(model, cfg: TrainConfig, info, spec: PatchSpec, overall: M.Met
         metrics=jsonable(metrics))
     try:
         save_adapter(model, manifest, staging)
-        write_json_atomic(staging / "metrics.json", {"metrics": metrics, "history": history, "training": training})
+        write_json_atomic(staging / "metrics.json", {"metrics": metrics, "history": history, "training": training,
+                                                     "validation_predictions": predictions})
         plot_roc(staging / "roc.png", labels, logits, overall)
         plot_calibration(staging / "calibration.png", labels, logits, overall.temperature)
         plot_training_curves(staging / "training_curves.png", history)
