@@ -4,10 +4,6 @@ For one synthetic 512×512×300 CT (0.7×0.7×1.25 mm, optionally oblique) and N
 centres, times
 
 * ``extract``: ``extract_patches`` (every sample interpolated once from the original grid);
-* ``blockwise`` (a candidate for ``patches.py``, not used by the package): the same single
-  interpolation, but the sample offsets are mapped to voxel indices once per spec and each
-  nodule interpolates from a contiguous copy of just the voxels its samples touch (cache
-  friendly); its output is checked to equal ``extract_patches``;
 * ``resample_then_crop``: the common pipeline — SimpleITK resamples the whole volume to
   1 mm isotropic, then for each nodule a 50 mm cube is sliced out of the 1 mm array and
   the planes are interpolated from that cube (a second interpolation).
@@ -51,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from MedLoRALib.geometry import Geometry
     from MedLoRALib.image import AIR_HU, CTImage
-    from MedLoRALib.patches import PatchSpec, _offsets, extract_patches, normalise, sample_points_lps
+    from MedLoRALib.patches import PatchSpec, extract_patches, sample_points_lps
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     rng = np.random.default_rng(0)
@@ -118,28 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             out.append(values.reshape(spec.shape))
         return np.stack(out)
 
-    def blockwise(spec: PatchSpec) -> np.ndarray:
-        """One interpolation per sample from a per-nodule contiguous block of the original grid."""
-        g = ct.geometry
-        offsets_kji = np.ascontiguousarray(((_offsets(spec).reshape(-1, 3) @ g.direction)
-                                            / np.asarray(g.spacing))[:, ::-1].T)
-        low, high = offsets_kji.min(axis=1), offsets_kji.max(axis=1)
-        shape = np.asarray(ct.voxels_hu.shape)
-        out = np.empty((len(centres), offsets_kji.shape[1]), dtype=np.float32)
-        for n, centre in enumerate(centres):
-            centre_kji = g.lps_to_ijk(centre)[::-1]
-            start = np.maximum(np.floor(centre_kji + low).astype(int), 0)
-            stop = np.minimum(np.floor(centre_kji + high).astype(int) + 2, shape)
-            block = np.ascontiguousarray(ct.voxels_hu[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]])
-            ndimage.map_coordinates(block, offsets_kji + (centre_kji - start)[:, None], order=1, mode="constant",
-                                    cval=AIR_HU, prefilter=False, output=out[n])
-        return normalise(out.reshape((len(centres),) + spec.shape), spec)
-
     results = {}
     for name, spec in specs.items():
-        extract_s, ours = median_time(lambda: extract_patches(ct, centres, spec), label=f"{name}_extract")
+        extract_s, _ = median_time(lambda: extract_patches(ct, centres, spec), label=f"{name}_extract")
         crop_s, theirs = median_time(lambda: crop_from_iso(spec), label=f"{name}_crop_from_1mm")
-        blockwise_s, candidate = median_time(lambda: blockwise(spec), label=f"{name}_blockwise")
         raw = PatchSpec(views=spec.views, fov_mm=spec.fov_mm, pixels=spec.pixels, window_hu=None,
                         normalisation="none")
         one_nodule_s, _ = median_time(lambda: extract_patches(ct, centres[:1], spec), repeats=max(5, args.repeats))
@@ -149,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_nodule": int(np.prod(spec.shape)),
             "extract_ms_per_nodule": 1000 * extract_s / n,
             "extract_ms_single_nodule": 1000 * one_nodule_s,
-            "blockwise_candidate_ms_per_nodule": 1000 * blockwise_s / n,
-            "blockwise_candidate_speedup_vs_extract": extract_s / blockwise_s,
-            "blockwise_candidate_max_abs_difference": float(np.abs(candidate - ours).max()),
             "resample_then_crop": {
                 "resample_s_per_study": resample_s,
                 "crop_ms_per_nodule": 1000 * crop_s / n,
