@@ -185,6 +185,8 @@ class ScoringEngine:
     def _remove_lora(backbone: _Backbone, lora_name: str) -> None:
         """Delete one LoRA adapter; with the last one, unwrap the backbone entirely."""
         if len(backbone.peft.peft_config) > 1:
+            if lora_name in backbone.peft.active_adapters:  # activate another first: peft warns otherwise
+                backbone.peft.set_adapter(next(n for n in backbone.peft.peft_config if n != lora_name))
             backbone.peft.delete_adapter(lora_name)
         else:
             backbone.peft.unload()  # restores the plain layers in place (same ViT object)
@@ -250,7 +252,8 @@ class ScoringEngine:
                 f"{spec.fov_mm:g} mm. Cut them with the adapter's patch_spec.")
         if not np.isfinite(array).all():
             raise PatchError("patches contain NaN or infinite values")
-        return np.ascontiguousarray(array, dtype=np.float32)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        return array if array.flags.writeable else array.copy()  # torch wants writable memory
 
     def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool) -> torch.Tensor:
         """(B, views) logits, averaged over the TTA variants."""

@@ -17,7 +17,7 @@ from MedLoRALib.models import LoraSpec, build_model, create_backbone
 from MedLoRALib.nodule import Nodule
 from MedLoRALib.patches import PatchSpec, extract_patches
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # a busy 2-core CI machine: more threads only contend
 SPEC = PatchSpec(views="multiview9", pixels=64)
 PATCHES = np.random.default_rng(0).random((3, 9, 64, 64), dtype=np.float32)
 SMALL = PatchSpec(views="ortho3", pixels=32)  # fast: one 32 px image per nodule

@@ -14,7 +14,7 @@ from MedLoRALib.models.backbones import get_backbone_config, list_backbones
 from MedLoRALib.models.lora import SplitQKV, target_module_names
 from MedLoRALib.patches import PatchSpec
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # a busy 2-core CI machine: more threads only contend
 SPEC9 = PatchSpec(views="multiview9", pixels=64)
 TINY = get_backbone_config("medlora_tiny")
 TINY_DEPTH = TINY.timm_kwargs["depth"]
