@@ -1,0 +1,433 @@
+"""LoRA vs full fine-tuning vs linear probe on the synthetic cohort: cost and AUC side by side.
+
+The papers' comparison (Veasey & Amini 2025: LoRA needs 36.5% less training time than full
+fine-tuning; MeLo / MED-PEFT: a fraction of a percent of the parameters) on one backbone —
+the tiny ViT pre-trained on synthetic CT (``training/pretrain.py``), adapted to malignancy —
+with one budget: the same pre-cut augmented patches in the same order, epochs, batch size,
+warm-up + cosine AdamW and class weighting as ``medlora train`` (each mode at the trainer's
+default learning rate). Variants:
+
+* ``lora_qv`` (split qkv, q and v: MeLo / MED-PEFT; LoRA dropout 0.1 as MED-PEFT),
+  ``lora_qv_nodrop`` (the same without LoRA dropout) and ``lora_all`` (qkv, proj, fc1, fc2);
+* ``lora_qv_last{N}``: LoRA on the last N blocks only; the frozen lower blocks run under
+  ``torch.no_grad()``, so no backward pass goes below them;
+* ``full`` fine-tuning and ``linear`` probe (head only, patches through the frozen backbone
+  every epoch); ``linear_cached``: the probe trained on features the frozen backbone computed
+  once (unaugmented patches), its feature pass counted in its time;
+* ``lora_qv_random``: LoRA on a *randomly initialised* backbone — what the pre-training is worth.
+
+Per variant: trainable parameters, training time per epoch (wall and process CPU, the loop
+only; variants are interleaved epoch by epoch so machine load hits all alike), peak memory
+of a training step (peak RSS of a separate process over its RSS before the step; the
+benchmark runs on the CPU), and validation ROC AUC with a bootstrap 95% interval at the last
+epoch (no early stopping: same budget) and at the best epoch — beside the shortcut baseline
+(logistic regression on diameter and mean HU) on the same validation nodules.
+
+A second part times one training step of DINOv2 ViT-S/14 at 112 px, batch 16 (random init):
+full fine-tuning vs peft LoRA r=8 on every block's fused qkv, on the last 6/4/2 blocks, and
+the faithful split-qkv q/v form (DESIGN.md's step-time table).
+
+    HF_HUB_OFFLINE=1 python benchmarks/lora_vs_full.py [--cases 40] [--epochs 8] [--threads 2]
+        [--variants lora_qv,full,...] [--no-memory] [--no-vits] [--out results.json]
+
+Prints one JSON object (and writes it to ``--out`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONE = "medlora_tiny"
+ALL_VARIANTS = ("lora_qv", "lora_qv_nodrop", "lora_all", "lora_qv_last2", "lora_qv_last3", "lora_qv_last4", "full", "linear",
+                "linear_cached", "lora_qv_random")
+VITS_VARIANTS = ("full", "lora_qkv_all", "lora_qkv_last6", "lora_qkv_last4", "lora_qkv_last2", "lora_qv_all")
+
+
+def _set_threads(threads: int) -> None:
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ≥ 4.0); False if not allowed.
+
+    ``ru_maxrss`` cannot be used: a child started by fork + exec inherits the parent's peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def build_variant(name: str, spec, weights: Path | None):
+    """(model, mode) for a variant name; the head is seeded identically for every variant."""
+    import torch
+
+    from MedLoRALib.models import LoraSpec, build_model
+
+    torch.manual_seed(0)
+    if name.startswith("lora"):
+        targets = "all" if name == "lora_all" else "qv"
+        last = int(name.split("_last")[1]) if "_last" in name else None
+        random_init = name.endswith("_random")
+        dropout = 0.0 if name.endswith("_nodrop") else 0.1
+        model, _ = build_model(BACKBONE, patch_spec=spec, mode="lora",
+                               lora=LoraSpec(targets=targets, last_n_blocks=last, dropout=dropout),
+                               weights=None if random_init else weights, allow_random_init=random_init,
+                               pretrained=not random_init)
+        return model, "lora"
+    mode = "linear" if name.startswith("linear") else "full"
+    model, _ = build_model(BACKBONE, patch_spec=spec, mode=mode, weights=weights)
+    return model, mode
+
+
+class Run:
+    """One variant's training state: model, optimizer, schedule, timings and validation history."""
+
+    def __init__(self, name: str, spec, weights: Path | None, steps_per_epoch: int, epochs: int, pos_weight: float):
+        import torch
+
+        from MedLoRALib.models import trainable_parameter_count
+        from MedLoRALib.training.trainer import DEFAULT_LR, warmup_cosine
+
+        self.name = name
+        self.model, self.mode = build_variant(name, spec, weights)
+        self.cached = name == "linear_cached"
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]
+        self.lr = DEFAULT_LR[self.mode]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps_per_epoch * epochs, 0.1))
+        self.criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+        self.parameters = trainable_parameter_count(self.model)
+        self.epoch_wall: list[float] = []
+        self.epoch_cpu: list[float] = []
+        self.val_aucs: list[float] = []
+        self.val_logits: list = []
+        self.setup_wall = 0.0
+        self.setup_cpu = 0.0
+        self.features = None
+
+    def logits(self, batch, train: bool):
+        """Fused logits; ``linear_cached`` reads precomputed features instead of patches."""
+        if not self.cached:
+            self.model.train(train)
+            return self.model(batch)
+        b, v, _ = batch.shape
+        return self.model.head(batch.reshape(b * v, -1)).reshape(b, v).mean(dim=1)
+
+    def cache_features(self, patches) -> None:
+        """Features of (N, views, P, P) patches through the frozen backbone, once (counted as setup)."""
+        import torch
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.model.eval()
+        with torch.no_grad():
+            chunks = [self.model.features(self.model._images(patches[i:i + 32]))
+                      for i in range(0, len(patches), 32)]
+        views = self.model.views
+        self.features = torch.cat(chunks).reshape(len(patches), views, -1)
+        self.setup_wall += time.perf_counter() - wall
+        self.setup_cpu += time.process_time() - cpu
+
+    def train_epoch(self, batches) -> None:
+        import torch
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        for step, (inputs, labels) in enumerate(batches):
+            torch.manual_seed(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.criterion(self.logits(inputs, train=True), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.epoch_wall.append(time.perf_counter() - wall)
+        self.epoch_cpu.append(time.process_time() - cpu)
+
+    def validate(self, patches, labels) -> None:
+        import numpy as np
+        import torch
+
+        from MedLoRALib.training.metrics import roc_auc
+
+        self.model.eval()
+        with torch.no_grad():
+            logits = torch.cat([self.model(patches[i:i + 32]) for i in range(0, len(patches), 32)]).numpy()
+        self.val_logits.append(logits.astype(np.float64))
+        self.val_aucs.append(roc_auc(labels, logits))
+
+
+# --- memory probe (a separate process per variant) ------------------------------------------------
+
+
+def memory_probe(name: str, batch_size: int, weights: Path | None, steps: int) -> dict:
+    """Peak RSS of ``steps`` training steps over the RSS before them, in this fresh process."""
+    import torch
+
+    from MedLoRALib.patches import PatchSpec
+
+    spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
+    run = Run(name, spec, weights, steps, 1, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.rand((batch_size, *spec.shape), generator=generator)
+    labels = (torch.arange(batch_size) % 2).float()
+    reset = _reset_peak_rss()
+    before = _status_mb("VmRSS")
+    if run.cached:
+        run.cache_features(patches)
+        inputs = run.features
+    else:
+        inputs = patches
+    run.train_epoch([(inputs, labels)] * steps)
+    peak = _status_mb("VmHWM")
+    return {"rss_before_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
+            "peak_delta_mb": round(peak - before, 1) if reset else None,
+            "peak_measured_over": "the training steps" if reset else "the whole probe process"}
+
+
+def probe_in_subprocess(name: str, args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--batch-size",
+               str(args.batch_size), "--threads", str(args.threads), "--probe-steps", str(args.probe_steps)]
+    if args.weights:
+        command += ["--weights", str(args.weights)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- ViT-S/14 step timing -------------------------------------------------------------------------
+
+
+def vits_step_times(rounds: int, batch_size: int) -> dict:
+    """Median seconds of one training step per variant, variants interleaved round by round."""
+    import numpy as np
+    import torch
+
+    from MedLoRALib.models import LoraSpec, build_model, trainable_parameter_count
+    from MedLoRALib.patches import PatchSpec
+
+    spec = PatchSpec(views="axial", fov_mm=50.0, pixels=112)
+    lora = {"lora_qkv_all": LoraSpec(targets="qkv"), "lora_qkv_last6": LoraSpec(targets="qkv", last_n_blocks=6),
+            "lora_qkv_last4": LoraSpec(targets="qkv", last_n_blocks=4),
+            "lora_qkv_last2": LoraSpec(targets="qkv", last_n_blocks=2), "lora_qv_all": LoraSpec(targets="qv")}
+    models, optimizers, counts = {}, {}, {}
+    for name in VITS_VARIANTS:
+        torch.manual_seed(0)
+        model, _ = build_model("dinov2_vits14", patch_spec=spec, mode="full" if name == "full" else "lora",
+                               lora=lora.get(name), allow_random_init=True, pretrained=False)
+        model.train()
+        models[name] = model
+        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        counts[name] = trainable_parameter_count(model)
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.rand((batch_size, *spec.shape), generator=generator)
+    labels = (torch.arange(batch_size) % 2).float()
+    criterion = torch.nn.BCEWithLogitsLoss()
+    times: dict[str, list[float]] = {name: [] for name in VITS_VARIANTS}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name in VITS_VARIANTS:
+            start = time.perf_counter()
+            optimizers[name].zero_grad(set_to_none=True)
+            criterion(models[name](patches), labels).backward()
+            optimizers[name].step()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    full = float(np.median(times["full"]))
+    return {"backbone": "dinov2_vits14 (random init)", "pixels": 112, "batch_images": batch_size, "rounds": rounds,
+            "variants": {name: {"step_s": round(float(np.median(t)), 4),
+                                "relative_to_full": round(float(np.median(t)) / full, 3),
+                                "trainable_parameters": counts[name][0]} for name, t in times.items()},
+            "design_md_claim": {"lora_qkv_all": 0.69, "lora_qkv_last6": 0.52, "lora_qkv_last4": 0.46,
+                                "lora_qkv_last2": 0.37}}
+
+
+# --- the comparison -------------------------------------------------------------------------------
+
+
+def cohort(cases: int, seed: int, folder: Path | None) -> Path:
+    from MedLoRALib.phantom import write_cohort
+
+    folder = folder or Path(tempfile.gettempdir()) / f"medlora-bench-cohort-{cases}-{seed}"
+    manifest = folder / "manifest.csv"
+    return manifest if manifest.is_file() else write_cohort(folder, cases, seed)
+
+
+def compare(args) -> dict:
+    import numpy as np
+    import torch
+
+    from MedLoRALib.demo import shortcut_probabilities, training_shortcut_features
+    from MedLoRALib.patches import PatchSpec
+    from MedLoRALib.training.augment import AugmentConfig, cut_patch, patch_reach_mm, sample_rng
+    from MedLoRALib.training.manifest import check_training_set
+    from MedLoRALib.training.metrics import bootstrap_auc_ci, roc_auc
+    from MedLoRALib.training.splits import holdout_split
+
+    spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
+    augment = AugmentConfig()
+    started = time.perf_counter()
+    manifest = cohort(args.cases, args.seed, args.cohort_dir)
+    data = check_training_set(manifest, reach_mm=patch_reach_mm(spec, augment))
+    labels = data.labels
+    split = holdout_split(data.patient_ids, labels, 0.25, args.seed)
+    cohort_s = time.perf_counter() - started
+
+    def cut(index: int, epoch: int | None) -> np.ndarray:
+        sample = data.samples[index]
+        rng = sample_rng(args.seed, epoch, index) if epoch is not None else None
+        return cut_patch(data.images[sample.image_key], sample.centre_lps, spec, augment if rng else None, rng)
+
+    started = time.perf_counter()
+    val_patches = torch.from_numpy(np.stack([cut(i, None) for i in split.val]))
+    val_labels = labels[split.val]
+    plain_train = torch.from_numpy(np.stack([cut(i, None) for i in split.train]))
+    epochs = []
+    for epoch in range(args.epochs):  # every variant sees the same augmented patches in the same order
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(split.train))
+        patches = torch.from_numpy(np.stack([cut(int(split.train[i]), epoch) for i in order]))
+        targets = torch.from_numpy(labels[split.train][order].astype(np.float32))
+        epochs.append((order, patches, targets))
+    cutting_s = time.perf_counter() - started
+
+    pos_weight = float((labels[split.train] == 0).sum() / max(1, labels[split.train].sum()))
+    steps_per_epoch = -(-len(split.train) // args.batch_size)
+    runs = [Run(name, spec, args.weights, steps_per_epoch, args.epochs, pos_weight) for name in args.variants]
+    for run in runs:
+        if run.cached:
+            run.cache_features(plain_train)
+    for epoch, (order, patches, targets) in enumerate(epochs):
+        for run in runs:
+            source = run.features[torch.from_numpy(order)] if run.cached else patches
+            batches = [(source[i:i + args.batch_size], targets[i:i + args.batch_size])
+                       for i in range(0, len(order), args.batch_size)]
+            run.train_epoch(batches)
+            run.validate(val_patches, val_labels)
+            print(f"epoch {epoch + 1}/{args.epochs} {run.name}: {run.epoch_wall[-1]:.2f} s, "
+                  f"val AUC {run.val_aucs[-1]:.3f}", file=sys.stderr, flush=True)
+
+    features = training_shortcut_features(data)
+    shortcut = shortcut_probabilities(features[split.train], labels[split.train], features[split.val])
+
+    def auc_ci(scores) -> dict:
+        return {"auc": round(roc_auc(val_labels, scores), 4),
+                "auc_ci95": [round(v, 4) for v in bootstrap_auc_ci(val_labels, scores, seed=args.seed)]}
+
+    results = {}
+    for run in runs:
+        steady = slice(1, None) if args.epochs > 1 else slice(None)
+        wall = float(np.mean(run.epoch_wall[steady]))
+        cpu = float(np.mean(run.epoch_cpu[steady]))
+        if run.cached:  # the one feature pass is spread over the epochs it serves
+            wall += run.setup_wall / args.epochs
+            cpu += run.setup_cpu / args.epochs
+        best = int(np.nanargmax(run.val_aucs))
+        results[run.name] = {
+            "mode": run.mode, "lr": run.lr,
+            "trainable_parameters": run.parameters[0], "total_parameters": run.parameters[1],
+            "trainable_percent": round(100 * run.parameters[0] / run.parameters[1], 3),
+            "epoch_wall_s": round(wall, 3), "epoch_cpu_s": round(cpu, 3),
+            "feature_cache_s": round(run.setup_wall, 3) if run.cached else None,
+            "val_last_epoch": auc_ci(run.val_logits[-1]),
+            "val_best_epoch": {"epoch": best + 1, **auc_ci(run.val_logits[best])},
+            "val_auc_per_epoch": [round(a, 4) for a in run.val_aucs],
+        }
+    if not args.no_memory:
+        for name in args.variants:
+            results[name]["memory"] = probe_in_subprocess(name, args)
+    reference = results.get("full")
+    if reference:
+        for name, result in results.items():
+            result["epoch_wall_vs_full"] = round(result["epoch_wall_s"] / reference["epoch_wall_s"], 3)
+            result["epoch_cpu_vs_full"] = round(result["epoch_cpu_s"] / reference["epoch_cpu_s"], 3)
+    return {
+        "cohort": {"manifest": str(manifest), "cases": args.cases, "nodules": len(labels),
+                   "train_nodules": int(len(split.train)), "val_nodules": int(len(split.val)),
+                   "val_malignant": int(val_labels.sum()), "seconds": round(cohort_s, 1),
+                   "patch_cutting_s": round(cutting_s, 1)},
+        "budget": {"epochs": args.epochs, "batch_size": args.batch_size, "steps_per_epoch": steps_per_epoch,
+                   "patch_spec": spec.to_dict(), "augment": augment.to_dict(), "schedule": "AdamW, 10% warm-up, cosine",
+                   "lr": "trainer defaults: lora/linear 1e-3, full 1e-4"},
+        "backbone": {"name": BACKBONE, "weights": str(args.weights), "pretrained_on": "synthetic CT structures"},
+        "shortcut_baseline_val": auc_ci(shortcut),
+        "variants": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=40, help="phantom studies (4 nodules each; default 40)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help="comma-separated subset of " + ", ".join(ALL_VARIANTS))
+    parser.add_argument("--weights", type=Path, help="pre-trained tiny backbone (default: the shipped synthetic-CT one)")
+    parser.add_argument("--cohort-dir", type=Path, help="cohort folder (default: a cached one in the temp dir)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory probes")
+    parser.add_argument("--probe-steps", type=int, default=2)
+    parser.add_argument("--no-vits", action="store_true", help="skip the ViT-S/14 step timing")
+    parser.add_argument("--vits-rounds", type=int, default=5)
+    parser.add_argument("--no-compare", action="store_true", help="only the ViT-S/14 step timing")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.weights is None:
+        from MedLoRALib.training.pretrain import DEFAULT_WEIGHTS
+
+        args.weights = DEFAULT_WEIGHTS
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.batch_size, args.weights, args.probe_steps)))
+        return 0
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
+    started = time.perf_counter()
+    report = {"benchmark": "lora_vs_full", "command": "python benchmarks/lora_vs_full.py " + " ".join(sys.argv[1:]),
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
+                          "torch": torch.__version__}}
+    if not args.no_compare:
+        report.update(compare(args))
+    if not args.no_vits:
+        report["vits14_step"] = vits_step_times(args.vits_rounds, 16)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
