@@ -1,0 +1,82 @@
+"""``medlora adapters``: list, inspect, import, export, rename or delete stored adapters.
+
+Torch-free: the store and manifests are plain files and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..adapters.manifest import AdapterManifest, read_manifest
+from ..adapters.store import AdapterStore
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="adapter store folder (default: $MEDLORA_HOME/adapters or the user's "
+                                        "data folder)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="stored adapters, one per line")
+    listing.add_argument("--json", action="store_true", help="full manifests as JSON")
+    info = actions.add_parser("info", help="one adapter's manifest")
+    info.add_argument("adapter", help="name in the store, or an adapter folder / .zip")
+    info.add_argument("--json", action="store_true", help="the manifest as JSON")
+    importing = actions.add_parser("import", help="copy an adapter folder or .zip into the store (verified)")
+    importing.add_argument("path")
+    importing.add_argument("--name", help="store it under this name (default: its manifest name)")
+    importing.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    export = actions.add_parser("export", help="write a verified copy as a .zip or a folder")
+    export.add_argument("name")
+    export.add_argument("dest", help="a .zip file name, or a folder")
+    delete = actions.add_parser("delete", help="remove an adapter from the store")
+    delete.add_argument("name")
+    rename = actions.add_parser("rename", help="rename a stored adapter")
+    rename.add_argument("old")
+    rename.add_argument("new")
+
+
+def _summary(manifest: AdapterManifest) -> str:
+    spec = manifest.patch_spec
+    backbone = manifest.backbone + (" (RANDOM INIT)" if manifest.random_init else "")
+    lora = f" r={manifest.lora['rank']} {manifest.lora['targets']}" if manifest.lora else ""
+    auc = manifest.metrics.get("auc") if isinstance(manifest.metrics, dict) else None
+    metric = f"  AUC {auc:.3f}" if isinstance(auc, (int, float)) else ""
+    return (f"{manifest.name}  {backbone}  {manifest.mode}{lora}  {spec.get('views')} {spec.get('pixels')} px "
+            f"{spec.get('fov_mm')} mm  {manifest.created}{metric}")
+
+
+def _details(manifest: AdapterManifest) -> str:
+    lines = [f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
+             for key, value in manifest.to_dict().items() if key != "files"]
+    lines.append(f"version: {manifest.version_id}")
+    lines += [f"file: {name} sha256={digest}" for name, digest in manifest.files.items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = AdapterStore(args.store)
+    if args.action == "list":
+        manifests = store.list()
+        if args.json:
+            print(json.dumps([m.to_dict() for m in manifests], indent=2))
+        elif not manifests:
+            print(f"no adapters in {store.root}")
+        for manifest in [] if args.json else manifests:
+            print(_summary(manifest))
+    elif args.action == "info":
+        given = Path(args.adapter).expanduser()
+        manifest = read_manifest(given) if given.exists() else store.info(args.adapter)
+        print(json.dumps(manifest.to_dict(), indent=2) if args.json else _details(manifest))
+    elif args.action == "import":
+        name = store.import_(args.path, name=args.name, overwrite=args.force)
+        print(f"imported {name!r} into {store.root}")
+    elif args.action == "export":
+        print(f"exported {args.name!r} to {store.export(args.name, args.dest)}")
+    elif args.action == "delete":
+        store.delete(args.name)
+        print(f"deleted {args.name!r} from {store.root}")
+    else:
+        store.rename(args.old, args.new)
+        print(f"renamed {args.old!r} to {args.new!r}")
+    return 0

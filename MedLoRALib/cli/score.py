@@ -1,0 +1,151 @@
+"""``medlora score``: malignancy probabilities for marked nodules, as a CSV or JSON table.
+
+One study: ``--volume`` is a DICOM folder or volume file and ``--points`` any supported
+annotation file. Several studies: ``--volume`` is a folder whose subfolders (or volume
+files) are one study each, found as ``medlora crop`` finds them, and ``--points`` says
+which study each nodule belongs to; a progress bar shows the studies. Patches are cut
+with the adapter's own patch spec. A study that cannot be read is reported and skipped.
+Every row says whether the adapter's backbone was randomly initialised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import AnnotationError, MedLoRAError
+
+COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
+           "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note")
+RANDOM_INIT_NOTE = "backbone randomly initialised: not a clinical result"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--volume", required=True,
+                        help="CT: DICOM folder or volume file, or a folder of studies (one per subfolder/file)")
+    parser.add_argument("--points", required=True,
+                        help="nodule annotations: points CSV, .mrk.json, LIDC XML, LUNA16 or NLSTx CSV")
+    parser.add_argument("--adapter", required=True, help="adapter folder, .zip, or name in the adapter store")
+    parser.add_argument("--out", help="results file, .csv or .json (default: CSV on stdout)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, or $MEDLORA_DEVICE)")
+    parser.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
+    parser.add_argument("--weights", help="backbone weights file (.safetensors), when not found otherwise")
+    parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
+    parser.add_argument("--points-format", choices=("lidc", "luna16", "nlstx", "markups", "points"),
+                        help="annotation format, when detecting it from the content is not wanted")
+    parser.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
+    parser.add_argument("--no-body-check", action="store_true",
+                        help="do not refuse points that lie in the air outside the patient")
+
+
+def result_rows(results: list[dict], study: str, threshold: float) -> list[dict]:
+    rows = []
+    for result in results:
+        x, y, z = result["centre_lps"]
+        rows.append({
+            "study": study, "nodule_id": result["nodule_id"], "case_id": result["case_id"],
+            "x_lps": round(x, 3), "y_lps": round(y, 3), "z_lps": round(z, 3),
+            "probability": result["probability"], "logit": result["logit"], "label": result["label"],
+            "threshold": threshold, "adapter": result["adapter"], "adapter_version": result["adapter_version"],
+            "random_init": result["random_init"], "view_probabilities": result["view_probabilities"],
+            "note": RANDOM_INIT_NOTE if result["random_init"] else "",
+        })
+    return rows
+
+
+def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
+    if as_json:
+        return json.dumps({"adapter": adapter, "results": rows}, indent=2) + "\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "random_init": str(row["random_init"]).lower(),
+                         "view_probabilities": ";".join(f"{p:.6f}" for p in row["view_probabilities"])})
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool) -> list[dict]:
+    from ..annotations import load_nodules, validate_inside
+
+    nodules = load_nodules(points, image=ct, fmt=fmt)
+    if nodules:
+        validate_inside(nodules, ct, check_body=not args.no_body_check)
+    return result_rows(engine.score(ct, nodules, tta=tta), study, engine.manifest().threshold)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..adapters.store import AdapterStore
+    from ..annotations import detect_format
+    from ..ctio import load_ct
+    from ..engine import ScoringEngine
+    from .crop import _check_folder_points, find_studies
+
+    volume, points = Path(args.volume), Path(args.points)
+    if not volume.exists():
+        raise MedLoRAError(f"--volume {volume} does not exist")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise MedLoRAError(f"--out {out}: use a .csv or .json file name")
+    fmt = args.points_format or detect_format(points)
+    studies = find_studies(volume)
+    if studies is not None:
+        _check_folder_points(points, fmt)
+
+    engine = ScoringEngine(device=args.device, store=AdapterStore(args.store) if args.store else None)
+    manifest = engine.attach_adapter(args.adapter, weights=args.weights)
+    if manifest.random_init:
+        print(f"medlora score: warning: adapter {manifest.name!r} was trained on a randomly initialised backbone; "
+              "its scores are not clinical results (every row says so)", file=sys.stderr)
+    tta = not args.no_tta
+    rows: list[dict] = []
+    if studies is None:
+        ct = load_ct(volume, series_uid=args.series_uid)
+        rows = _score_study(engine, ct, points, fmt, volume.name, args, tta)
+        if not rows:
+            raise AnnotationError(f"{points} has nodules, but none for this CT ({volume.name}): check that the "
+                                  "file names this series or image")
+        failed = []
+    else:
+        failed = []
+        for study in tqdm(studies, desc="studies", unit="study", disable=None, file=sys.stderr):
+            try:
+                ct = load_ct(study.path, series_uid=args.series_uid)
+                rows += _score_study(engine, ct, points, fmt, study.name, args, tta)
+            except MedLoRAError as exc:
+                failed.append(f"{study.name}: {exc}")
+        if failed:
+            print(f"medlora score: {len(failed)} of {len(studies)} studies not scored:\n  " + "\n  ".join(failed),
+                  file=sys.stderr)
+        if not rows:
+            raise AnnotationError(f"no nodule in {points} could be scored in the {len(studies)} studies in "
+                                  f"{volume} ({len(failed)} failed); check the series UIDs / image names")
+    adapter_info = {"name": manifest.name, "version": manifest.version_id, "backbone": manifest.backbone,
+                    "random_init": manifest.random_init, "threshold": manifest.threshold, "tta": tta}
+    text = render(rows, as_json=out is not None and out.suffix.lower() == ".json", adapter=adapter_info)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(out, text)
+        print(f"scored {len(rows)} nodule(s) with adapter {manifest.name!r}; results in {out}", file=sys.stderr)
+    return 2 if failed else 0

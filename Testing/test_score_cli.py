@@ -1,0 +1,157 @@
+"""``medlora score`` and ``medlora adapters`` end to end on the synthetic phantom (and real LIDC)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from MedLoRALib.adapters import AdapterManifest
+from MedLoRALib.adapters.package import save_adapter
+from MedLoRALib.adapters.store import AdapterStore
+from MedLoRALib.cli import main
+from MedLoRALib.cli.score import RANDOM_INIT_NOTE
+from MedLoRALib.ctio import load_ct
+from MedLoRALib.engine import ScoringEngine
+from MedLoRALib.geometry import lps_to_ras
+from MedLoRALib.models import LoraSpec, build_model
+from MedLoRALib.phantom import make_phantom, write_cohort, write_dicom_series
+from MedLoRALib.patches import PatchSpec
+
+torch.set_num_threads(1)  # a busy 2-core CI machine: more threads only contend
+SPEC = PatchSpec(views="multiview9", fov_mm=50.0, pixels=32)
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory):
+    """A store holding one tiny random-init adapter (changed head and LoRA) named 'tiny'."""
+    model, _ = build_model("medlora_tiny", patch_spec=SPEC, lora=LoraSpec(rank=4), allow_random_init=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    root = tmp_path_factory.mktemp("store")
+    path = save_adapter(model, AdapterManifest(name="tiny", threshold=0.5), root / "source")
+    AdapterStore(root / "adapters").import_(path)
+    return root / "adapters"
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    """The phantom as a DICOM series plus a points CSV (half the rows in RAS, as Slicer gives them)."""
+    image, nodules = make_phantom(seed=3, case_id="PH-1")
+    folder = write_dicom_series(image, tmp_path_factory.mktemp("ct") / "series", patient_id="PH-1")
+    points = folder.parent / "points.csv"
+    with points.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["nodule_id", "x", "y", "z", "coordinate_system"])
+        for index, nodule in enumerate(nodules):
+            if index % 2:
+                writer.writerow([nodule.nodule_id, *lps_to_ras(np.array(nodule.centre_lps)), "RAS"])
+            else:
+                writer.writerow([nodule.nodule_id, *nodule.centre_lps, "LPS"])
+    return folder, points, nodules
+
+
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_score_phantom_end_to_end(phantom_case, store_root, tmp_path, capsys):
+    folder, points, nodules = phantom_case
+    out = tmp_path / "results.csv"
+    code = main(["score", "--volume", str(folder), "--points", str(points), "--adapter", "tiny",
+                 "--store", str(store_root), "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    rows = _read_csv(out)
+    assert [r["nodule_id"] for r in rows] == [n.nodule_id for n in nodules]
+    for row, nodule in zip(rows, nodules):
+        assert np.allclose([float(row[c]) for c in ("x_lps", "y_lps", "z_lps")], nodule.centre_lps, atol=1e-3)
+        assert 0.0 < float(row["probability"]) < 1.0
+        assert row["random_init"] == "true" and row["note"] == RANDOM_INIT_NOTE
+        assert len(row["view_probabilities"].split(";")) == 9 and row["adapter"] == "tiny"
+    # the same numbers as the engine gives for the same CT and nodules (TTA on)
+    engine = ScoringEngine(device="cpu", store=AdapterStore(store_root))
+    engine.attach_adapter("tiny")
+    direct = engine.score(load_ct(folder), nodules)
+    assert np.allclose([float(r["probability"]) for r in rows], [d["probability"] for d in direct], atol=1e-12)
+    assert "randomly initialised" in capsys.readouterr().err
+
+
+def test_score_json_and_no_tta(phantom_case, store_root, tmp_path):
+    folder, points, nodules = phantom_case
+    out = tmp_path / "results.json"
+    assert main(["score", "--volume", str(folder), "--points", str(points), "--adapter", "tiny", "--store",
+                 str(store_root), "--out", str(out), "--device", "cpu", "--no-tta"]) == 0
+    data = json.loads(out.read_text())
+    assert data["adapter"]["random_init"] is True and data["adapter"]["tta"] is False
+    assert len(data["results"]) == len(nodules)
+    assert all(r["random_init"] is True and r["note"] == RANDOM_INIT_NOTE for r in data["results"])
+    assert all(len(r["view_probabilities"]) == 9 for r in data["results"])
+
+
+def test_score_folder_of_studies(store_root, tmp_path, capsys):
+    manifest = write_cohort(tmp_path / "cohort", n_cases=2, seed=5)
+    (tmp_path / "cohort" / "broken").mkdir()  # a study folder without a readable CT
+    out = tmp_path / "cohort.csv"
+    code = main(["score", "--volume", str(tmp_path / "cohort"), "--points", str(manifest), "--adapter", "tiny",
+                 "--store", str(store_root), "--out", str(out), "--device", "cpu", "--no-tta"])
+    assert code == 2  # one study failed: reported, the others scored
+    rows = _read_csv(out)
+    expected = _read_csv(manifest)
+    assert sorted(r["nodule_id"] for r in rows) == sorted(r["nodule_id"] for r in expected)
+    assert {r["study"] for r in rows} == {"SYN-0001.nrrd", "SYN-0002.nrrd"}
+    for row in rows:
+        assert row["case_id"] == row["nodule_id"].split("/")[0]  # each nodule scored in its own study
+    assert "broken" in capsys.readouterr().err
+
+
+def test_score_refuses_bad_input(phantom_case, store_root, tmp_path, capsys):
+    folder, points, _ = phantom_case
+    base = ["score", "--volume", str(folder), "--points", str(points), "--store", str(store_root), "--device", "cpu"]
+    assert main([*base, "--adapter", "missing-adapter"]) == 2
+    assert "neither a folder or .zip on disk nor a name in the store" in capsys.readouterr().err
+    assert main([*base, "--adapter", "tiny", "--out", str(tmp_path / "x.txt")]) == 2
+    assert ".csv or .json" in capsys.readouterr().err
+    far = tmp_path / "far.csv"
+    far.write_text("x,y,z,coordinate_system\n900,900,900,LPS\n")
+    assert main([*base[:3], "--points", str(far), *base[5:], "--adapter", "tiny"]) == 2
+    assert "outside" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.csv.*"))  # no temporary files left
+
+
+def test_adapters_cli(store_root, tmp_path, capsys):
+    store = tmp_path / "store"
+    source = AdapterStore(store_root).path("tiny")
+    assert main(["adapters", "--store", str(store), "list"]) == 0
+    assert "no adapters" in capsys.readouterr().out
+    assert main(["adapters", "--store", str(store), "import", str(source), "--name", "site-a"]) == 0
+    assert main(["adapters", "--store", str(store), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "site-a" in listing and "RANDOM INIT" in listing and "multiview9 32 px" in listing
+    assert main(["adapters", "--store", str(store), "info", "site-a", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "site-a"
+    assert main(["adapters", "--store", str(store), "export", "site-a", str(tmp_path / "a.zip")]) == 0
+    assert main(["adapters", "--store", str(store), "info", str(tmp_path / "a.zip")]) == 0
+    assert "version:" in capsys.readouterr().out
+    assert main(["adapters", "--store", str(store), "import", str(tmp_path / "a.zip")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["adapters", "--store", str(store), "rename", "site-a", "site-b"]) == 0
+    assert main(["adapters", "--store", str(store), "delete", "site-b"]) == 0
+    assert AdapterStore(store).names() == []
+    assert main(["adapters", "--store", str(store), "info", "site-b"]) == 2
+
+
+def test_score_real_lidc_case_with_its_xml(lidc_0001, store_root, tmp_path):
+    xml = next(lidc_0001.glob("*.xml"))
+    out = tmp_path / "lidc.csv"
+    assert main(["score", "--volume", str(lidc_0001), "--points", str(xml), "--adapter", "tiny",
+                 "--store", str(store_root), "--out", str(out), "--device", "cpu", "--no-tta"]) == 0
+    rows = _read_csv(out)
+    assert rows and all(r["random_init"] == "true" for r in rows)
+    assert all(0.0 < float(r["probability"]) < 1.0 for r in rows)
