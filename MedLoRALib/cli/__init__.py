@@ -31,7 +31,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to add its arguments."""
-    parser = argparse.ArgumentParser(prog="medlora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medlora", description="Lung nodule malignancy with LoRA-adapted Vision Transformers.",
+        epilog="Run 'medlora COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"medlora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
