@@ -1,0 +1,123 @@
+"""The synthetic-CT pre-training of the tiny backbone, and the weights shipped from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from MedLoRALib.errors import MedLoRAError
+from MedLoRALib.training.pretrain import (DEFAULT_WEIGHTS, STRUCTURES, PretrainConfig, synthetic_batch,
+                                          synthetic_patch, patch_specs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scene_module_is_torch_free():
+    code = "import sys, MedLoRALib.training.pretrain; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_batches_are_seeded_balanced_and_normalised():
+    images, labels = synthetic_batch(seed=3, stream=2, index=5, size=12, pixels=32)
+    again, labels_again = synthetic_batch(seed=3, stream=2, index=5, size=12, pixels=32)
+    other, _ = synthetic_batch(seed=3, stream=2, index=6, size=12, pixels=32)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == np.float32
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, labels_again)
+    assert not np.array_equal(images, other)
+    assert np.bincount(labels, minlength=len(STRUCTURES)).tolist() == [2] * len(STRUCTURES)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_structures_are_where_the_label_says():
+    """Solid structures at the centre are brighter (denser) there than bare parenchyma."""
+    grey, ortho3 = patch_specs(fov_mm=50.0, pixels=32)
+    rng = np.random.default_rng(0)
+
+    def centre_value(structure: int) -> float:
+        patch = synthetic_patch(rng, structure, grey)
+        return float(patch[0, 14:18, 14:18].mean())
+
+    parenchyma = np.median([centre_value(STRUCTURES.index("parenchyma")) for _ in range(20)])
+    vessel = np.median([centre_value(STRUCTURES.index("vessel")) for _ in range(20)])
+    nodule = np.median([centre_value(STRUCTURES.index("nodule")) for _ in range(20)])
+    assert parenchyma < 0.15  # lung: about -850 HU in a -1000…400 window
+    assert vessel > parenchyma + 0.3 and nodule > parenchyma + 0.2
+    assert synthetic_patch(rng, 0, ortho3).shape == (3, 32, 32)
+
+
+def test_bad_configuration_is_a_clear_error():
+    with pytest.raises(MedLoRAError, match="steps must be ≥ 1"):
+        PretrainConfig(steps=0)
+    with pytest.raises(MedLoRAError, match="storage_dtype"):
+        PretrainConfig(storage_dtype="int8")
+
+
+def test_shipped_weights_match_their_record_and_load():
+    import torch
+    from safetensors.torch import load_file
+
+    from MedLoRALib.adapters.manifest import sha256_file
+    from MedLoRALib.models import create_backbone
+
+    record = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert record["file"] == DEFAULT_WEIGHTS.name
+    assert sha256_file(DEFAULT_WEIGHTS) == record["sha256"]
+    assert DEFAULT_WEIGHTS.stat().st_size == record["size_bytes"] < 3_000_000
+    vit, info = create_backbone("medlora_tiny", weights=DEFAULT_WEIGHTS)
+    assert not info.random_init and info.weights_sha256 == record["sha256"]
+    shipped = load_file(str(DEFAULT_WEIGHTS))
+    loaded = vit.state_dict()
+    assert set(shipped) == set(loaded)
+    for key, tensor in shipped.items():  # float16 → float32 is exact
+        assert torch.equal(loaded[key], tensor.float()), key
+
+
+@pytest.mark.slow
+def test_shipped_backbone_features_know_the_structures():
+    """A linear probe on the shipped backbone's features names structures far better than on random init."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from MedLoRALib.models import create_backbone
+
+    torch.set_num_threads(1)
+    images, labels = synthetic_batch(seed=123, stream=9, index=0, size=240, pixels=64)
+    scores = {}
+    for name, kwargs in (("shipped", dict(weights=DEFAULT_WEIGHTS)), ("random", dict(allow_random_init=True,
+                                                                                        pretrained=False))):
+        vit, _ = create_backbone("medlora_tiny", **kwargs)
+        with torch.no_grad():
+            features = vit(torch.from_numpy(images)).numpy()
+        probe = LogisticRegression(max_iter=2000, C=1.0)
+        scores[name] = cross_val_score(probe, features, labels, cv=3).mean()
+    assert scores["shipped"] > 0.7
+    assert scores["shipped"] > scores["random"] + 0.15
+
+
+@pytest.mark.slow
+def test_script_smoke_run_writes_loadable_weights(tmp_path):
+    from MedLoRALib.adapters.manifest import sha256_file
+    from MedLoRALib.models import create_backbone
+
+    out = tmp_path / "smoke.safetensors"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_tiny_backbone.py"), "--steps", "1",
+                             "--batch-size", "6", "--val-size", "6", "--threads", "1", "--out", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert summary["sha256"] == record["sha256"] == sha256_file(out)
+    assert record["pretext_task"]["train_patches"] == 6 and record["config"]["steps"] == 1
+    assert "--steps 1" in record["command"]
+    _, info = create_backbone("medlora_tiny", weights=out)
+    assert info.weights_sha256 == record["sha256"]
