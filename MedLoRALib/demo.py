@@ -111,17 +111,23 @@ class DemoResult:
 # --- small helpers --------------------------------------------------------------------------------
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
+def _replace_atomic(path: Path, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Write through ``write(temp_path)`` beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    return _replace_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_json(path: Path, data: dict) -> Path:
@@ -258,7 +264,8 @@ def training_shortcut_features(data) -> np.ndarray:
     return features
 
 
-def score_heldout(adapter: Path, manifest: Path, weights: Path | None) -> tuple[list[dict], np.ndarray, float]:
+def score_heldout(adapter: Path, manifest: Path, weights: Path | None,
+                  relative_to: Path | None = None) -> tuple[list[dict], np.ndarray, float]:
     """Score every held-out nodule with the scoring engine.
 
     Returns the result rows, the nodules' shortcut features and the adapter's threshold.
@@ -284,7 +291,7 @@ def score_heldout(adapter: Path, manifest: Path, weights: Path | None) -> tuple[
         features.append(shortcut_features(image, nodules))
         for nodule, scored in zip(nodules, engine.score(image, nodules)):
             results.append({"case_id": nodule.case_id, "nodule_id": nodule.nodule_id,
-                            "image": image_path.name,
+                            "image": os.path.relpath(image_path, relative_to) if relative_to else str(image_path),
                             "x_lps": nodule.centre_lps[0], "y_lps": nodule.centre_lps[1],
                             "z_lps": nodule.centre_lps[2], "diameter_mm": nodule.diameter_mm,
                             "true_label": nodule.label, "probability": scored["probability"],
@@ -299,18 +306,14 @@ RESULT_COLUMNS = ("case_id", "nodule_id", "image", "x_lps", "y_lps", "z_lps", "d
 
 
 def write_results_csv(path: Path, rows: list[dict]) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return _replace_atomic(path, write)
 
 
 def plot_heldout_roc(path: Path, labels: np.ndarray, probabilities: np.ndarray, shortcut: np.ndarray,
@@ -330,15 +333,7 @@ def plot_heldout_roc(path: Path, labels: np.ndarray, probabilities: np.ndarray, 
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
            title=f"Held-out SYNTHETIC phantoms (n={len(labels)}, {int(np.sum(labels))} malignant-like)")
     ax.legend(loc="lower right", fontsize=7)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"), ".png")
 
 
 def _auc_with_ci(labels: np.ndarray, scores: np.ndarray, seed: int) -> dict:
@@ -391,7 +386,8 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
         f"{_fmt_auc(validation['shortcut_baseline']['auc'], validation['shortcut_baseline']['auc_ci95'])}")
 
     say(f"scoring {config.heldout_cases} held-out phantom studies with the scoring engine")
-    rows, heldout_features, threshold = score_heldout(adapter, heldout_manifest, None if config.random_init else config.weights)
+    rows, heldout_features, threshold = score_heldout(adapter, heldout_manifest,
+                                                      None if config.random_init else config.weights, out)
     heldout_labels = np.array([r["true_label"] for r in rows], dtype=int)
     probabilities = np.array([r["probability"] for r in rows])
     shortcut = shortcut_probabilities(features, labels, heldout_features)
