@@ -1,0 +1,160 @@
+"""Scoring throughput (nodules/s, crop included) and merged vs unmerged LoRA inference.
+
+For each backbone (random init is fine for timing) one ScoringEngine scores nodules of a
+synthetic phantom CT: patches are cut from the CT (``extract_patches``) and scored, at
+batch 1 (one call per nodule) and batch 64 (one call for 64 nodules), without and with
+test-time augmentation. Then the same LoRA classifier runs a forward pass with LoRA
+unmerged (peft layers), merged into the split q/v weights, and — for reference — the
+plain backbone with timm's fused qkv and no LoRA.
+
+    python benchmarks/scoring.py [--backbones medlora_tiny dinov2_vits14] [--threads 2]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from MedLoRALib.adapters import AdapterManifest  # noqa: E402
+from MedLoRALib.adapters.package import save_adapter  # noqa: E402
+from MedLoRALib.engine import ScoringEngine  # noqa: E402
+from MedLoRALib.models import LoraSpec, build_model, create_backbone  # noqa: E402
+from MedLoRALib.nodule import Nodule  # noqa: E402
+from MedLoRALib.patches import PatchSpec, extract_patches  # noqa: E402
+from MedLoRALib.phantom import make_phantom  # noqa: E402
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _nodules(n: int, seed: int = 0):
+    """``n`` nodule positions around the phantom's real nodules (all inside the CT)."""
+    image, nodules = make_phantom(seed=seed)
+    rng = np.random.default_rng(seed)
+    base = np.array([nd.centre_lps for nd in nodules])
+    centres = base[np.arange(n) % len(base)] + rng.uniform(-3, 3, size=(n, 3))
+    return image, [Nodule(centre_lps=tuple(c), nodule_id=f"n{i}") for i, c in enumerate(centres)]
+
+
+def _perturbed_lora_model(backbone: str, spec: PatchSpec):
+    model, _ = build_model(backbone, patch_spec=spec, lora=LoraSpec(rank=8, targets="qv"), allow_random_init=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def scoring_throughput(backbone: str, spec: PatchSpec, workdir: Path, with_tta_64: bool) -> dict:
+    model = _perturbed_lora_model(backbone, spec)
+    path = save_adapter(model, AdapterManifest(name=f"bench-{backbone}"), workdir / f"bench-{backbone}")
+    engine = ScoringEngine(device="cpu")
+    engine.attach_adapter(path)
+    image, nodules = _nodules(64)
+    out: dict = {"views": spec.views, "pixels": spec.pixels, "images_per_nodule": len(spec.planes) or 1}
+    crop_64 = _timed(lambda: extract_patches(image, np.array([n.centre_lps for n in nodules]), spec), 3)
+    out["crop_only_64_nodules_s"] = round(crop_64, 4)
+    few = nodules[:8]
+    batch1 = _timed(lambda: [engine.score(image, [n], tta=False) for n in few], 2) / len(few)
+    out["batch1_nodules_per_s"] = round(1.0 / batch1, 2)
+    batch64 = _timed(lambda: engine.score(image, nodules, tta=False), 2)
+    out["batch64_nodules_per_s"] = round(64 / batch64, 2)
+    out["batch64_vs_batch1"] = round(batch1 * 64 / batch64, 2)
+    if with_tta_64:
+        tta64 = _timed(lambda: engine.score(image, nodules, tta=True), 1)
+        out["batch64_tta8_nodules_per_s"] = round(64 / tta64, 2)
+        out["tta8_slowdown"] = round(tta64 / batch64, 2)
+        tta1 = _timed(lambda: [engine.score(image, [n], tta=True) for n in few[:4]], 1) / 4
+        out["batch1_tta8_nodules_per_s"] = round(1.0 / tta1, 2)
+    return out
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median time of each function, run in alternation so that load changes hit all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def merged_vs_unmerged(backbone: str, spec: PatchSpec, images: int, rounds: int) -> dict:
+    model = _perturbed_lora_model(backbone, spec)
+    merged_model = copy.deepcopy(model)
+    merged_model.backbone.merge_adapter()
+    patches = torch.rand(max(1, images // model.views), *spec.shape, generator=torch.Generator().manual_seed(1))
+    fused, _ = create_backbone(backbone, allow_random_init=True, img_size=spec.pixels)
+    grey = patches.reshape(-1, 1, spec.pixels, spec.pixels).expand(-1, 3, -1, -1)
+    with torch.inference_mode():
+        difference = float((merged_model(patches) - model(patches)).abs().max())
+        times = _interleaved({"unmerged": lambda: model(patches), "merged": lambda: merged_model(patches),
+                              "plain": lambda: fused(grey)}, rounds)
+    n_images = grey.shape[0]
+    return {
+        "images": n_images,
+        "unmerged_images_per_s": round(n_images / times["unmerged"], 1),
+        "merged_images_per_s": round(n_images / times["merged"], 1),
+        "merged_speedup": round(times["unmerged"] / times["merged"], 3),
+        "merged_max_abs_logit_diff": difference,
+        "plain_fused_qkv_no_lora_images_per_s": round(n_images / times["plain"], 1),
+        "merged_split_vs_plain_fused": round(times["plain"] / times["merged"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=["medlora_tiny", "dinov2_vits14"])
+    parser.add_argument("--views", default="multiview9")
+    parser.add_argument("--pixels", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--merge-images", type=int, default=144, help="images per merged/unmerged forward pass")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the merged/unmerged timing")
+    parser.add_argument("--tta-for", nargs="*", default=["medlora_tiny"],
+                        help="backbones also timed with 8-fold TTA")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = PatchSpec(views=args.views, pixels=args.pixels)
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, CPU", "torch": torch.__version__,
+              "threads": args.threads, "patch_spec": spec.to_dict(), "lora": "r=8 qv (split qkv)",
+              "scoring": {}, "merged_vs_unmerged": {}}
+    with tempfile.TemporaryDirectory() as workdir:
+        for backbone in args.backbones:
+            result["scoring"][backbone] = scoring_throughput(backbone, spec, Path(workdir),
+                                                             backbone in args.tta_for)
+            result["merged_vs_unmerged"][backbone] = merged_vs_unmerged(backbone, spec, args.merge_images, args.rounds)
+            print(json.dumps({backbone: result["scoring"][backbone]}), file=sys.stderr)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
