@@ -51,12 +51,13 @@ except ImportError:  # slicer-core without Slicer's application (CI, scripts): l
 from slicer import vtkMRMLMarkupsNode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 
 from MedLoRALib.errors import MedLoRAError
-from MedLoRALib.slicer import dependencies, mrml
+from MedLoRALib.slicer import crops, dependencies, mrml
 from MedLoRALib.slicer.batch import BatchScoring, find_studies
-from MedLoRALib.slicer.engine_client import EngineClient, EngineConfig
+from MedLoRALib.slicer.engine_client import EngineConfig
 from MedLoRALib.slicer.logic import SceneLogic
-from MedLoRALib.slicer.results import export_csv, read_table
-from MedLoRALib.slicer.training import TrainingConfig, start_training
+from MedLoRALib.slicer.reload import reload_library
+from MedLoRALib.slicer.results import export_csv, read_table, result_position_ras
+from MedLoRALib.slicer.training import TrainingConfig, TrainingJob, start_training
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 
@@ -118,6 +119,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         for button, handler in ((self.ui.scoreButton, self.onScore), (self.ui.scoreAllButton, self.onScoreAll),
                                 (self.ui.exportCsvButton, self.onExportCsv), (self.ui.cubeButton, self.onCube),
+                                (self.ui.exportCropsButton, self.onExportCrops),
                                 (self.ui.labelBenignButton, lambda: self.onLabel(0)),
                                 (self.ui.labelMalignantButton, lambda: self.onLabel(1)),
                                 (self.ui.startTrainingButton, self.onStartTraining),
@@ -139,6 +141,12 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.logic:
             self.logic.close()
+
+    def onReload(self):
+        """Reload MedLoRALib's modules too (importlib), then this module as Slicer does."""
+        self.cleanup()
+        reload_library()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self):
         self.initializeParameterNode()
@@ -225,12 +233,9 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onResultClicked(self, index):
         """Centre the slice views on the nodule of the clicked row."""
-        table = self._parameterNode.resultsTable
-        if table is None or index.row() >= table.GetNumberOfRows():
-            return
-        row = read_table(table)[index.row()]
-        if row.r == row.r:  # rows of studies without points have no position (NaN)
-            slicer.modules.markups.logic().JumpSlicesToLocation(row.r, row.a, row.s, True)
+        position = self._run(_("Results"), result_position_ras, self._parameterNode.resultsTable, index.row())
+        if position is not None:  # rows of studies without points have no position
+            slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 
     def onExportCsv(self):
         table = self._parameterNode.resultsTable
@@ -240,7 +245,22 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCube(self):
         p = self._parameterNode
-        self._run(_("Crop"), self.logic.showCube, p.inputVolume, p.inputMarkups, self.ui.adapterComboBox.currentText)
+        adapter = self.ui.adapterComboBox.currentText
+        preview = self._run(_("Crop"), self.logic.cropPreview, p.inputVolume, p.inputMarkups, adapter)
+        if preview:
+            self.ui.thumbnailLabel.setPixmap(qt.QPixmap(str(preview)))
+            cube = self._run(_("Crop"), self.logic.showCube, p.inputVolume, p.inputMarkups, adapter)
+            if cube:
+                slicer.util.setSliceViewerLayers(background=cube, fit=True)
+
+    def onExportCrops(self):
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Export crops to"))
+        if folder:
+            export = self._run(_("Export crops"), self.logic.exportCrops, folder, self.ui.adapterComboBox.currentText,
+                               self._parameterNode.inputVolume, self._parameterNode.inputMarkups)
+            if export:
+                self._status(_("{n} crops and index.csv written to {folder}").format(n=export.written, folder=folder)
+                             + "".join(f"\n{line}" for line in export.skipped))
 
     # --- training ----------------------------------------------------------------------
     def onLabel(self, label):
@@ -258,7 +278,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         config = TrainingConfig(name=p.adapterName, backbone=p.backbone, epochs=p.epochs, rank=p.rank)
-        job = self._run(_("Training"), self.logic.startTraining, config)
+        job = self._run(_("Training"), self.logic.startTraining, config, p.inputVolume, p.inputMarkups)
         if job:
             self.ui.plotWidget.setMRMLPlotChartNode(job.chart_node)
             self.ui.trainingProgressBar.maximum = 100
@@ -281,9 +301,10 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             self._job = None
             self.ui.cancelButton.enabled = False
-            if getattr(job, "table_node", None) is not None and not hasattr(job, "chart_node"):
-                self._parameterNode.resultsTable = job.table_node
-                self.ui.resultsTableView.setMRMLTableNode(job.table_node)
+            table = self.logic.jobResultsTable(job)
+            if table is not None:
+                self._parameterNode.resultsTable = table
+                self.ui.resultsTableView.setMRMLTableNode(table)
             self._status(self.logic.jobStatus(job))
             self.refreshAdapters()
 
@@ -321,8 +342,9 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, scene=None, engine=None, runner=None, store=None, workDir=None):
         ScriptedLoadableModuleLogic.__init__(self)
+        pythonPath = os.pathsep.join(filter(None, (LIB_ROOT, os.environ.get("PYTHONPATH"))))
         config = EngineConfig(env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                                   "PYTHONPATH": LIB_ROOT})
+                                   "PYTHONPATH": pythonPath})
         self.sceneLogic = SceneLogic(scene or slicer.mrmlScene, engine=engine, runner=runner,
                                      store=store if store is not None else _defaultStore(),
                                      engine_config=config)
@@ -369,48 +391,78 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
         return self.sceneLogic.store.export(name, path)
 
     def deleteAdapter(self, name):
-        if name in self.sceneLogic.adapters:
-            self.sceneLogic.engine.detach_adapter(name)
-            del self.sceneLogic.adapters[name]
+        self.sceneLogic.detach_adapter(name)
         self.sceneLogic.store.delete(name)
+
+    def _spec(self, adapter):
+        if not adapter:
+            raise MedLoRAError("choose an adapter first: crops are cut the way the adapter reads them.")
+        return self.sceneLogic.store.info(adapter).spec
 
     # scoring, crops, training
     def beginScore(self, volume, markups, adapter, table=None, tta=True, device="auto"):
+        """Score the points of one volume; the pair is remembered for batch scoring and training."""
+        if volume is not None and markups is not None and mrml.markups_for_volume(volume) is None:
+            mrml.link_markups(volume, markups)
         self._configureDevice(device)
         return self.sceneLogic.begin_score(volume, markups, self._attach(adapter), table, tta)
 
-    def beginScoreAll(self, adapter, ask=None, device="auto"):
+    def beginScoreAll(self, adapter, ask=None, device="auto", tta=True):
         self._configureDevice(device)
-        return BatchScoring(self.sceneLogic, find_studies(self.sceneLogic.scene, ask), adapter=self._attach(adapter))
+        return BatchScoring(self.sceneLogic, find_studies(self.sceneLogic.scene, ask), adapter=self._attach(adapter),
+                            tta=tta)
 
     def _configureDevice(self, device):
         wanted = [] if device in (None, "", "auto") else ["--device", device]
         if wanted != self.sceneLogic.engine.config.extra_args:
             self.restartEngine(device)
 
+    def activePoint(self, volume, markups):
+        """The markups' active control point (else its first), as a ScenePoint."""
+        if volume is None or markups is None:
+            raise MedLoRAError("select a volume and a point list (or ROI) first.")
+        points = mrml.markups_to_points(markups, volume.GetName())
+        if not points:
+            raise MedLoRAError(f"'{markups.GetName()}' has no placed points: click on a nodule first.")
+        display = markups.GetDisplayNode()
+        active = display.GetActiveControlPoint() if display is not None and markups.IsA("vtkMRMLMarkupsFiducialNode") else -1
+        return next((p for p in points if p.index == active), points[0])
+
+    def cropPreview(self, volume, markups, adapter, path=None):
+        """The active nodule's views as a PNG (what the adapter sees); returns its path."""
+        path = path or os.path.join(_userDataDir(), "thumbnail.png")
+        return crops.save_thumbnail(volume, self.activePoint(volume, markups), self._spec(adapter), path)
+
     def showCube(self, volume, markups, adapter):
-        from MedLoRALib.slicer.logic import patch_spec_from_manifest
+        """The active nodule's cube as a new volume node, placed exactly where it was cut."""
+        return self.sceneLogic.cube_to_volume(volume, self.activePoint(volume, markups), self._spec(adapter))
 
-        spec = patch_spec_from_manifest(self.sceneLogic.store.info(adapter).to_dict())
-        index = max(0, markups.GetDisplayNode().GetActiveControlPoint()) if markups.IsA("vtkMRMLMarkupsFiducialNode") else 0
-        point = mrml.markups_to_points(markups, volume.GetName())[index]
-        cube = self.sceneLogic.cube_to_volume(volume, point, spec)
-        slicer.util.setSliceViewerLayers(background=cube, fit=True)
-        return cube
+    def scenePairs(self, volume=None, markups=None):
+        """(volume, markups) of every loaded study, with the selected pair if it is not linked."""
+        pairs = [(s.volume, s.markups) for s in find_studies(self.sceneLogic.scene) if s.markups is not None]
+        if volume is not None and markups is not None and all(v is not volume for v, _ in pairs):
+            pairs.append((volume, markups))
+        return pairs
 
-    def trainingPairs(self):
-        return [(s.volume, s.markups) for s in find_studies(self.sceneLogic.scene) if s.markups is not None]
+    def exportCrops(self, folder, adapter, volume=None, markups=None):
+        """Every nodule's patch of every loaded study, in the ``medlora crop`` format."""
+        return crops.export_crops(self.scenePairs(volume, markups), folder, crops.crop_job_for(self._spec(adapter)))
 
-    def startTraining(self, config, resume=False):
+    def startTraining(self, config, volume=None, markups=None, resume=False):
+        """Train from the labelled points of every loaded study, with the engine's Python and environment."""
+        engine_config = self.sceneLogic.engine.config
+        config.python = config.python or engine_config.python
+        config.env = {**engine_config.env, **config.env}
         work = os.path.join(self.workDir, config.name)
-        return start_training(self.sceneLogic.scene, self.sceneLogic.runner, self.trainingPairs(), work, config,
-                              store=self.sceneLogic.store, resume=resume)
+        return start_training(self.sceneLogic.scene, self.sceneLogic.runner, self.scenePairs(volume, markups), work,
+                              config, store=self.sceneLogic.store, resume=resume)
 
-    # jobs polled by the widget's timer
+    # jobs polled by the widget's timer: a ScoreJob, a BatchScoring or a TrainingJob
     def pollJob(self, job):
+        """Advance a job without blocking; True when it has finished."""
         if isinstance(job, BatchScoring):
             return not job.step()
-        if hasattr(job, "chart_node"):
+        if isinstance(job, TrainingJob):
             job.poll()
             return not job.running
         return job.poll() is not None
@@ -418,19 +470,26 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
     def jobProgress(self, job, maximum):
         if isinstance(job, BatchScoring):
             return job.done
-        if hasattr(job, "chart_node"):
+        if isinstance(job, TrainingJob):
             return int(job.state.fraction * maximum)
         return maximum if job.rows is not None else 0
 
     def jobStatus(self, job):
         if isinstance(job, BatchScoring):
-            return f"{job.done}/{len(job.studies)} studies scored" + (" (cancelled)" if job.cancelled else "")
-        if hasattr(job, "chart_node"):
-            return job.state.status
-        return f"{len(job.rows)} nodules scored" if job.rows is not None else "scoring…"
+            status = f"{job.done}/{len(job.studies)} studies scored" + (" (cancelled)" if job.cancelled else "")
+        elif isinstance(job, TrainingJob):
+            status = job.state.status
+        else:
+            status = f"{len(job.rows)} nodules scored" if job.rows is not None else "scoring…"
+        reason, self.sceneLogic.engine.restart_reason = self.sceneLogic.engine.restart_reason, None
+        return status + (f" — {reason.splitlines()[0]}" if reason else "")
+
+    def jobResultsTable(self, job):
+        """The results table a finished scoring job wrote (None for training)."""
+        return None if isinstance(job, TrainingJob) else job.table_node
 
     def cancelJob(self, job):
-        if isinstance(job, BatchScoring) or hasattr(job, "chart_node"):
+        if isinstance(job, (BatchScoring, TrainingJob)):
             job.cancel()
         else:
             self.sceneLogic.engine.kill()  # a running score request: the engine restarts on the next one
@@ -465,10 +524,15 @@ class MedLoRATest(ScriptedLoadableModuleTest):
     def test_score_and_train(self):
         import tempfile
 
+        from MedLoRALib.adapters.store import AdapterStore
         from MedLoRALib.slicer import selftest
 
         with tempfile.TemporaryDirectory() as folder:
-            report = selftest.run(slicer.mrmlScene, folder)
+            # The module's logic: its engine settings find MedLoRALib in developer mode too.
+            logic = MedLoRALogic(store=AdapterStore(os.path.join(folder, "store")), workDir=folder)
+            report = selftest.run(slicer.mrmlScene, folder, logic=logic.sceneLogic)
         self.assertEqual(report["rows"], report["points"])
+        self.assertEqual(report["scored"], report["points"])
         self.assertTrue(report["adapter_registered"])
+        self.assertTrue(report["random_init_flagged"])
         self.assertEqual(report["epochs_plotted"], report["epochs"])

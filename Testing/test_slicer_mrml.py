@@ -163,7 +163,9 @@ def test_results_table_colours_and_csv(headless, tmp_path):
 
     results.colour_control_points(markups, rows)
     results.colour_control_points(markups, rows)  # scoring again does not stack suffixes
-    assert [markups.GetNthControlPointLabel(i) for i in range(3)] == ["n0 · 91%", "n1 · 12%", "far · error"]
+    assert [markups.GetNthControlPointLabel(i) for i in range(3)] == ["n0 · 91% lidc", "n1 · 12% lidc (random-init)",
+                                                                      "far · not scored"]
+    assert [p.name for p in mrml.markups_to_points(markups)] == ["n0", "n1", "far"]  # the user's names
     assert [bool(markups.GetNthControlPointSelected(i)) for i in range(3)] == [True, False, False]
     assert markups.GetDisplayNode().GetSelectedColor() == pytest.approx(results.MALIGNANT_RGB)
     assert markups.GetNthControlPointDescription(1) == "benign"  # the user's label is kept
@@ -176,6 +178,8 @@ def test_results_table_colours_and_csv(headless, tmp_path):
     assert [r["nodule_id"] for r in records] == ["n0", "n1", "far"]
     assert records[0]["coordinate_system"] == "RAS" and float(records[0]["x"]) == -1.0
     assert records[2]["probability"] == "" and records[2]["error"]
+    assert "label" not in records[0]  # a prediction must never be read back as a training label
+    assert (records[0]["predicted_label"], records[0]["predicted_class"]) == ("malignant", "1")
     assert records[1]["random_init"] == "1"
 
 
@@ -208,7 +212,7 @@ def test_scene_with_results_saves_as_mrb_and_reloads(headless, oblique_ct, tmp_p
     volume2 = slicer.util.getFirstNodeByClassByName("vtkMRMLScalarVolumeNode", "chest", reloaded.scene)
     np.testing.assert_array_equal(mrml.volume_to_ct_image(volume2).voxels_hu, oblique_ct.voxels_hu)
     markups2 = mrml.markups_for_volume(volume2)
-    assert markups2 is not None and markups2.GetNthControlPointLabel(0) == "n0 · 91%"
+    assert markups2 is not None and markups2.GetNthControlPointLabel(0) == "n0 · 91% lidc"
     [table2] = [n for n in reloaded.scene.GetNodesByClass("vtkMRMLTableNode") if n.GetAttribute("MedLoRA.results")]
     restored = results.read_table(table2)
     assert restored[0].probability == pytest.approx(rows[0].probability)

@@ -53,7 +53,7 @@ def test_scored_control_point_is_drawn_in_its_colour_at_the_nodule(display, lidc
     # The view is centred on the nodule: its pixel is the middle of the picture.
     column, row = view.pixel_of(centre_ras)
     assert abs(column - 200) < 2 and abs(row - 200) < 2
-    assert set(view.points_px) == {"n1 · 87%", "n2 · 8%"}
+    assert set(view.points_px) == {"n1 · 87% a", "n2 · 8% a"}
     for rgb, (col, rw), other in ((results.MALIGNANT_RGB, view.pixel_of(centre_ras), results.BENIGN_RGB),
                                   (results.BENIGN_RGB, view.pixel_of(benign_ras), results.MALIGNANT_RGB)):
         near = (slice(int(rw) - 8, int(rw) + 9), slice(int(col) - 8, int(col) + 9))

@@ -9,6 +9,7 @@ between them; a study that fails is reported in its rows and the others go on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,58 +68,84 @@ def find_studies(scene, ask: AskMarkups | None = None) -> list[Study]:
     return studies
 
 
+def _study_error(name: str, message: str) -> ScoreRow:
+    return ScoreRow(volume=name, nodule="", point_id="", r=float("nan"), a=float("nan"), s=float("nan"),
+                    error=message)
+
+
 @dataclass
 class BatchScoring:
-    """Scores the studies one by one; ``step`` does one study (call it from a timer or a loop).
+    """Scores the studies one by one; ``step`` never blocks (call it from a timer or a loop).
+
+    Each study is one request to the engine: ``step`` sends it, later calls collect its
+    answer and send the next. Cancelling lets the study in flight finish and sends no
+    other. A study that fails (no points, engine died, ...) gets one error row.
 
     Args:
         logic: the ``SceneLogic`` that scores one volume.
         studies: from ``find_studies``.
         adapter: adapter name (default: the active one).
+        tta: test-time augmentation.
         progress: called with (studies done, studies in all, volume name) after each study.
     """
 
     logic: object
     studies: list[Study]
     adapter: str | None = None
+    tta: bool = True
     progress: Callable[[int, int, str], None] | None = None
     rows: list[ScoreRow] = field(default_factory=list)
     done: int = 0
     cancelled: bool = False
     table_node: object = None
+    _job: object = None
 
     @property
     def finished(self) -> bool:
-        return self.cancelled or self.done >= len(self.studies)
+        return self._job is None and (self.cancelled or self.done >= len(self.studies))
 
     def cancel(self) -> None:
-        """Stop before the next study; the rows so far stay in the table."""
+        """Send no further study; the one in flight still lands in the table."""
         self.cancelled = True
 
     def step(self) -> bool:
-        """Score the next study; returns False when there is nothing left to do."""
-        if self.finished:
-            return False
-        study = self.studies[self.done]
+        """Advance without waiting; returns False when there is nothing left to do."""
+        if self._job is None:
+            if self.finished:
+                return False
+            self._begin(self.studies[self.done])
+        if self._job is not None:
+            name = self._job.batch.volume_name
+            try:
+                rows = self._job.poll()
+            except MedLoRAError as exc:
+                rows = [_study_error(name, str(exc))]
+            if rows is None:
+                return True
+            self._job = None
+            self._study_done(name, rows)
+        return not self.finished
+
+    def _begin(self, study: Study) -> None:
         name = study.volume.GetName()
         if study.markups is None:
-            self.rows.append(ScoreRow(volume=name, nodule="", point_id="", r=float("nan"), a=float("nan"),
-                                      s=float("nan"), error=study.found_by))
-        else:
-            try:
-                _, rows = self.logic.score(study.volume, study.markups, adapter=self.adapter,
-                                              write_results_table=False)
-            except MedLoRAError as exc:
-                rows = [ScoreRow(volume=name, nodule="", point_id="", r=float("nan"), a=float("nan"),
-                                 s=float("nan"), error=str(exc))]
-            self.rows.extend(rows)
+            self._study_done(name, [_study_error(name, study.found_by)])
+            return
+        try:
+            self._job = self.logic.begin_score(study.volume, study.markups, adapter=self.adapter, tta=self.tta,
+                                               write_results_table=False)
+        except MedLoRAError as exc:
+            self._study_done(name, [_study_error(name, str(exc))])
+
+    def _study_done(self, name: str, rows: list[ScoreRow]) -> None:
+        self.rows.extend(rows)
         self.done += 1
         self.table_node = write_table(self.logic.scene, self.rows, self.table_node, name="MedLoRA batch results")
         if self.progress is not None:
             self.progress(self.done, len(self.studies), name)
-        return not self.finished
 
-    def run(self) -> list[ScoreRow]:
+    def run(self, poll_s: float = 0.02) -> list[ScoreRow]:
+        """Score every study, waiting (scripts and tests)."""
         while self.step():
-            pass
+            time.sleep(poll_s)
         return self.rows

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import logging
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +24,25 @@ import numpy as np
 from ..errors import MedLoRAError
 from .process import ProcessHandle, ProcessRunner, SubprocessRunner
 
+log = logging.getLogger(__name__)
+
 
 class EngineError(MedLoRAError):
     """The engine could not be started, died, timed out or refused a request."""
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit status in words: a signal's name (SIGKILL often means out of memory)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ", e.g. by the system when memory ran out" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
 
 
 def default_python() -> str:
@@ -78,6 +96,7 @@ class EngineClient:
         self._pending: dict[int, tuple[str, float]] = {}
         self.ready_info: dict = {}
         self.starts = 0
+        self.restart_reason: str | None = None  # why the last engine stopped unasked, if it did
 
     # --- process ---------------------------------------------------------------------
     @property
@@ -91,6 +110,9 @@ class EngineClient:
         """Start the engine if it is not running; return its ``ready`` line."""
         if self.is_running():
             return self.ready_info
+        if self._handle is not None:  # it died between requests: say why once, then start afresh
+            self.restart_reason = str(self._died("between requests"))
+            log.warning("%s", self.restart_reason)
         self._handle = self.runner.start(self.config.command(), env=self.config.env)
         self.starts += 1
         self._responses.clear()
@@ -104,17 +126,18 @@ class EngineClient:
                     return message
             if self._handle.poll() is not None and not self._handle.read_lines():
                 raise self._died("while starting")
-        self._handle.cancel(grace_s=2.0)
+        handle, self._handle = self._handle, None
+        handle.cancel(grace_s=2.0)
         raise EngineError(f"the scoring engine did not start within {self.config.start_timeout_s:.0f} s "
                           f"(command: {' '.join(self.config.command())}). Its last messages:\n"
-                          f"{self._handle.stderr_tail()}")
+                          f"{handle.stderr_tail()}")
 
     def _died(self, when: str) -> EngineError:
         handle, self._handle = self._handle, None
         code = handle.wait(timeout=5.0)
         tail = handle.stderr_tail().strip() or "(no output)"
-        return EngineError(f"the scoring engine stopped {when} (exit code {code}); it will be restarted on the "
-                           f"next request. Its last messages:\n{tail}")
+        return EngineError(f"the scoring engine stopped {when} ({describe_exit(code)}); it will be restarted on "
+                           f"the next request. Its last messages:\n{tail}")
 
     def close(self) -> None:
         """Ask the engine to shut down; end its process tree if it does not."""

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..adapters.manifest import AdapterManifest
 from ..errors import MedLoRAError
 from ..image import CTImage
 from ..nodule import centres_lps
 from ..patches import PatchSpec, cube_geometry, extract_patches
-from .engine_client import EngineClient, EngineConfig
+from .engine_client import EngineClient, EngineConfig, encode_patches
 from .mrml import ScenePoint, add_volume_node, markups_to_points, volume_to_ct_image
 from .process import ProcessRunner, SubprocessRunner
 from .results import ScoreRow, colour_control_points, write_table
@@ -54,8 +55,16 @@ def cut_patches(volume_node, markups_node, spec: PatchSpec) -> PatchBatch:
                       errors=errors)
 
 
-def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, version: str) -> list[ScoreRow]:
-    """Join the engine's results (one per inside point) with the points, in point order."""
+def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, version: str,
+                      label_names: tuple[str, str] = ("benign", "malignant")) -> list[ScoreRow]:
+    """Join the engine's results (one per inside point) with the points, in point order.
+
+    The engine names the label with the adapter's ``label_names``; the row keeps that
+    name and its class index (1 = the positive class, drawn red).
+    """
+    if len(results) != int(batch.inside.sum()):
+        raise MedLoRAError(f"the scoring engine returned {len(results)} results for {int(batch.inside.sum())} "
+                           "patches; restart the engine and score again.")
     scored = iter(results)
     rows = []
     for i, point in enumerate(batch.points):
@@ -65,7 +74,9 @@ def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, vers
         if batch.inside[i]:
             result = next(scored)
             row.probability = float(result["probability"])
-            row.label = None if result.get("label") is None else int(result["label"])
+            name = result.get("label")
+            row.label = None if name is None else (1 if name == label_names[1] else 0)
+            row.label_name = "" if name is None else str(name)
             row.adapter = str(result.get("adapter", adapter))
             row.adapter_version = str(result.get("adapter_version", version))
             row.random_init = bool(result.get("random_init", False))
@@ -73,15 +84,6 @@ def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, vers
             row.error = batch.errors[i]
         rows.append(row)
     return rows
-
-
-def patch_spec_from_manifest(manifest: dict) -> PatchSpec:
-    """The adapter's own patch spec, so Slicer cuts exactly what the adapter was trained on."""
-    spec = manifest.get("patch_spec") or manifest.get("preprocessing", {}).get("patch_spec")
-    if not isinstance(spec, dict):
-        raise MedLoRAError("the adapter's manifest has no patch_spec: it cannot be used for scoring; "
-                           "re-export it with a current MedLoRA.")
-    return PatchSpec.from_dict(spec)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class ScoreJob:
     markups_node: object
     adapter: str
     version: str
+    label_names: tuple[str, str]
     request_id: int | None
     table_node: object = None
     rows: list[ScoreRow] | None = None
@@ -107,7 +110,7 @@ class ScoreJob:
             if answer is None:
                 return None
             results = answer["results"]
-        self.rows = rows_from_results(self.batch, results, self.adapter, self.version)
+        self.rows = rows_from_results(self.batch, results, self.adapter, self.version, self.label_names)
         if self.write_results_table:
             self.table_node = write_table(self.logic.scene, self.rows, self.table_node)
         colour_control_points(self.markups_node, self.rows)
@@ -141,10 +144,12 @@ class SceneLogic:
         self.adapters: dict[str, dict] = {}  # attached adapter name -> manifest
         self._sources: dict[str, tuple[str, str | None]] = {}  # name -> (path, backbone weights)
         self.active_adapter: str | None = None
+        self._engine_generation = 0  # the engine start these adapters were attached to
 
     # --- adapters ----------------------------------------------------------------------
     def attach_adapter(self, path: str, name: str | None = None, weights: str | None = None) -> str:
         """Load an adapter into the engine (kept there alongside the others); returns its name."""
+        self._sync_engine()
         result = self.engine.attach_adapter(str(path), name=name, weights=weights)
         self.adapters[result["name"]] = result.get("manifest", {})
         self._sources[result["name"]] = (str(path), weights)
@@ -152,22 +157,37 @@ class SceneLogic:
             self.active_adapter = result["name"]
         return result["name"]
 
+    def detach_adapter(self, name: str) -> None:
+        """Unload an adapter from the engine (and forget it here)."""
+        if name not in self.adapters:
+            return
+        if self.engine.is_running():
+            self.engine.detach_adapter(name)
+        del self.adapters[name]
+        del self._sources[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+
     def set_adapter(self, name: str) -> None:
         """Switch the active adapter: a message to the warm engine, no reload."""
         if name not in self.adapters:
             raise MedLoRAError(f"adapter '{name}' is not attached; attached: {', '.join(self.adapters) or 'none'}.")
+        self._sync_engine()
         self.engine.set_adapter(name)
         self.active_adapter = name
 
-    def _restore_adapters(self) -> None:
-        """After an engine restart, attach the adapters again (the engine lost them)."""
-        if self.engine.is_running():
-            return
+    def _sync_engine(self) -> None:
+        """Start the engine if needed; after a restart, attach this scene's adapters again."""
         self.engine.start()
-        attached = self.engine.status().get("adapters", [])
+        if self._engine_generation == self.engine.starts:
+            return
+        attached = set(self.engine.status().get("adapters", []))
         for name, (path, weights) in self._sources.items():
             if name not in attached:
                 self.engine.attach_adapter(path, name=name, weights=weights)
+        if self.active_adapter in self._sources:
+            self.engine.set_adapter(self.active_adapter)
+        self._engine_generation = self.engine.starts
 
     def _adapter(self, name: str | None) -> tuple[str, dict]:
         name = name or self.active_adapter
@@ -179,17 +199,16 @@ class SceneLogic:
     def begin_score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
                     tta: bool = True, write_results_table: bool = True) -> ScoreJob:
         """Cut patches here and send them to the engine; poll the returned job."""
-        name, manifest = self._adapter(adapter)
-        batch = cut_patches(volume_node, markups_node, patch_spec_from_manifest(manifest))
-        self._restore_adapters()
+        name, manifest_dict = self._adapter(adapter)
+        manifest = AdapterManifest.from_dict(manifest_dict, f"adapter {name}")
+        batch = cut_patches(volume_node, markups_node, manifest.spec)
         request_id = None
         if len(batch.patches):
-            from .engine_client import encode_patches
-
+            self._sync_engine()
             request_id = self.engine.submit("score", patches=encode_patches(batch.patches), adapter=name, tta=tta)
         return ScoreJob(logic=self, batch=batch, markups_node=markups_node, adapter=name,
-                        version=str(manifest.get("version", "")), request_id=request_id, table_node=table_node,
-                        write_results_table=write_results_table)
+                        version=manifest.version_id, label_names=tuple(manifest.label_names),
+                        request_id=request_id, table_node=table_node, write_results_table=write_results_table)
 
     def score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
               tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:

@@ -17,6 +17,7 @@ from ..errors import MedLoRAError
 from ..geometry import Geometry, lps_to_ras, ras_to_lps
 from ..image import CTImage, StudyIds
 from ..nodule import Nodule
+from .results import base_label
 
 #: Node attribute naming the markups (fiducial or ROI) node that belongs to a volume.
 MARKUPS_REFERENCE_ROLE = "MedLoRA.markups"
@@ -168,7 +169,7 @@ class ScenePoint:
     Args:
         index: control point index in its markups node (or 0 for an ROI).
         point_id: the control point's ID (stable across reordering) or the ROI node ID.
-        name: the label the user sees.
+        name: the label the user sees, without the score MedLoRA appended to it.
         position_ras: world RAS mm, as Slicer shows it.
         nodule: the same place as a ``Nodule`` in LPS.
         training_label: 0 benign, 1 malignant, ``None`` unlabelled.
@@ -234,7 +235,7 @@ def markups_to_points(markups_node, case_id: str = "") -> list[ScenePoint]:
         position_ras = np.zeros(3)
         markups_node.GetNthControlPointPositionWorld(index, position_ras)
         point_id = markups_node.GetNthControlPointID(index)
-        name = markups_node.GetNthControlPointLabel(index) or f"{markups_node.GetName()}-{index + 1}"
+        name = base_label(markups_node.GetNthControlPointLabel(index)) or f"{markups_node.GetName()}-{index + 1}"
         label = widget_labels.get(point_id, parse_training_label(markups_node.GetNthControlPointDescription(index)))
         nodule = Nodule(centre_lps=tuple(ras_to_lps(position_ras)), nodule_id=name, case_id=case_id,
                         label=label, source=f"slicer:{markups_node.GetName()}")

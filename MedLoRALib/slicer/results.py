@@ -1,9 +1,11 @@
 """Scores in the scene: a results table node, coloured control points, CSV export.
 
 The table has one row per nodule and keeps working after a ``.mrb`` save and reload
-(typed columns are stored in the table's schema file). Control points show their score
-in the views: malignant-at-threshold points are drawn in the display node's selected
-colour (red), the others in its plain colour (green); the label gets the probability.
+(typed columns are stored in the table's schema file). A markups node has two point
+colours (plain and selected), so the selected flag carries the score: points positive
+at the adapter's threshold are selected and drawn red, the others green. A point that
+could not be scored is unselected and its label says "not scored", so colour alone never
+passes for a result. Labels also name the adapter, because the number depends on it.
 Descriptions the user wrote (e.g. a training label) are never overwritten.
 """
 
@@ -20,8 +22,10 @@ from ..errors import MedLoRAError
 
 MALIGNANT_RGB = (0.90, 0.10, 0.10)
 BENIGN_RGB = (0.10, 0.80, 0.20)
-_SCORE_SUFFIX = re.compile(r" · (\d{1,3}%|error)$")
+NOT_SCORED = "not scored"
+_SCORE_SUFFIX = re.compile(r" · (\d{1,3}% .*|\d{1,3}%|not scored|error)$")
 DESCRIPTION_PREFIX = "MedLoRA:"
+LABEL_TEXT = {0: "benign", 1: "malignant", None: ""}  # default class names (an adapter may name its own)
 
 
 @dataclass
@@ -40,17 +44,21 @@ class ScoreRow:
     adapter_version: str = ""
     random_init: bool = False
     error: str = ""
+    label_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label_name and self.label is not None:
+            self.label_name = LABEL_TEXT[self.label]
 
 
 # column title, ScoreRow field, vtk array kind
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Volume", "volume", "string"), ("Nodule", "nodule", "string"), ("Point ID", "point_id", "string"),
     ("R", "r", "double"), ("A", "a", "double"), ("S", "s", "double"),
-    ("Probability", "probability", "double"), ("Label", "label", "string"),
+    ("Probability", "probability", "double"), ("Label", "label_name", "string"), ("Class", "label", "string"),
     ("Adapter", "adapter", "string"), ("Adapter version", "adapter_version", "string"),
     ("Random init", "random_init", "string"), ("Error", "error", "string"),
 )
-LABEL_TEXT = {0: "benign", 1: "malignant", None: ""}
 
 
 def _cell(row: ScoreRow, field_name: str):
@@ -58,7 +66,7 @@ def _cell(row: ScoreRow, field_name: str):
     if field_name == "probability":
         return float("nan") if value is None else float(value)
     if field_name == "label":
-        return LABEL_TEXT[value]
+        return "" if value is None else str(value)
     if field_name == "random_init":
         return "yes" if value else "no"
     return value
@@ -113,7 +121,7 @@ def _from_cell(field_name: str, raw):
         value = float(raw)
         return None if value != value else value  # NaN: not scored
     if field_name == "label":
-        return {"benign": 0, "malignant": 1}.get(str(raw))
+        return {"0": 0, "1": 1}.get(str(raw))
     if field_name == "random_init":
         return str(raw) == "yes"
     return str(raw)
@@ -124,8 +132,23 @@ def base_label(label: str) -> str:
     return _SCORE_SUFFIX.sub("", label)
 
 
+def score_suffix(row: ScoreRow) -> str:
+    """What follows a point's name in the views: ``87% site-a``, or ``not scored``."""
+    if row.error or row.probability is None:
+        return NOT_SCORED
+    return f"{round(100 * row.probability):d}% {row.adapter}" + (" (random-init)" if row.random_init else "")
+
+
+def _description(row: ScoreRow) -> str:
+    if row.error or row.probability is None:
+        return f"{DESCRIPTION_PREFIX} {NOT_SCORED}: {row.error or 'no result'}"
+    return (f"{DESCRIPTION_PREFIX} probability {row.probability:.3f}, {row.label_name or 'unlabelled'} at the "
+            f"adapter's threshold (adapter {row.adapter} {row.adapter_version})"
+            + (" — RANDOM-INIT BACKBONE, not a real score" if row.random_init else ""))
+
+
 def colour_control_points(markups_node, rows: list[ScoreRow]) -> None:
-    """Colour and describe the scored control points of one markups node."""
+    """Colour, label and describe the scored control points of one markups node."""
     display = markups_node.GetDisplayNode()
     if display is None:
         markups_node.CreateDefaultDisplayNodes()
@@ -140,27 +163,36 @@ def colour_control_points(markups_node, rows: list[ScoreRow]) -> None:
         if row is None:
             continue
         name = base_label(markups_node.GetNthControlPointLabel(index))
-        if row.error:
-            suffix, text = "error", f"{DESCRIPTION_PREFIX} not scored: {row.error}"
-        else:
-            suffix = f"{round(100 * row.probability):d}%"
-            text = (f"{DESCRIPTION_PREFIX} probability {row.probability:.3f}, {LABEL_TEXT[row.label] or 'unlabelled'}"
-                    f" at the adapter's threshold (adapter {row.adapter} {row.adapter_version})"
-                    + (" — RANDOM-INIT BACKBONE, not a real score" if row.random_init else ""))
-        markups_node.SetNthControlPointLabel(index, f"{name} · {suffix}")
+        markups_node.SetNthControlPointLabel(index, f"{name} · {score_suffix(row)}")
         markups_node.SetNthControlPointSelected(index, row.label == 1 and not row.error)
         description = markups_node.GetNthControlPointDescription(index)
         if not description or description.startswith(DESCRIPTION_PREFIX):
-            markups_node.SetNthControlPointDescription(index, text)
+            markups_node.SetNthControlPointDescription(index, _description(row))
     markups_node.EndModify(was_modifying)
 
 
+def result_position_ras(table_node, row_index: int) -> tuple[float, float, float] | None:
+    """World RAS of a results-table row (to centre the views on it); ``None`` for rows without a point."""
+    if table_node is None or not 0 <= row_index < table_node.GetNumberOfRows():
+        return None
+    table = table_node.GetTable()
+    columns = [table.GetColumnByName(name) for name in ("R", "A", "S")]
+    if any(column is None for column in columns):
+        raise MedLoRAError(f"table '{table_node.GetName()}' is not a MedLoRA results table (no R, A, S columns).")
+    position = tuple(float(column.GetValue(row_index)) for column in columns)
+    return None if any(v != v for v in position) else position
+
+
 def export_csv(rows: list[ScoreRow], path: str | os.PathLike) -> Path:
-    """Write the results as a points CSV (RAS, one row per nodule), atomically."""
+    """Write the results as a points CSV (RAS, one row per nodule), atomically.
+
+    Predictions go in ``predicted_*`` columns, never ``label``: a points CSV's ``label``
+    is the truth a training manifest learns from.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = ["volume", "nodule_id", "point_id", "x", "y", "z", "coordinate_system", "probability", "label",
-             "adapter", "adapter_version", "random_init", "error"]
+    names = ["volume", "nodule_id", "point_id", "x", "y", "z", "coordinate_system", "probability",
+             "predicted_label", "predicted_class", "adapter", "adapter_version", "random_init", "error"]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
@@ -171,7 +203,8 @@ def export_csv(rows: list[ScoreRow], path: str | os.PathLike) -> Path:
                     "volume": row.volume, "nodule_id": row.nodule, "point_id": row.point_id,
                     "x": f"{row.r:.3f}", "y": f"{row.a:.3f}", "z": f"{row.s:.3f}", "coordinate_system": "RAS",
                     "probability": "" if row.probability is None else f"{row.probability:.6f}",
-                    "label": "" if row.label is None else row.label, "adapter": row.adapter,
+                    "predicted_label": row.label_name, "predicted_class": "" if row.label is None else row.label,
+                    "adapter": row.adapter,
                     "adapter_version": row.adapter_version, "random_init": int(row.random_init),
                     "error": row.error})
         os.replace(tmp, path)

@@ -38,21 +38,36 @@ def build_scene(scene, cases: int = 3) -> list[tuple[object, object]]:
 
 
 def run(scene, folder: str | os.PathLike, logic: SceneLogic | None = None, timeout_s: float = 600.0) -> dict:
-    """Train, register, attach, score; returns what was checked."""
+    """Train, register, attach, score; returns what was checked.
+
+    The training process and the engine are ended before returning, also on failure.
+    ``logic`` (e.g. the module's, whose engine settings find ``MedLoRALib`` in developer
+    mode) is used if given; its store must be the one the adapter is registered in.
+    """
     folder = Path(folder)
-    store = AdapterStore(folder / "store")
-    logic = logic or SceneLogic(scene, store=store)
+    if logic is None:
+        logic = SceneLogic(scene, store=AdapterStore(folder / "store"))
+    store = logic.store
+    if store is None:
+        raise ValueError("the self-test needs a logic with an adapter store")
     pairs = build_scene(scene)
-    config = TrainingConfig(name="selftest", backbone="medlora_tiny", epochs=1, rank=4,
-                            python=logic.engine.config.python, extra_args=TINY_TRAINING)
+    engine_config = logic.engine.config
+    config = TrainingConfig(name="selftest", backbone="medlora_tiny", epochs=1, rank=4, python=engine_config.python,
+                            extra_args=TINY_TRAINING, env=dict(engine_config.env))
     job = start_training(scene, logic.runner, pairs, folder / "training", config, store=store)
-    state = job.wait(timeout_s)
-    if state.exit_code != 0:
-        raise RuntimeError(f"self-test training failed: {state.status}\n{job.handle.stderr_tail()}")
-    name = logic.attach_adapter(str(store.path(job.stored_adapter)), name=job.stored_adapter)
-    volume, markups = pairs[0]
-    table, rows = logic.score(volume, markups, adapter=name)
-    logic.close()
+    try:
+        state = job.wait(timeout_s)
+        if state.exit_code != 0:
+            raise RuntimeError(f"self-test training failed: {state.status}\n{job.handle.stderr_tail()}")
+        name = logic.attach_adapter(str(store.path(job.stored_adapter)), name=job.stored_adapter)
+        volume, markups = pairs[0]
+        table, rows = logic.score(volume, markups, adapter=name)
+    finally:
+        if job.running:
+            job.cancel(grace_s=5.0)
+        logic.close()
     return {"points": markups.GetNumberOfControlPoints(), "rows": len(read_table(table)),
             "scored": sum(r.probability is not None for r in rows), "adapter_registered": name in store,
-            "epochs": len(state.epochs), "epochs_plotted": job.table_node.GetNumberOfRows()}
+            "random_init_flagged": all(r.random_init for r in rows if r.probability is not None),
+            "epochs": len(state.epochs), "epochs_plotted": job.table_node.GetNumberOfRows(),
+            "labels": [markups.GetNthControlPointLabel(i) for i in range(markups.GetNumberOfControlPoints())]}

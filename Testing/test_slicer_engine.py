@@ -1,0 +1,250 @@
+"""The Slicer logic scoring through a real ``medlora serve`` child process (slicer-core, no Qt).
+
+One engine is shared by the module's tests (starting it costs seconds); a finalizer shuts
+it down, and the last test checks that no engine or trainer process of this run is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from MedLoRALib.adapters import AdapterManifest
+from MedLoRALib.adapters.package import save_adapter
+from MedLoRALib.adapters.store import AdapterStore
+from MedLoRALib.engine import ScoringEngine
+from MedLoRALib.models import build_model
+from MedLoRALib.patches import PatchSpec
+from MedLoRALib.slicer import mrml, results, selftest
+from MedLoRALib.slicer.batch import BatchScoring, find_studies
+from MedLoRALib.slicer.engine_client import EngineConfig, EngineError
+from MedLoRALib.slicer.logic import SceneLogic, cut_patches
+
+pytest.importorskip("slicer")
+pytestmark = pytest.mark.slow  # every test here needs the engine, whose start takes ~10 s on 2 busy cores
+torch.set_num_threads(1)
+
+# Small requests (four 32-px axial patches, about 22 kB of base64) fit in a pipe's buffer,
+# so a request can be sent to a stopped engine.
+SPEC = PatchSpec(views="axial", fov_mm=40.0, pixels=32)
+MODULE_DIR = Path(__file__).resolve().parents[1] / "MedLoRA"
+
+
+def _our_engines() -> list[psutil.Process]:
+    """Engine or trainer processes started by this test process that are still alive."""
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and {"serve", "train"} & set(proc.cmdline()):
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(tmp_path_factory) -> dict[str, Path]:
+    """Two real adapters for the same tiny backbone: different LoRA weights and heads."""
+    folder = tmp_path_factory.mktemp("adapters")
+    paths = {}
+    for seed, (name, bias) in enumerate((("site-a", 1.5), ("site-b", -1.5))):
+        torch.manual_seed(seed)
+        model, _ = build_model("medlora_tiny", patch_spec=SPEC, allow_random_init=True)
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.normal_(0.0, 0.05)
+            model.head.bias.fill_(bias)
+        paths[name] = save_adapter(model, AdapterManifest(name=name), folder / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def expected(adapter_paths):
+    """Scores of the same patches from the engine in this process, per adapter."""
+    engine = ScoringEngine(device="cpu")
+    for name, path in adapter_paths.items():
+        engine.attach_adapter(path, name=name)
+
+    def score(patches: np.ndarray, adapter: str) -> np.ndarray:
+        return np.array([r["probability"] for r in engine.score_patches(patches, adapter=adapter)])
+
+    return score
+
+
+@pytest.fixture(scope="module")
+def scene():
+    headless = mrml.create_headless_scene()
+    pairs = selftest.build_scene(headless.scene, cases=2)
+    for volume, markups in pairs:
+        markups.AddControlPointWorld(900.0, 900.0, 900.0, "far")  # outside every volume
+    return headless, pairs
+
+
+@pytest.fixture(scope="module")
+def logic(scene, adapter_paths):
+    headless, _ = scene
+    config = EngineConfig(python=sys.executable, extra_args=["--device", "cpu"],
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    scene_logic = SceneLogic(headless.scene, engine_config=config)
+    yield scene_logic
+    scene_logic.close()
+    assert not scene_logic.engine.is_running()
+
+
+@pytest.fixture(scope="module")
+def attached(logic, adapter_paths) -> SceneLogic:
+    for name, path in adapter_paths.items():
+        assert logic.attach_adapter(str(path), name=name) == name
+    return logic
+
+
+def test_scoring_through_the_engine_fills_one_row_per_control_point(scene, attached, expected):
+    headless, pairs = scene
+    volume, markups = pairs[0]
+    table, rows = attached.score(volume, markups, adapter="site-a")
+
+    assert table.GetNumberOfRows() == markups.GetNumberOfControlPoints() == 5
+    titles = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert titles == [title for title, _, _ in results.COLUMNS]
+    assert results.read_table(table) == rows
+    ids = [markups.GetNthControlPointID(i) for i in range(5)]
+    assert [r.point_id for r in rows] == ids
+    scored, far = rows[:4], rows[4]
+    batch = cut_patches(volume, markups, SPEC)
+    np.testing.assert_allclose([r.probability for r in scored], expected(batch.patches, "site-a"), rtol=1e-5)
+    for row in scored:
+        assert row.adapter == "site-a" and row.random_init and not row.error
+        assert row.label == int(row.probability >= 0.5)
+        assert row.label_name == ("malignant" if row.label else "benign")
+        assert len(row.adapter_version) == 12
+    assert far.probability is None and "outside volume" in far.error
+    # The points show their score and the adapter; the far one says it was not scored.
+    labels = [markups.GetNthControlPointLabel(i) for i in range(5)]
+    assert labels[0] == f"SELFTEST-0/n1 · {round(100 * rows[0].probability)}% site-a (random-init)"
+    assert labels[4] == "far · not scored"
+    assert [bool(markups.GetNthControlPointSelected(i)) for i in range(5)] == [r.label == 1 for r in rows]
+    # Table names stay the user's names when scoring again.
+    _, again = attached.score(volume, markups, adapter="site-a", table_node=table)
+    assert [r.nodule for r in again] == [r.nodule for r in rows]
+    assert table.GetNumberOfRows() == 5
+
+
+def test_switching_adapters_in_one_engine_gives_each_adapters_own_scores(scene, attached, expected):
+    headless, pairs = scene
+    volume, markups = pairs[1]
+    patches = cut_patches(volume, markups, SPEC).patches
+    pid, starts = attached.engine.pid, attached.engine.starts
+    probabilities = {}
+    for name in ("site-a", "site-b", "site-a"):
+        attached.set_adapter(name)
+        _, rows = attached.score(volume, markups)  # the active adapter
+        assert {r.adapter for r in rows if not r.error} == {name}
+        got = np.array([r.probability for r in rows if not r.error])
+        np.testing.assert_allclose(got, expected(patches, name), rtol=1e-5)
+        if name in probabilities:
+            np.testing.assert_array_equal(got, probabilities[name])  # deterministic, nothing reloaded
+        probabilities[name] = got
+    assert np.all(probabilities["site-a"] > 0.6) and np.all(probabilities["site-b"] < 0.4)
+    assert (attached.engine.pid, attached.engine.starts) == (pid, starts)  # one engine all along
+    assert attached.engine.status()["adapters"] == ["site-a", "site-b"]
+
+
+def test_engine_killed_mid_request_gives_a_clear_error_and_the_next_request_restarts_it(scene, attached):
+    headless, pairs = scene
+    volume, markups = pairs[0]
+    attached.set_adapter("site-b")
+    _, before = attached.score(volume, markups)
+    pid, starts = attached.engine.pid, attached.engine.starts
+
+    os.kill(pid, signal.SIGSTOP)  # the request below is sent but can never be answered
+    job = attached.begin_score(volume, markups)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(EngineError) as failure:
+        job.wait(timeout_s=30)
+    message = str(failure.value)
+    assert "stopped while answering 'score'" in message and "SIGKILL" in message
+    assert "randomly initialised" in message  # the engine's own stderr tail comes along
+    assert "restarted on the next request" in message
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    _, after = attached.score(volume, markups)  # restarts the engine and re-attaches both adapters
+    assert attached.engine.starts == starts + 1 and attached.engine.pid != pid
+    assert [r.probability for r in after] == [r.probability for r in before]
+    assert {r.adapter for r in after if not r.error} == {"site-b"}  # the active adapter survived
+    assert attached.engine.status()["adapters"] == ["site-a", "site-b"]
+
+    # Dying between requests: the next request just works, and the reason is kept for the GUI.
+    os.kill(attached.engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while attached.engine.is_running():  # (waiting through psutil would reap it and hide the signal)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    _, again = attached.score(volume, markups, adapter="site-a")
+    assert attached.engine.starts == starts + 2
+    assert "SIGKILL" in attached.engine.restart_reason
+    attached.engine.restart_reason = None  # read (the module's status line shows it once)
+    assert {r.adapter for r in again if not r.error} == {"site-a"}
+
+
+def test_module_logic_scores_all_loaded_studies_and_cancels_between_them(scene, attached, adapter_paths, tmp_path):
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        import MedLoRA
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    headless, pairs = scene
+    store = AdapterStore(tmp_path / "store")
+    for path in adapter_paths.values():
+        store.import_(path)
+    bare = mrml.add_volume_node(headless.scene, mrml.volume_to_ct_image(pairs[0][0]), name="no points")
+    module_logic = MedLoRA.MedLoRALogic(scene=headless.scene, engine=attached.engine, store=store)
+    try:
+        job = module_logic.beginScoreAll("site-b", device="cpu")
+        assert [s.volume.GetName() for s in job.studies] == ["selftest-0", "selftest-1", "no points"]
+        while not module_logic.pollJob(job):
+            time.sleep(0.02)
+        assert module_logic.jobStatus(job) == "3/3 studies scored"
+        assert [r.volume for r in job.rows] == ["selftest-0"] * 5 + ["selftest-1"] * 5 + ["no points"]
+        assert "no markups linked" in job.rows[-1].error
+        assert sum(r.probability is not None for r in job.rows) == 8
+        assert job.table_node.GetNumberOfRows() == 11
+        assert results.result_position_ras(job.table_node, 0) == pytest.approx((job.rows[0].r, job.rows[0].a, job.rows[0].s))
+        assert results.result_position_ras(job.table_node, 10) is None  # no point to centre on
+
+        job = module_logic.beginScoreAll("site-a", device="cpu")
+        module_logic.pollJob(job)  # the first study's request is in flight
+        module_logic.cancelJob(job)
+        while not module_logic.pollJob(job):
+            time.sleep(0.02)
+        assert job.done == 1 and [r.volume for r in job.rows] == ["selftest-0"] * 5
+        assert module_logic.jobStatus(job) == "1/3 studies scored (cancelled)"
+        assert job.table_node.GetNumberOfRows() == 5
+    finally:
+        headless.scene.RemoveNode(bare)
+
+
+def test_self_test_trains_in_the_background_registers_attaches_and_scores(tmp_path):
+    headless = mrml.create_headless_scene()
+    report = selftest.run(headless.scene, tmp_path, timeout_s=400)
+    assert report["adapter_registered"]
+    assert report["rows"] == report["points"] == report["scored"] == 4
+    assert report["random_init_flagged"]
+    assert report["epochs"] == report["epochs_plotted"] == 1
+    assert all("% selftest (random-init)" in label for label in report["labels"])
+
+
+def test_no_engine_or_trainer_process_is_left(logic):
+    logic.close()
+    deadline = time.monotonic() + 10
+    while _our_engines() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _our_engines() == []
