@@ -218,19 +218,13 @@ class SceneLogic:
         return job.table_node, rows
 
     # --- crops ---------------------------------------------------------------------------
-    def thumbnail(self, volume_node, point: ScenePoint, spec: PatchSpec) -> np.ndarray:
-        """The selected nodule's views side by side, windowed to [0, 1] (rows × planes·columns)."""
-        image = volume_to_ct_image(volume_node)
-        views = extract_patches(image, np.array([point.nodule.centre_lps]), spec)[0]
-        if spec.views == "cube":
-            views = views[[spec.pixels // 2]]  # the middle axial slice
-        return np.concatenate(list(views), axis=1)
-
     def cube_to_volume(self, volume_node, point: ScenePoint, spec: PatchSpec, name: str | None = None):
-        """The ``cube`` patch around a point as a new volume node, placed exactly where it was cut."""
-        if spec.views != "cube":
-            spec = PatchSpec(views="cube", fov_mm=spec.fov_mm, pixels=spec.pixels, window_hu=None,
-                             normalisation="none")
+        """The ``cube`` patch around a point as a new volume node in HU, placed exactly where it was cut.
+
+        It has the adapter's field of view and size whatever its view set, so it overlays
+        the CT in the slice views and its values read as Hounsfield units.
+        """
+        spec = PatchSpec(views="cube", fov_mm=spec.fov_mm, pixels=spec.pixels, window_hu=None, normalisation="none")
         image = volume_to_ct_image(volume_node)
         cube = extract_patches(image, np.array([point.nodule.centre_lps]), spec)[0]
         geometry = cube_geometry(np.asarray(point.nodule.centre_lps), spec)
