@@ -60,7 +60,8 @@ import importlib.util, json, sys
 sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]
 sys.path.insert(0, {str(ROOT / 'MedLoRA')!r})
 import MedLoRA
-from MedLoRALib.slicer import batch, dependencies, engine_client, logic, mrml, process, render, results, training
+from MedLoRALib.slicer import (batch, crops, dependencies, engine_client, logic, mrml, process, reload, render,
+                               results, selftest, training)
 scene = mrml.create_headless_scene()
 module_logic = MedLoRA.MedLoRALogic(scene=scene.scene)
 print(json.dumps({{
@@ -77,3 +78,44 @@ print(json.dumps({{
     assert report["lib"] == str(ROOT)
     assert report["logic"] == "SceneLogic"
     assert report["python"] == ["-m", "MedLoRALib", "serve"]
+
+
+def test_reload_imports_fresh_consistent_library_modules_without_torch():
+    code = """
+import json, sys
+import MedLoRALib.errors as errors_before
+import MedLoRALib.slicer.logic as logic_before
+from MedLoRALib.slicer.reload import reload_library
+names = reload_library()
+import MedLoRALib.errors as errors_after
+import MedLoRALib.slicer.logic as logic_after
+import MedLoRALib.slicer.results as results_after
+print(json.dumps({
+    "reloaded": "MedLoRALib.slicer.logic" in names and "MedLoRALib.errors" in names,
+    "fresh": logic_after is not logic_before and errors_after is not errors_before,
+    "consistent": logic_after.MedLoRAError is errors_after.MedLoRAError
+                  and logic_after.write_table is results_after.write_table,
+    "heavy": sorted(m for m in ("torch", "timm", "peft") if m in sys.modules),
+}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"reloaded": True, "fresh": True, "consistent": True,
+                                                               "heavy": []}
+    assert "importlib" in MODULE.read_text() and "import imp\n" not in MODULE.read_text()
+
+
+def test_dependencies_lists_what_another_engine_python_lacks(tmp_path):
+    from MedLoRALib.errors import MedLoRAError
+    from MedLoRALib.slicer import dependencies
+
+    assert dependencies.missing(sys.executable) == {"torch": [], "pip": [], "engine": []}
+    assert dependencies.ensure(sys.executable, confirm=lambda text: pytest.fail(f"asked needlessly: {text}"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    bare = str(tmp_path / "bare" / "bin" / "python")
+    needed = dependencies.missing(bare)
+    assert needed["engine"] == ["torch", *dependencies.ENGINE_PROCESS.values()]
+    with pytest.raises(MedLoRAError, match=r"lacks torch, timm>=1\.0\.8.*install them there"):
+        dependencies.ensure(bare, confirm=lambda text: True)
+    with pytest.raises(MedLoRAError, match="cannot run the engine's Python"):
+        dependencies.missing(str(tmp_path / "no-such-python"))

@@ -22,6 +22,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # 2–6 s: the tree is given time to exit on SIGTERM
 def test_cancel_ends_the_whole_process_tree():
     handle = SubprocessRunner().start([sys.executable, "-c", SPAWNER])
     [line] = handle.read_lines(timeout=30)
