@@ -77,7 +77,7 @@ def scoring_throughput(backbone: str, spec: PatchSpec, workdir: Path, with_tta_6
     engine = ScoringEngine(device="cpu")
     engine.attach_adapter(path)
     image, nodules = _nodules(64)
-    out: dict = {"views": spec.views, "pixels": spec.pixels, "images_per_nodule": len(spec.planes) or 1}
+    out: dict = {"views": spec.views, "pixels": spec.pixels, "vit_images_per_nodule": model.views}
     crop_64 = _timed(lambda: extract_patches(image, np.array([n.centre_lps for n in nodules]), spec), 3)
     out["crop_only_64_nodules_s"] = round(crop_64, 4)
     few = nodules[:8]
@@ -114,12 +114,12 @@ def merged_vs_unmerged(backbone: str, spec: PatchSpec, images: int, rounds: int)
     merged_model.backbone.merge_adapter()
     patches = torch.rand(max(1, images // model.views), *spec.shape, generator=torch.Generator().manual_seed(1))
     fused, _ = create_backbone(backbone, allow_random_init=True, img_size=spec.pixels)
-    grey = patches.reshape(-1, 1, spec.pixels, spec.pixels).expand(-1, 3, -1, -1)
+    images = model._images(patches)  # exactly the images the classifier feeds its backbone
     with torch.inference_mode():
         difference = float((merged_model(patches) - model(patches)).abs().max())
         times = _interleaved({"unmerged": lambda: model(patches), "merged": lambda: merged_model(patches),
-                              "plain": lambda: fused(grey)}, rounds)
-    n_images = grey.shape[0]
+                              "plain": lambda: fused(images)}, rounds)
+    n_images = images.shape[0]
     return {
         "images": n_images,
         "unmerged_images_per_s": round(n_images / times["unmerged"], 1),
