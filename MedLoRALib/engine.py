@@ -32,7 +32,7 @@ from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device
 from .errors import AdapterError, MedLoRAError, ModelError, PatchError
 from .image import CTImage
-from .models.backbones import BackboneInfo, create_backbone
+from .models.backbones import BackboneInfo, create_backbone, find_local_weights
 from .models.classifier import NoduleClassifier, build_model
 from .models.lora import LoraSpec, lora_config, prepare_for_lora
 from .nodule import Nodule, centres_lps
@@ -123,6 +123,8 @@ class ScoringEngine:
         return manifest
 
     def _attach_full(self, name, manifest, contents, weights, source) -> _Attached:
+        if weights is None and not manifest.random_init:
+            weights = find_local_weights(manifest.backbone_sha256)
         try:
             model, info = build_model(manifest.backbone, patch_spec=manifest.spec, mode="full",
                                       weights=None if manifest.random_init else weights, fusion=manifest.fusion,
@@ -140,6 +142,8 @@ class ScoringEngine:
                manifest.spec.pixels, split)
         if key in self._backbones:
             return self._backbones[key]
+        if weights is None and not manifest.random_init:
+            weights = find_local_weights(manifest.backbone_sha256)
         try:
             vit, info = create_backbone(manifest.backbone, weights=None if manifest.random_init else weights,
                                         pretrained=not manifest.random_init,

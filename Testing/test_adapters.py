@@ -240,3 +240,25 @@ def test_manifest_and_store_do_not_import_torch():
     code = ("import sys; import MedLoRALib.adapters, MedLoRALib.adapters.store, MedLoRALib.adapters.manifest; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backbone_weights_found_by_hash_in_medlora_home(tmp_path, weights_files, monkeypatch):
+    from MedLoRALib.engine import ScoringEngine
+
+    first, second = weights_files
+    model, _ = build_model("medlora_tiny", patch_spec=SPEC, weights=first)
+    _perturb(model)
+    path = save_adapter(model, AdapterManifest(name="site-a"), tmp_path / "site-a")
+    home = tmp_path / "home"
+    (home / "weights").mkdir(parents=True)
+    (home / "weights" / "decoy.safetensors").write_bytes(second.read_bytes())
+    monkeypatch.setenv("MEDLORA_HOME", str(home))
+    with pytest.raises(AdapterError, match="cannot build its backbone"):
+        load_adapter(path)  # only a file with other weights is there
+    (home / "weights" / "backbone.safetensors").write_bytes(first.read_bytes())
+    loaded, _ = load_adapter(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(PATCHES), model(PATCHES))
+    engine = ScoringEngine(device="cpu", store=AdapterStore(tmp_path / "store"))
+    engine.attach_adapter(path)  # no weights given: found by the manifest's SHA-256
+    assert engine.score_patches(PATCHES.numpy(), tta=False)[0]["random_init"] is False

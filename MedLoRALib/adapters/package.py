@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..errors import AdapterError, MedLoRAError
-from ..models.backbones import BackboneInfo
+from ..models.backbones import BackboneInfo, find_local_weights
 from ..models.classifier import NoduleClassifier, build_model
 from ..models.lora import LoraSpec
 from .manifest import FORMAT_VERSION, AdapterManifest, read_adapter_files, write_adapter
@@ -203,6 +203,8 @@ def load_adapter(path: str | Path, model: NoduleClassifier | None = None, *, wei
                                "pass allow_random_init=True to use it anyway (results are flagged)")
         log.warning("adapter %s uses a randomly initialised backbone: not a clinical result", manifest.name)
     if model is None:
+        if weights is None and not manifest.random_init:
+            weights = find_local_weights(manifest.backbone_sha256)
         try:
             model, _ = build_model(
                 manifest.backbone, patch_spec=manifest.spec, mode=manifest.mode,

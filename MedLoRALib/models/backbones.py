@@ -1,10 +1,11 @@
 """A timm-style registry of Vision Transformer backbones, and how their weights are found.
 
-Weights are looked for, in order: the file given by the caller, a file shipped in
-``MedLoRALib/assets`` for the configuration, the Hugging Face hub (only when
-``pretrained`` and online, or already in the local hub cache). Random initialisation
-happens only when the caller asks for it explicitly; it is seeded so that an adapter
-trained on a random backbone can be scored again on the very same random weights.
+Weights are looked for, in order: the file given by the caller, then the Hugging Face
+hub (only when ``pretrained`` and online, or already in the local hub cache). An
+adapter's loader also finds local weights by the SHA-256 its manifest records
+(``find_local_weights``: ``MedLoRALib/assets`` and ``$MEDLORA_HOME/weights``). Random
+initialisation happens only when the caller asks for it explicitly; it is seeded so
+that an adapter trained on a random backbone can be scored again on the same weights.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ class BackboneConfig:
         embed_dim: token width.
         timm_kwargs: extra ``timm.create_model`` arguments (architecture overrides).
         hub_id: Hugging Face repository holding the weights, if any.
-        default_weights: file name in ``MedLoRALib/assets`` used when no weights are given.
         notes: one line for ``list`` output.
     """
 
@@ -54,7 +54,6 @@ class BackboneConfig:
     embed_dim: int
     timm_kwargs: dict = field(default_factory=dict)
     hub_id: str | None = None
-    default_weights: str | None = None
     notes: str = ""
 
 
@@ -134,7 +133,6 @@ def _medlora_tiny() -> BackboneConfig:
     return BackboneConfig(
         name="medlora_tiny", timm_name="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=96,
         timm_kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3),
-        default_weights="medlora_tiny.safetensors",
         notes="tiny ViT (64 px, 8 px patches, 6 blocks of width 96) for tests and the demo")
 
 
@@ -248,6 +246,31 @@ def _hub_weights(hub_id: str) -> Path | None:
     return None
 
 
+def local_weights_dirs() -> list[Path]:
+    """Folders searched for backbone weights by SHA-256: the package assets, $MEDLORA_HOME/weights."""
+    dirs = [ASSETS_DIR]
+    home = os.environ.get("MEDLORA_HOME")
+    if home:
+        dirs.append(Path(home).expanduser() / "weights")
+    return dirs
+
+
+_HASH_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def find_local_weights(sha256: str) -> Path | None:
+    """A local weights file (.safetensors) whose SHA-256 is ``sha256``, if any."""
+    for folder in local_weights_dirs():
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            stat = path.stat()
+            key = (str(path), stat.st_mtime, stat.st_size)
+            if key not in _HASH_CACHE:
+                _HASH_CACHE[key] = sha256_file(path)
+            if _HASH_CACHE[key] == sha256:
+                return path
+    return None
+
+
 def _weights_help(config: BackboneConfig) -> str:
     hub = (f"or run once online (HF_HUB_OFFLINE unset) to fetch {config.hub_id} into the hub cache, "
            if config.hub_id else "")
@@ -294,12 +317,8 @@ def create_backbone(name: str, *, weights: str | Path | None = None, pretrained:
         raise ModelError(f"backbone {name!r} is a timm {type(model).__name__}, not a VisionTransformer; "
                          "MedLoRA adapts ViTs (blocks with attn.qkv)")
     path = Path(weights).expanduser() if weights is not None else None
-    if path is None and pretrained:
-        asset = ASSETS_DIR / config.default_weights if config.default_weights else None
-        if asset is not None and asset.is_file():
-            path = asset
-        elif config.hub_id:
-            path = _hub_weights(config.hub_id)
+    if path is None and pretrained and config.hub_id:
+        path = _hub_weights(config.hub_id)
     if path is not None and not path.is_file():
         raise ModelError(f"backbone weights file not found: {path}")
 
