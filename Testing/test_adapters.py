@@ -237,8 +237,8 @@ def test_default_store_root(monkeypatch, tmp_path):
 
 
 def test_manifest_and_store_do_not_import_torch():
-    code = ("import sys; import MedLoRALib.adapters, MedLoRALib.adapters.store, MedLoRALib.adapters.manifest; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys; import MedLoRALib.adapters, MedLoRALib.adapters.store, MedLoRALib.adapters.manifest, "
+            "MedLoRALib.cli.adapters; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
