@@ -69,6 +69,17 @@ def test_round_trip_is_bit_identical(tmp_path, mode, suffix):
     assert manifest.spec == SPEC and manifest.metrics == {"auc": 0.8}
 
 
+@pytest.mark.parametrize("spec", [LoraSpec(rank=4, use_dora=True), LoraSpec(rank=4, use_rslora=True, targets="all")])
+def test_dora_and_rslora_round_trip(tmp_path, spec):
+    model = _tiny(lora=spec)
+    with torch.no_grad():
+        expected = model(PATCHES)
+    loaded, manifest = load_adapter(save_adapter(model, AdapterManifest(name="variant"), tmp_path / "variant"))
+    with torch.no_grad():
+        assert torch.equal(loaded(PATCHES), expected)
+    assert LoraSpec.from_dict(manifest.lora) == spec
+
+
 def test_lora_adapter_uses_peft_format_and_is_small(tmp_path):
     model = _tiny(lora=LoraSpec(rank=8, targets="qv"))
     path = save_adapter(model, AdapterManifest(name="small"), tmp_path / "small")

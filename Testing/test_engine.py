@@ -85,7 +85,6 @@ def test_two_adapters_share_one_backbone_and_switch(tmp_path, engine):
     assert engine.backbone_loads == 1
 
 
-@pytest.mark.slow
 def test_linear_full_and_other_targets_beside_each_other(tmp_path, engine):
     adapters = {
         "qkv": _adapter(tmp_path, "qkv", 3, lora=LoraSpec(targets="qkv")),
