@@ -232,6 +232,49 @@ def test_module_logic_scores_all_loaded_studies_and_cancels_between_them(scene, 
         headless.scene.RemoveNode(bare)
 
 
+def _colour_mask(pixels: np.ndarray, rgb: tuple[float, float, float], tolerance: int = 40) -> np.ndarray:
+    return np.all(np.abs(pixels[..., :3].astype(float) - np.array(rgb) * 255) < tolerance, axis=-1)
+
+
+def test_real_lidc_nodule_scored_by_the_engine_is_drawn_in_its_score_colour(scene, attached, lidc_0001, tmp_path):
+    from MedLoRALib.annotations import load_nodules
+    from MedLoRALib.ctio import load_ct
+    from MedLoRALib.geometry import lps_to_ras
+    from MedLoRALib.slicer import render
+
+    headless, _ = scene
+    image = load_ct(lidc_0001)
+    [nodule] = load_nodules(next(lidc_0001.glob("*.xml")), image=image)
+    volume = mrml.add_volume_node(headless.scene, image, name="LIDC-IDRI-0001")
+    markups = mrml.add_markups_node(headless.scene, [nodule], name="consensus")
+    nodule_ras = lps_to_ras(nodule.centre_lps)
+    try:
+        with render.virtual_display():
+            for adapter, colour, other in (("site-a", results.MALIGNANT_RGB, results.BENIGN_RGB),
+                                           ("site-b", results.BENIGN_RGB, results.MALIGNANT_RGB)):
+                _, [row] = attached.score(volume, markups, adapter=adapter)
+                assert row.label == (colour == results.MALIGNANT_RGB)  # site-a scores high, site-b low
+                view = render.render_slice_view(volume, markups, tmp_path / f"{adapter}.png",
+                                                app_logic=headless.app_logic, centre_ras=nodule_ras + [40, 0, 0],
+                                                size=(300, 300), field_of_view_mm=200.0)
+                pixels = render.read_png(view.path)
+                column, line = view.pixel_of(nodule_ras)
+                # The view is centred 40 mm to the patient's right of the nodule; Slicer draws the
+                # patient's right on the screen's left, so the nodule lies 60 px right of the middle.
+                assert abs(column - 210) < 2 and abs(line - 149.5) < 2
+                assert view.points_px == {f"{nodule.nodule_id} · {round(100 * row.probability)}% {adapter} "
+                                          f"(random-init)": pytest.approx((column, line))}
+                near = (slice(int(line) - 8, int(line) + 9), slice(int(column) - 8, int(column) + 9))
+                glyph = _colour_mask(pixels, colour)[near]
+                assert glyph.sum() >= 10, f"{adapter}: no glyph in the score colour at the nodule"
+                assert _colour_mask(pixels, other)[near].sum() == 0
+                rows_px, cols_px = np.nonzero(glyph)
+                assert abs(cols_px.mean() - 8) < 3 and abs(rows_px.mean() - 8) < 3
+    finally:
+        headless.scene.RemoveNode(markups)
+        headless.scene.RemoveNode(volume)
+
+
 def test_self_test_trains_in_the_background_registers_attaches_and_scores(tmp_path):
     headless = mrml.create_headless_scene()
     report = selftest.run(headless.scene, tmp_path, timeout_s=400)
