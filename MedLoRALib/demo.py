@@ -177,6 +177,10 @@ def ensure_cohort(folder: Path, n_cases: int, seed: int, nodules_per_case: int,
         say(f"reusing {n_cases} phantom studies in {folder}")
         return manifest
     if folder.exists():
+        foreign = [p.name for p in folder.iterdir() if not _made_by_demo(p.name)]
+        if foreign:
+            raise MedLoRAError(f"{folder} holds files the demo did not write ({', '.join(sorted(foreign)[:3])}); "
+                               "choose another --out")
         shutil.rmtree(folder)  # an interrupted or differently sized cohort of an earlier demo run
     started = time.perf_counter()
     manifest = write_cohort(folder, n_cases, seed, config=phantom)
@@ -184,6 +188,11 @@ def ensure_cohort(folder: Path, n_cases: int, seed: int, nodules_per_case: int,
     say(f"generated {n_cases} phantom studies ({n_cases * nodules_per_case} nodules) in {folder} "
         f"in {time.perf_counter() - started:.1f} s")
     return manifest
+
+
+def _made_by_demo(name: str) -> bool:
+    return name.startswith(("SYN-", ".manifest.", f".{Path(COHORT_STAMP).stem}.")) or name in ("manifest.csv",
+                                                                                                COHORT_STAMP)
 
 
 def _train_config(config: DemoConfig, manifest: Path, adapter: Path):
@@ -200,9 +209,11 @@ def _train_config(config: DemoConfig, manifest: Path, adapter: Path):
 
 
 def _training_identity(train_config, weights: Path | None) -> dict:
+    """Everything that decides the adapter: settings, the cohort's manifest and the backbone file."""
     from .adapters.manifest import sha256_file
 
-    return {**train_config.identity(), "weights_sha256": sha256_file(weights) if weights else None}
+    return {**train_config.identity(), "manifest_sha256": sha256_file(train_config.manifest),
+            "weights_sha256": sha256_file(weights) if weights else None}
 
 
 def ensure_adapter(config: DemoConfig, manifest: Path, data, say: Callable[[str], None] = print):

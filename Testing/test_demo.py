@@ -108,6 +108,10 @@ def test_cohort_is_regenerated_only_when_its_settings_change(tmp_path):
     assert said[-1].startswith("generated")
     with open(folder / "manifest.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 2
+    (folder / "my-notes.txt").write_text("not the demo's")
+    with pytest.raises(MedLoRAError, match="did not write"):
+        ensure_cohort(folder, 2, seed=6, nodules_per_case=2, say=said.append)
+    assert (folder / "my-notes.txt").is_file()
 
 
 def test_shortcut_baseline_learns_what_size_and_density_give():

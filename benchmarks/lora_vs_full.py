@@ -24,8 +24,9 @@ epoch (no early stopping: same budget) and at the best epoch — beside the shor
 (logistic regression on diameter and mean HU) on the same validation nodules.
 
 A second part times one training step of DINOv2 ViT-S/14 at 112 px, batch 16 (random init):
-full fine-tuning vs peft LoRA r=8 on every block's fused qkv, on the last 6/4/2 blocks, and
-the faithful split-qkv q/v form (DESIGN.md's step-time table).
+full fine-tuning vs peft LoRA r=8 on every block's fused qkv (LoRA dropout 0.1, and 0 — peft's
+default), on the last 6/4/2 blocks (dropout 0), and the faithful split-qkv q/v form
+(DESIGN.md's step-time table).
 
     HF_HUB_OFFLINE=1 python benchmarks/lora_vs_full.py [--cases 40] [--epochs 8] [--threads 2]
         [--variants lora_qv,full,...] [--no-memory] [--no-vits] [--out results.json]
@@ -49,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "medlora_tiny"
 ALL_VARIANTS = ("lora_qv", "lora_qv_nodrop", "lora_all", "lora_qv_last2", "lora_qv_last3", "lora_qv_last4", "full", "linear",
                 "linear_cached", "lora_qv_random")
-VITS_VARIANTS = ("full", "lora_qkv_all", "lora_qkv_last6", "lora_qkv_last4", "lora_qkv_last2", "lora_qv_all")
+VITS_VARIANTS = ("full", "lora_qkv_all", "lora_qkv_all_nodrop", "lora_qkv_last6_nodrop", "lora_qkv_last4_nodrop",
+                 "lora_qkv_last2_nodrop", "lora_qv_all")
 
 
 def _set_threads(threads: int) -> None:
@@ -233,9 +235,9 @@ def vits_step_times(rounds: int, batch_size: int) -> dict:
     from MedLoRALib.patches import PatchSpec
 
     spec = PatchSpec(views="axial", fov_mm=50.0, pixels=112)
-    lora = {"lora_qkv_all": LoraSpec(targets="qkv"), "lora_qkv_last6": LoraSpec(targets="qkv", last_n_blocks=6),
-            "lora_qkv_last4": LoraSpec(targets="qkv", last_n_blocks=4),
-            "lora_qkv_last2": LoraSpec(targets="qkv", last_n_blocks=2), "lora_qv_all": LoraSpec(targets="qv")}
+    lora = {"lora_qkv_all": LoraSpec(targets="qkv"), "lora_qkv_all_nodrop": LoraSpec(targets="qkv", dropout=0.0),
+            **{f"lora_qkv_last{n}_nodrop": LoraSpec(targets="qkv", dropout=0.0, last_n_blocks=n) for n in (6, 4, 2)},
+            "lora_qv_all": LoraSpec(targets="qv")}
     models, optimizers, counts = {}, {}, {}
     for name in VITS_VARIANTS:
         torch.manual_seed(0)
@@ -249,22 +251,25 @@ def vits_step_times(rounds: int, batch_size: int) -> dict:
     patches = torch.rand((batch_size, *spec.shape), generator=generator)
     labels = (torch.arange(batch_size) % 2).float()
     criterion = torch.nn.BCEWithLogitsLoss()
-    times: dict[str, list[float]] = {name: [] for name in VITS_VARIANTS}
+    wall: dict[str, list[float]] = {name: [] for name in VITS_VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in VITS_VARIANTS}
     for round_index in range(rounds + 1):  # round 0 warms up
         for name in VITS_VARIANTS:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             optimizers[name].zero_grad(set_to_none=True)
             criterion(models[name](patches), labels).backward()
             optimizers[name].step()
             if round_index:
-                times[name].append(time.perf_counter() - start)
-    full = float(np.median(times["full"]))
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    full_wall, full_cpu = float(np.median(wall["full"])), float(np.median(cpu["full"]))
     return {"backbone": "dinov2_vits14 (random init)", "pixels": 112, "batch_images": batch_size, "rounds": rounds,
-            "variants": {name: {"step_s": round(float(np.median(t)), 4),
-                                "relative_to_full": round(float(np.median(t)) / full, 3),
-                                "trainable_parameters": counts[name][0]} for name, t in times.items()},
-            "design_md_claim": {"lora_qkv_all": 0.69, "lora_qkv_last6": 0.52, "lora_qkv_last4": 0.46,
-                                "lora_qkv_last2": 0.37}}
+            "variants": {name: {"step_wall_s": round(float(np.median(wall[name])), 4),
+                                "step_cpu_s": round(float(np.median(cpu[name])), 4),
+                                "wall_vs_full": round(float(np.median(wall[name])) / full_wall, 3),
+                                "cpu_vs_full": round(float(np.median(cpu[name])) / full_cpu, 3),
+                                "trainable_parameters": counts[name][0]} for name in VITS_VARIANTS},
+            "design_md_claim": {"lora_qkv_all (peft r=8)": 0.69, "last6": 0.52, "last4": 0.46, "last2": 0.37}}
 
 
 # --- the comparison -------------------------------------------------------------------------------

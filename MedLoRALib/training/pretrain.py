@@ -65,6 +65,12 @@ class PretrainConfig:
         seed: the only source of randomness.
         threads: torch CPU threads.
         storage_dtype: dtype of the saved tensors (``float16`` halves the file; loading is exact).
+        contrastive_weight: weight of a self-supervised term (0 disables): each step shows two
+            views of every scene and an NT-Xent loss asks each view to find its partner among
+            all the others — instance discrimination needs the details that tell one nodule's
+            outline or texture from another's, which the structure labels alone never ask for.
+            ``batch_size`` then counts scenes (two images each).
+        temperature: NT-Xent temperature.
     """
 
     backbone: str = "medlora_tiny"
@@ -80,6 +86,8 @@ class PretrainConfig:
     seed: int = 0
     threads: int = 2
     storage_dtype: str = "float16"
+    contrastive_weight: float = 0.0
+    temperature: float = 0.2
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be ≥ 1, got {getattr(self, name)}"
@@ -88,8 +96,10 @@ class PretrainConfig:
             problems.append(f"ortho3_fraction must be in [0, 1], got {self.ortho3_fraction}")
         if self.storage_dtype not in ("float16", "float32"):
             problems.append(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
-        if not self.lr > 0 or not self.fov_mm > 0:
-            problems.append("lr and fov_mm must be positive")
+        if not self.lr > 0 or not self.fov_mm > 0 or not self.temperature > 0:
+            problems.append("lr, fov_mm and temperature must be positive")
+        if self.contrastive_weight < 0:
+            problems.append(f"contrastive_weight must be ≥ 0, got {self.contrastive_weight}")
         if problems:
             raise MedLoRAError("invalid pre-training configuration: " + "; ".join(problems))
 
@@ -230,9 +240,16 @@ class _Scene:
             self.vessel(np.stack([centre, centre + direction * 60.0]), rng.uniform(0.7, 2.5))
 
 
-def synthetic_patch(rng: np.random.Generator, structure: int, spec: PatchSpec) -> np.ndarray:
-    """One normalised patch (``spec.shape``) whose centre shows ``STRUCTURES[structure]``."""
-    rotation = random_rotation(rng, 180.0)
+def synthetic_patch(rng: np.random.Generator, structure: int, spec: PatchSpec,
+                    view_rng: np.random.Generator | None = None) -> np.ndarray:
+    """One normalised patch (``spec.shape``) whose centre shows ``STRUCTURES[structure]``.
+
+    ``view_rng`` (default: ``rng``) draws only the view — the sampling frame's rotation and
+    the noise — so two calls with equally seeded ``rng`` and different ``view_rng`` show the
+    same scene from two angles.
+    """
+    view = rng if view_rng is None else view_rng
+    rotation = random_rotation(view, 180.0)
     points = sample_points_lps(np.zeros(3), spec, rotation[None])[0].reshape(-1, 3).astype(np.float32)
     scene = _Scene(points, rng)
     name = STRUCTURES[structure]
@@ -266,8 +283,8 @@ def synthetic_patch(rng: np.random.Generator, structure: int, spec: PatchSpec) -
             scene.pleura(rng.uniform(3.0, 16.0), _random_unit(rng))
         scene.nodule(centre)
     image = scene.hu.reshape(spec.shape)
-    noise = ndimage.gaussian_filter(rng.normal(size=image.shape), sigma=(0, *(rng.uniform(0.5, 1.1),) * 2))
-    image = image + noise * (rng.uniform(8.0, 45.0) / max(float(noise.std()), 1e-6))
+    noise = ndimage.gaussian_filter(view.normal(size=image.shape), sigma=(0, *(view.uniform(0.5, 1.1),) * 2))
+    image = image + noise * (view.uniform(8.0, 45.0) / max(float(noise.std()), 1e-6))
     return normalise(image, spec)
 
 
@@ -296,6 +313,27 @@ def synthetic_batch(seed: int, stream: int, index: int, size: int, pixels: int, 
     return images, labels.astype(np.int64)
 
 
+def synthetic_pairs(seed: int, stream: int, index: int, size: int, pixels: int, fov_mm: float = 50.0,
+                    ortho3_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(2, size, 3, P, P) images — two views of each of ``size`` scenes — and (size,) labels.
+
+    The two views differ in rotation, noise and possibly format (grey plane vs ortho3);
+    the scene itself is the same. Fixed by (seed, stream, index).
+    """
+    rng = np.random.default_rng([int(seed), int(stream), int(index), 0x5C8])
+    grey, ortho3 = patch_specs(fov_mm, pixels)
+    labels = (rng.integers(len(STRUCTURES)) + np.arange(size)) % len(STRUCTURES)
+    rng.shuffle(labels)
+    scene_seeds = rng.integers(2 ** 63, size=size)
+    images = np.empty((2, size, 3, pixels, pixels), dtype=np.float32)
+    for i, label in enumerate(labels):
+        for v in range(2):
+            view_rng = np.random.default_rng([int(seed), int(stream), int(index), i, v, 0x71E])
+            spec = ortho3 if view_rng.random() < ortho3_fraction else grey
+            images[v, i] = synthetic_patch(np.random.default_rng(int(scene_seeds[i])), int(label), spec, view_rng)
+    return images, labels.astype(np.int64)
+
+
 # --- training (torch) ---------------------------------------------------------------------------
 
 
@@ -318,7 +356,23 @@ def _build(config: PretrainConfig):
     vit = timm.create_model(arch.timm_name, pretrained=False, num_classes=0,
                             **{**arch.timm_kwargs, "img_size": arch.img_size})
     head = torch.nn.Linear(int(vit.embed_dim), len(STRUCTURES))
-    return vit, head, arch
+    projector = None
+    if config.contrastive_weight > 0:
+        projector = torch.nn.Sequential(torch.nn.Linear(int(vit.embed_dim), 256), torch.nn.GELU(),
+                                        torch.nn.Linear(256, 64))
+    return vit, head, projector, arch
+
+
+def _nt_xent(z, temperature: float):
+    """SimCLR's loss: rows i and i + n of ``z`` are two views of one scene, all other rows are negatives."""
+    import torch
+    import torch.nn.functional as F
+
+    z = F.normalize(z, dim=1)
+    n = len(z) // 2
+    similarity = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    partners = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(similarity, partners)
 
 
 def _accuracy(vit, head, images: np.ndarray, labels: np.ndarray) -> tuple[float, list[list[int]]]:
@@ -360,12 +414,14 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
     out = Path(out)
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    vit, head, arch = _build(config)
+    vit, head, projector, arch = _build(config)
     pixels = arch.img_size
+    modules = [m for m in (vit, head, projector) if m is not None]
+    parameters = [p for m in modules for p in m.parameters()]
     val_images, val_labels = synthetic_batch(config.seed, _VAL_STREAM, 0, config.val_size, pixels,
                                              config.fov_mm, config.ortho3_fraction)
-    decay = [p for p in (*vit.parameters(), *head.parameters()) if p.ndim >= 2]
-    no_decay = [p for p in (*vit.parameters(), *head.parameters()) if p.ndim < 2]
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -375,14 +431,22 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
     losses = []
     for step in range(config.steps):
         t0 = time.perf_counter()
-        images, labels = synthetic_batch(config.seed, _TRAIN_STREAM, step, config.batch_size, pixels,
-                                         config.fov_mm, config.ortho3_fraction)
+        if projector is None:
+            images, labels = synthetic_batch(config.seed, _TRAIN_STREAM, step, config.batch_size, pixels,
+                                             config.fov_mm, config.ortho3_fraction)
+        else:
+            pairs, labels = synthetic_pairs(config.seed, _TRAIN_STREAM, step, config.batch_size, pixels,
+                                            config.fov_mm, config.ortho3_fraction)
+            images, labels = pairs.reshape(-1, *pairs.shape[2:]), np.concatenate([labels, labels])
         data_s += time.perf_counter() - t0
         vit.train()
-        loss = criterion(head(vit(torch.from_numpy(images))), torch.from_numpy(labels))
+        features = vit(torch.from_numpy(images))
+        loss = criterion(head(features), torch.from_numpy(labels))
+        if projector is not None:
+            loss = loss + config.contrastive_weight * _nt_xent(projector(features), config.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*vit.parameters(), *head.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
@@ -416,7 +480,10 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
                      "MedLoRALib.patches; single grey planes and ortho3 RGB mixed"),
             "patch": {"fov_mm": config.fov_mm, "pixels": pixels, "window_hu": list(PatchSpec().window_hu),
                       "normalisation": "unit", "ortho3_fraction": config.ortho3_fraction},
-            "train_patches": config.steps * config.batch_size,
+            "objective": "structure cross-entropy" + (
+                f" + {config.contrastive_weight:g} × NT-Xent between two views of each scene (self-supervised)"
+                if projector is not None else ""),
+            "train_patches": config.steps * config.batch_size * (2 if projector is not None else 1),
             "final_train_loss": float(np.mean(losses[-min(50, len(losses)):])),
             "val_patches": config.val_size,
             "val_accuracy": val_accuracy,
@@ -450,11 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--storage-dtype", choices=("float16", "float32"), default=defaults.storage_dtype)
+    parser.add_argument("--contrastive-weight", type=float, default=defaults.contrastive_weight,
+                        help="weight of the self-supervised two-view NT-Xent term (0: structure labels only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_size=args.val_size,
-                                seed=args.seed, threads=args.threads, storage_dtype=args.storage_dtype)
+                                seed=args.seed, threads=args.threads, storage_dtype=args.storage_dtype,
+                                contrastive_weight=args.contrastive_weight)
         command = "python scripts/pretrain_tiny_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
         record = pretrain(config, args.out, command=command.strip())
     except MedLoRAError as exc:
