@@ -30,7 +30,7 @@ from .adapters.manifest import AdapterManifest
 from .adapters.package import check_backbone, load_head_weights, load_lora_weights, load_weights, read_checked
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device
-from .errors import AdapterError, MedLoRAError, ModelError, PatchError
+from .errors import AdapterError, MedLoRAError, PatchError
 from .image import CTImage
 from .models.backbones import BackboneInfo, create_backbone, find_local_weights
 from .models.classifier import NoduleClassifier, build_model
@@ -347,12 +347,3 @@ class ScoringEngine:
                           centre_lps=[float(v) for v in nodule.centre_lps])
         return results
 
-
-def load_engine(adapter: str | Path, device: str | None = None, weights: str | Path | None = None) -> ScoringEngine:
-    """An engine with one adapter attached (command-line scoring)."""
-    engine = ScoringEngine(device=device)
-    try:
-        engine.attach_adapter(adapter, weights=weights)
-    except ModelError as exc:
-        raise AdapterError(str(exc)) from exc
-    return engine

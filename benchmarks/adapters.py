@@ -60,7 +60,8 @@ def _adapter(backbone: str, weights: Path, rank: int, seed: int, folder: Path) -
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    path = save_adapter(model, AdapterManifest(name=f"{backbone}-r{rank}-{seed}"), folder / f"{backbone}-r{rank}-{seed}")
+    name = f"{backbone}-r{rank}-{seed}"
+    path = save_adapter(model, AdapterManifest(name=name), folder / name)
     return path, trainable_parameter_count(model)[0]
 
 
