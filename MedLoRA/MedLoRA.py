@@ -140,6 +140,9 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self.removeObservers()
         if self.logic:
+            if self._job is not None:  # no training or scoring process outlives the module
+                self.logic.cancelJob(self._job)
+                self._job = None
             self.logic.close()
 
     def onReload(self):

@@ -218,3 +218,24 @@ def test_scene_with_results_saves_as_mrb_and_reloads(headless, oblique_ct, tmp_p
     assert restored[0].probability == pytest.approx(rows[0].probability)
     assert restored[0].label == 1 and restored[0].adapter == "lidc" and restored[0].nodule == "n0"
     assert table.GetNumberOfRows() == table2.GetNumberOfRows()
+
+
+def test_engine_results_join_points_in_order_with_the_adapters_own_label_names(headless, oblique_ct):
+    from MedLoRALib.slicer.logic import rows_from_results
+
+    node = mrml.add_volume_node(headless.scene, oblique_ct, name="ct")
+    markups = headless.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "nodules")
+    markups.AddControlPointWorld(*lps_to_ras(oblique_ct.geometry.ijk_to_lps(np.array([30.0, 28.0, 20.0]))), "a")
+    markups.AddControlPointWorld(500.0, 500.0, 500.0, "far")
+    markups.AddControlPointWorld(*lps_to_ras(oblique_ct.geometry.ijk_to_lps(np.array([12.0, 40.0, 7.0]))), "b")
+    batch = cut_patches(node, markups, PatchSpec(views="axial", fov_mm=20.0, pixels=8))
+    answer = [{"probability": 0.7, "label": "needs biopsy", "adapter": "site", "adapter_version": "abc",
+               "random_init": False},
+              {"probability": 0.2, "label": "follow-up", "adapter": "site", "adapter_version": "abc",
+               "random_init": False}]
+    rows = rows_from_results(batch, answer, "site", "abc", ("follow-up", "needs biopsy"))
+    assert [(r.nodule, r.probability, r.label, r.label_name) for r in rows] == [
+        ("a", 0.7, 1, "needs biopsy"), ("far", None, None, ""), ("b", 0.2, 0, "follow-up")]
+    assert results.read_table(results.write_table(headless.scene, rows)) == rows
+    with pytest.raises(MedLoRAError, match="returned 1 results for 2 patches"):
+        rows_from_results(batch, answer[:1], "site", "abc")

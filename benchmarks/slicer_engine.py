@@ -1,0 +1,140 @@
+"""Scoring from the Slicer logic: a warm engine that switches adapters vs a fresh process per scoring.
+
+On one synthetic study with N nodule points in an MRML scene (slicer-core), times
+
+* ``cut_patches``: patches cut in the calling process (Slicer's), torch-free;
+* ``set_adapter``: one round trip switching the warm engine's active adapter;
+* ``warm_score``: ``SceneLogic.score`` with the active adapter (cut, send, score, table, colours);
+* ``warm_switch_and_score``: switch to the other adapter, then score — what the user waits for
+  after choosing another adapter in the module;
+* ``cold_score``: start a new ``medlora serve``, attach the adapter, score, shut down — what
+  the anchors do for every inference (a new process that reloads the model).
+
+Adapters: two LoRA adapters of the tiny backbone (random init, multiview9 at 64 px, the
+demo's patches), test-time augmentation on (8 variants). Wall-clock medians; the engine runs
+in its own process, so ``--threads`` sets its torch threads through ``OMP_NUM_THREADS``.
+Prints one JSON object.
+
+    HF_HUB_OFFLINE=1 python benchmarks/slicer_engine.py [--nodules 4] [--repeats 7] [--cold-repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _adapters(folder: Path, spec) -> dict[str, Path]:
+    import torch
+
+    from MedLoRALib.adapters import AdapterManifest
+    from MedLoRALib.adapters.package import save_adapter
+    from MedLoRALib.models import build_model
+
+    paths = {}
+    for seed, name in enumerate(("site-a", "site-b")):
+        torch.manual_seed(seed)
+        model, _ = build_model("medlora_tiny", patch_spec=spec, allow_random_init=True)
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.normal_(0.0, 0.05)
+        paths[name] = save_adapter(model, AdapterManifest(name=name), folder / name)
+    return paths
+
+
+def _median(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodules", type=int, default=4, help="points in the study")
+    parser.add_argument("--repeats", type=int, default=7, help="warm measurements; the median is kept")
+    parser.add_argument("--cold-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="the engine's torch threads")
+    args = parser.parse_args(argv)
+
+    from MedLoRALib.patches import PatchSpec
+    from MedLoRALib.phantom import PhantomConfig, make_phantom
+    from MedLoRALib.slicer import mrml
+    from MedLoRALib.slicer.engine_client import EngineConfig
+    from MedLoRALib.slicer.logic import SceneLogic, cut_patches
+
+    spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
+    config = EngineConfig(python=sys.executable, extra_args=["--device", "cpu"],
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)})
+    headless = mrml.create_headless_scene()
+    image, nodules = make_phantom(PhantomConfig(n_nodules=args.nodules), seed=0, case_id="bench")
+    volume = mrml.add_volume_node(headless.scene, image, name="bench")
+    markups = mrml.add_markups_node(headless.scene, nodules, name="bench nodules")
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = _adapters(Path(folder), spec)
+        results: dict[str, float] = {"cut_patches_s": _median(lambda: cut_patches(volume, markups, spec), args.repeats)}
+
+        warm = SceneLogic(headless.scene, engine_config=config)
+        try:
+            start = time.perf_counter()
+            warm.engine.start()
+            results["engine_start_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            for name, path in paths.items():
+                warm.attach_adapter(str(path), name=name)
+            results["attach_two_adapters_s"] = time.perf_counter() - start
+            table = warm.score(volume, markups, adapter="site-a")[0]  # warm-up
+            other = iter(["site-b", "site-a"] * args.repeats)
+            results["set_adapter_s"] = _median(lambda: warm.set_adapter(next(other)), args.repeats)
+            warm.set_adapter("site-a")
+            results["warm_score_s"] = _median(lambda: warm.score(volume, markups, table_node=table), args.repeats)
+            other = iter(["site-b", "site-a"] * args.repeats)
+
+            def switch_and_score():
+                warm.set_adapter(next(other))
+                warm.score(volume, markups, table_node=table)
+
+            results["warm_switch_and_score_s"] = _median(switch_and_score, args.repeats)
+            starts = warm.engine.starts
+        finally:
+            warm.close()
+
+        def cold():
+            logic = SceneLogic(headless.scene, engine_config=config)
+            try:
+                logic.attach_adapter(str(paths["site-b"]), name="site-b")
+                logic.score(volume, markups, table_node=table)
+            finally:
+                logic.close()
+
+        results["cold_score_s"] = _median(cold, args.cold_repeats)
+
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "setup": {"nodules": args.nodules, "views": spec.views, "pixels": spec.pixels, "tta": True,
+                  "backbone": "medlora_tiny (random init)", "engine_threads": args.threads,
+                  "repeats": args.repeats, "cold_repeats": args.cold_repeats, "warm_engine_starts": starts},
+        "seconds": {k: round(v, 4) for k, v in results.items()},
+        "ratios": {
+            "cold_over_warm_switch_and_score": round(results["cold_score_s"] / results["warm_switch_and_score_s"], 1),
+            "switch_share_of_switch_and_score": round(results["set_adapter_s"] / results["warm_switch_and_score_s"], 3),
+            "cut_share_of_warm_score": round(results["cut_patches_s"] / results["warm_score_s"], 3),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
