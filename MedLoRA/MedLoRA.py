@@ -6,8 +6,7 @@ The widget is thin: everything it does is in ``MedLoRALib.slicer`` (Qt-free, tes
 both with a QTimer, so it never freezes, and Cancel ends the whole process tree.
 """
 
-import importlib
-import logging
+import importlib.util
 import os
 import sys
 from typing import Annotated
@@ -191,7 +190,8 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
 
     def _ready(self):
-        return self._run(_("Installing dependencies"), self.logic.ensureDependencies, slicer.util.confirmOkCancelDisplay)
+        return self._run(_("Installing dependencies"), self.logic.ensureDependencies,
+                         slicer.util.confirmOkCancelDisplay)
 
     def _start(self, job, status):
         self._job = job
@@ -428,7 +428,8 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
         if not points:
             raise MedLoRAError(f"'{markups.GetName()}' has no placed points: click on a nodule first.")
         display = markups.GetDisplayNode()
-        active = display.GetActiveControlPoint() if display is not None and markups.IsA("vtkMRMLMarkupsFiducialNode") else -1
+        isPointList = display is not None and markups.IsA("vtkMRMLMarkupsFiducialNode")
+        active = display.GetActiveControlPoint() if isPointList else -1
         return next((p for p in points if p.index == active), points[0])
 
     def cropPreview(self, volume, markups, adapter, path=None):

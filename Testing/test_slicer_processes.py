@@ -78,6 +78,8 @@ def test_cancelling_training_ends_every_process_and_keeps_a_resumable_checkpoint
     assert job.state.exit_code == 3, job.state.status
     for pid in tree:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert job.state.checkpoint and str(tmp_path / "work") in job.state.checkpoint
+    assert job.state.checkpoint in job.state.status  # the status line says where to resume from
     checkpoints = list((tmp_path / "work").glob("adapter.checkpoint*"))
     assert checkpoints and any(p.iterdir() for p in checkpoints), "no resumable checkpoint left"
     assert not (tmp_path / "work" / "adapter" / "manifest.json").exists(), "a half-written adapter was left"

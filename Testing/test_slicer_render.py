@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,17 @@ from MedLoRALib.slicer import mrml, render, results
 pytest.importorskip("slicer")
 
 
+def load_triton_before_mesa() -> None:
+    """Mesa's software OpenGL loads its own libLLVM; importing triton (torch.compile's backend,
+    pulled in by timm) after that crashes the process, so a test run that renders and later
+    imports the model stack loads triton first."""
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("triton")
+
+
 @pytest.fixture(scope="module")
 def display():
+    load_triton_before_mesa()
     with render.virtual_display() as name:
         yield name
 

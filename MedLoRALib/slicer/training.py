@@ -204,7 +204,8 @@ class TrainingJob:
         kind = event["event"]
         state = self.state
         if kind == "start":
-            state.status = f"training on {event.get('train_size', '?')} nodules, validating on {event.get('val_size', '?')}"
+            state.status = (f"training on {event.get('train_size', '?')} nodules, "
+                            f"validating on {event.get('val_size', '?')}")
         elif kind == "step":
             epochs = max(1, int(event.get("epochs") or self.config.epochs))
             steps = max(1, int(event.get("steps_per_epoch") or 1))
@@ -217,11 +218,12 @@ class TrainingJob:
             self._add_epoch(event)
             state.fraction = min(0.99, len(state.epochs) / max(1, self.config.epochs))
             auc = event.get("val_auc")
-            state.status = (f"epoch {event.get('epoch')}/{self.config.epochs}: loss {event.get('train_loss', float('nan')):.4f}"
+            loss = event.get("train_loss", float("nan"))
+            state.status = (f"epoch {event.get('epoch')}/{self.config.epochs}: loss {loss:.4f}"
                             + (f", validation AUC {auc:.3f}" if auc is not None else "")
                             + (f", about {event['eta_s']:.0f} s left" if event.get("eta_s") is not None else ""))
         elif kind == "checkpoint":
-            state.checkpoint = event.get("path")
+            state.checkpoint = event.get("checkpoint") or event.get("path")
         elif kind == "done":
             state.adapter_path = event.get("adapter") or event.get("path") or str(self.out_dir)
             state.metrics = event.get("metrics") or {}
