@@ -193,6 +193,13 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._run(_("Installing dependencies"), self.logic.ensureDependencies,
                          slicer.util.confirmOkCancelDisplay)
 
+    def _busy(self):
+        """Only one job at a time: the running one is finished or cancelled first."""
+        if self._job is not None:
+            slicer.util.errorDisplay(_("MedLoRA is still working ({status}); wait, or press Cancel.").format(
+                status=self.logic.jobStatus(self._job)))
+        return self._job is not None
+
     def _start(self, job, status):
         self._job = job
         self.ui.cancelButton.enabled = True
@@ -211,7 +218,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.adapterInfoLabel.text = info or ""
 
     def onScore(self):
-        if not self._ready():
+        if self._busy() or not self._ready():
             return
         p = self._parameterNode
         job = self._run(_("Scoring"), self.logic.beginScore, p.inputVolume, p.inputMarkups,
@@ -220,7 +227,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._start(job, _("Scoring…"))
 
     def onScoreAll(self):
-        if not self._ready():
+        if self._busy() or not self._ready():
             return
         job = self._run(_("Scoring all studies"), self.logic.beginScoreAll, self.ui.adapterComboBox.currentText,
                         self._askMarkups, self._parameterNode.device)
@@ -277,7 +284,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                          label=("benign", "malignant")[label]))
 
     def onStartTraining(self):
-        if not self._ready():
+        if self._busy() or not self._ready():
             return
         p = self._parameterNode
         config = TrainingConfig(name=p.adapterName, backbone=p.backbone, epochs=p.epochs, rank=p.rank)
@@ -288,22 +295,26 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._start(job, _("Training started"))
 
     # --- progress ------------------------------------------------------------------------
+    def _stopPolling(self):
+        self._timer.stop()
+        self._job = None
+        self.ui.cancelButton.enabled = False
+
     def onTimer(self):
         job = self._job
         try:
             finished = self.logic.pollJob(job)
         except MedLoRAError as exc:
-            self._timer.stop()
-            self._job = None
-            self.ui.cancelButton.enabled = False
+            self._stopPolling()
             slicer.util.errorDisplay(str(exc))
             return
+        except Exception:
+            self._stopPolling()  # report it once (Slicer's console), not on every tick
+            raise
         self.ui.trainingProgressBar.value = self.logic.jobProgress(job, self.ui.trainingProgressBar.maximum)
         self.ui.trainingStatusLabel.text = self.logic.jobStatus(job)
         if finished:
-            self._timer.stop()
-            self._job = None
-            self.ui.cancelButton.enabled = False
+            self._stopPolling()
             table = self.logic.jobResultsTable(job)
             if table is not None:
                 self._parameterNode.resultsTable = table
@@ -377,17 +388,30 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
         return [a.name for a in store.list()] if store is not None else list(self.sceneLogic.adapters)
 
     def adapterInfo(self, name):
+        """One paragraph on an adapter: what it reads, what it says, how well it did in validation."""
         manifest = self.sceneLogic.store.info(name)
-        return (f"{manifest.name} — backbone {manifest.backbone}"
-                + (" (random init!)" if manifest.random_init else "")
-                + f", {manifest.patch_spec['views']}, threshold {manifest.threshold:.2f}")
+        spec = manifest.spec
+        negative, positive = manifest.label_names
+        auc = manifest.metrics.get("auc")
+        return (f"{manifest.name}: backbone {manifest.backbone}"
+                + (" (RANDOM INIT: scores mean nothing)" if manifest.random_init else "")
+                + f", {manifest.mode}; {spec.views} patches of {spec.fov_mm:g} mm at {spec.pixels} px; "
+                + f"{positive} at probability ≥ {manifest.threshold:.2f}, else {negative}"
+                + (f"; validation AUC {auc:.3f} on {manifest.metrics.get('n', '?')} nodules" if auc is not None else "")
+                + f"; created {manifest.created[:10]}")
 
     def _attach(self, name):
+        """The store's adapter by name, registered for the engine (loaded there when first needed)."""
+        if not name:
+            raise MedLoRAError("choose an adapter first (or import one in the Adapters section).")
         if name not in self.sceneLogic.adapters:
-            self.sceneLogic.attach_adapter(str(self.sceneLogic.store.path(name)), name=name)
+            self.sceneLogic.register_adapter(str(self.sceneLogic.store.path(name)), name=name)
         return name
 
     def importAdapter(self, path):
+        """Copy an adapter (folder, its manifest.json, or .zip) into the store; returns its name."""
+        if os.path.basename(str(path)) == "manifest.json":
+            path = os.path.dirname(str(path))
         return self.sceneLogic.store.import_(path)
 
     def exportAdapter(self, name, path):
@@ -483,8 +507,12 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
             status = f"{job.done}/{len(job.studies)} studies scored" + (" (cancelled)" if job.cancelled else "")
         elif isinstance(job, TrainingJob):
             status = job.state.status
+        elif job.cancelled:
+            status = "scoring cancelled"
+        elif job.rows is not None:
+            status = f"{len(job.rows)} nodules scored"
         else:
-            status = f"{len(job.rows)} nodules scored" if job.rows is not None else "scoring…"
+            status = "starting the scoring engine…" if job.stage == "engine" else "scoring…"
         reason, self.sceneLogic.engine.restart_reason = self.sceneLogic.engine.restart_reason, None
         return status + (f" — {reason.splitlines()[0]}" if reason else "")
 
@@ -493,10 +521,7 @@ class MedLoRALogic(ScriptedLoadableModuleLogic):
         return None if isinstance(job, TrainingJob) else job.table_node
 
     def cancelJob(self, job):
-        if isinstance(job, (BatchScoring, TrainingJob)):
-            job.cancel()
-        else:
-            self.sceneLogic.engine.kill()  # a running score request: the engine restarts on the next one
+        job.cancel()
 
     def close(self):
         self.sceneLogic.close()

@@ -140,8 +140,14 @@ def test_module_logic_crops_with_the_adapters_patch_spec(scene, tmp_path):
     spec = PatchSpec(views="multiview9", fov_mm=30.0, pixels=16)
     model, _ = build_model("medlora_tiny", patch_spec=spec, allow_random_init=True)
     store = AdapterStore(tmp_path / "store")
-    store.import_(save_adapter(model, AdapterManifest(name="nine"), tmp_path / "nine"))
+    folder = save_adapter(model, AdapterManifest(name="nine", threshold=0.4, label_names=["follow-up", "biopsy"]),
+                          tmp_path / "nine")
     logic = MedLoRA.MedLoRALogic(scene=headless.scene, store=store, workDir=str(tmp_path / "work"))
+    assert logic.importAdapter(str(folder / "manifest.json")) == "nine"  # the file dialog picks the manifest
+    assert logic.adapterNames() == ["nine"]
+    info = logic.adapterInfo("nine")
+    assert "RANDOM INIT" in info and "multiview9 patches of 30 mm at 16 px" in info
+    assert "biopsy at probability ≥ 0.40, else follow-up" in info
 
     markups.GetDisplayNode().SetActiveControlPoint(2)
     assert logic.activePoint(volume, markups).index == 2

@@ -188,8 +188,12 @@ def test_engine_killed_mid_request_gives_a_clear_error_and_the_next_request_rest
     while attached.engine.is_running():  # (waiting through psutil would reap it and hide the signal)
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    _, again = attached.score(volume, markups, adapter="site-a")
-    assert attached.engine.starts == starts + 2
+    started = time.perf_counter()
+    job = attached.begin_score(volume, markups, adapter="site-a")
+    assert time.perf_counter() - started < 2.0  # the restart happens on a worker thread, not here
+    assert job.stage == "engine" and job.poll() is None
+    again = job.wait(timeout_s=120)
+    assert job.stage == "done" and attached.engine.starts == starts + 2
     assert "SIGKILL" in attached.engine.restart_reason
     attached.engine.restart_reason = None  # read (the module's status line shows it once)
     assert {r.adapter for r in again if not r.error} == {"site-a"}
@@ -229,6 +233,21 @@ def test_module_logic_scores_all_loaded_studies_and_cancels_between_them(scene, 
         assert job.done == 1 and [r.volume for r in job.rows] == ["selftest-0"] * 5
         assert module_logic.jobStatus(job) == "1/3 studies scored (cancelled)"
         assert job.table_node.GetNumberOfRows() == 5
+
+        # Cancelling one scoring request ends the engine (no error); the next request restarts it.
+        starts = attached.engine.starts
+        volume, markups = pairs[1]
+        job = module_logic.beginScore(volume, markups, "site-a", device="cpu")
+        assert job.stage == "score" and module_logic.jobStatus(job) == "scoring…"
+        module_logic.cancelJob(job)
+        assert module_logic.pollJob(job) and module_logic.jobStatus(job) == "scoring cancelled"
+        assert module_logic.jobResultsTable(job) is None and not attached.engine.is_running()
+        job = module_logic.beginScore(volume, markups, "site-a", device="cpu")
+        assert module_logic.jobStatus(job) == "starting the scoring engine…"
+        while not module_logic.pollJob(job):
+            time.sleep(0.05)
+        assert attached.engine.starts == starts + 1 and len(job.rows) == 5
+        assert mrml.markups_for_volume(volume) is markups  # the scored pair is remembered for batch/training
     finally:
         headless.scene.RemoveNode(bare)
 

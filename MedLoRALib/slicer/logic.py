@@ -11,16 +11,18 @@ timer in Slicer, so the GUI never freezes) and the plain form waits for it.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..adapters.manifest import AdapterManifest
+from ..adapters.manifest import AdapterManifest, read_manifest
+from ..adapters.store import check_name
 from ..errors import MedLoRAError
 from ..image import CTImage
 from ..nodule import centres_lps
 from ..patches import PatchSpec, cube_geometry, extract_patches
-from .engine_client import EngineClient, EngineConfig, encode_patches
+from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches
 from .mrml import ScenePoint, add_volume_node, markups_to_points, volume_to_ct_image
 from .process import ProcessRunner, SubprocessRunner
 from .results import ScoreRow, colour_control_points, write_table
@@ -88,7 +90,11 @@ def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, vers
 
 @dataclass
 class ScoreJob:
-    """A scoring request in flight; ``poll`` returns the rows when the engine answered."""
+    """A scoring request in flight; ``poll`` returns the rows once the engine has answered.
+
+    When the engine first has to start or load adapters, that happens on a worker thread
+    (``preparing``) and the request is sent when it is done, so nothing here blocks.
+    """
 
     logic: SceneLogic
     batch: PatchBatch
@@ -96,14 +102,36 @@ class ScoreJob:
     adapter: str
     version: str
     label_names: tuple[str, str]
-    request_id: int | None
+    tta: bool = True
     table_node: object = None
-    rows: list[ScoreRow] | None = None
     write_results_table: bool = True
+    preparing: Future | None = None
+    request_id: int | None = None
+    rows: list[ScoreRow] | None = None
+    cancelled: bool = False
+
+    @property
+    def stage(self) -> str:
+        """What the job waits for: ``engine`` (starting, loading adapters), ``score`` or ``done``."""
+        if self.rows is not None:
+            return "done"
+        return "engine" if self.preparing is not None else "score"
+
+    def send(self) -> None:
+        if len(self.batch.patches):
+            self.request_id = self.logic.engine.submit("score", patches=encode_patches(self.batch.patches),
+                                                       adapter=self.adapter, tta=self.tta)
 
     def poll(self) -> list[ScoreRow] | None:
         if self.rows is not None:
             return self.rows
+        if self.preparing is not None:
+            if not self.preparing.done():
+                return None
+            error, self.preparing = self.preparing.exception(), None
+            if error is not None:
+                raise error
+            self.send()
         results = []
         if self.request_id is not None:
             answer = self.logic.engine.poll(self.request_id)
@@ -115,6 +143,18 @@ class ScoreJob:
             self.table_node = write_table(self.logic.scene, self.rows, self.table_node)
         colour_control_points(self.markups_node, self.rows)
         return self.rows
+
+    def cancel(self) -> None:
+        """Give up on this request; a score being computed is stopped by ending the engine.
+
+        An engine that is still starting is left to finish (the next request uses it).
+        """
+        if self.rows is not None:
+            return
+        self.cancelled = True
+        if self.preparing is None and self.request_id is not None:
+            self.logic.engine.kill()  # restarted on the next request
+        self.rows = []
 
     def wait(self, timeout_s: float = 300.0) -> list[ScoreRow]:
         deadline = time.monotonic() + timeout_s
@@ -128,11 +168,16 @@ class ScoreJob:
 class SceneLogic:
     """MedLoRA's logic on one MRML scene.
 
+    Adapters are registered here (their manifest read from disk, torch-free) and loaded
+    into the engine when it is next needed, together with any the engine lost by
+    restarting — on a worker thread when scoring, so the caller never waits for it.
+
     Args:
         scene: the MRML scene (``slicer.mrmlScene`` in Slicer).
         engine: the scoring engine client (default: ``medlora serve`` started on first use).
         runner: runs training processes (default: real child processes).
         store: an adapter store (``MedLoRALib.adapters.store.AdapterStore``) or ``None``.
+        engine_config: how the default engine client starts the engine.
     """
 
     def __init__(self, scene, engine: EngineClient | None = None, runner: ProcessRunner | None = None,
@@ -141,30 +186,43 @@ class SceneLogic:
         self.runner = runner or SubprocessRunner()
         self.engine = engine or EngineClient(engine_config, runner=self.runner)
         self.store = store
-        self.adapters: dict[str, dict] = {}  # attached adapter name -> manifest
+        self.adapters: dict[str, dict] = {}  # registered adapter name -> manifest
         self._sources: dict[str, tuple[str, str | None]] = {}  # name -> (path, backbone weights)
         self.active_adapter: str | None = None
-        self._engine_generation = 0  # the engine start these adapters were attached to
+        self._engine_generation = 0  # the engine start that _in_engine describes
+        self._in_engine: set[str] = set()  # registered adapters loaded into that engine
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlora-engine")
 
     # --- adapters ----------------------------------------------------------------------
-    def attach_adapter(self, path: str, name: str | None = None, weights: str | None = None) -> str:
-        """Load an adapter into the engine (kept there alongside the others); returns its name."""
-        self._sync_engine()
-        result = self.engine.attach_adapter(str(path), name=name, weights=weights)
-        self.adapters[result["name"]] = result.get("manifest", {})
-        self._sources[result["name"]] = (str(path), weights)
+    def register_adapter(self, path: str, name: str | None = None, weights: str | None = None) -> str:
+        """Make an adapter available under ``name``; the engine loads it when next needed."""
+        manifest = read_manifest(path)
+        name = check_name(name or manifest.name)
+        self.adapters[name] = manifest.to_dict()
+        self._sources[name] = (str(path), None if weights is None else str(weights))
+        self._in_engine.discard(name)
         if self.active_adapter is None:
-            self.active_adapter = result["name"]
-        return result["name"]
+            self.active_adapter = name
+        return name
+
+    def attach_adapter(self, path: str, name: str | None = None, weights: str | None = None) -> str:
+        """Register an adapter and load it into the engine now (kept there beside the others)."""
+        name = self.register_adapter(path, name, weights)
+        self.prepare_engine()
+        return name
 
     def detach_adapter(self, name: str) -> None:
-        """Unload an adapter from the engine (and forget it here)."""
+        """Unload an adapter from the engine and forget it here."""
         if name not in self.adapters:
             return
-        if self.engine.is_running():
+        if name in self._in_engine and self.engine.is_running():
             self.engine.detach_adapter(name)
-        del self.adapters[name]
-        del self._sources[name]
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        self._sources.pop(name, None)
+        self._in_engine.discard(name)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
 
@@ -172,22 +230,31 @@ class SceneLogic:
         """Switch the active adapter: a message to the warm engine, no reload."""
         if name not in self.adapters:
             raise MedLoRAError(f"adapter '{name}' is not attached; attached: {', '.join(self.adapters) or 'none'}.")
-        self._sync_engine()
+        self.prepare_engine()
         self.engine.set_adapter(name)
         self.active_adapter = name
 
-    def _sync_engine(self) -> None:
-        """Start the engine if needed; after a restart, attach this scene's adapters again."""
+    def engine_ready(self) -> bool:
+        """The engine runs and holds every registered adapter."""
+        return (self.engine.is_running() and self._engine_generation == self.engine.starts
+                and set(self._sources) <= self._in_engine)
+
+    def prepare_engine(self) -> None:
+        """Start the engine if needed and load the registered adapters it lacks (waits)."""
         self.engine.start()
-        if self._engine_generation == self.engine.starts:
-            return
-        attached = set(self.engine.status().get("adapters", []))
-        for name, (path, weights) in self._sources.items():
-            if name not in attached:
+        if self._engine_generation != self.engine.starts:  # a new engine holds none of them
+            self._engine_generation, self._in_engine = self.engine.starts, set()
+        missing = [name for name in self._sources if name not in self._in_engine]
+        for name in missing:
+            path, weights = self._sources[name]
+            try:
                 self.engine.attach_adapter(path, name=name, weights=weights)
-        if self.active_adapter in self._sources:
+            except EngineError:
+                self._forget(name)
+                raise
+            self._in_engine.add(name)
+        if missing and self.active_adapter in self._in_engine:
             self.engine.set_adapter(self.active_adapter)
-        self._engine_generation = self.engine.starts
 
     def _adapter(self, name: str | None) -> tuple[str, dict]:
         name = name or self.active_adapter
@@ -198,23 +265,25 @@ class SceneLogic:
     # --- scoring -------------------------------------------------------------------------
     def begin_score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
                     tta: bool = True, write_results_table: bool = True) -> ScoreJob:
-        """Cut patches here and send them to the engine; poll the returned job."""
+        """Cut patches here and send them to the engine; poll the returned job (never blocks)."""
         name, manifest_dict = self._adapter(adapter)
         manifest = AdapterManifest.from_dict(manifest_dict, f"adapter {name}")
         batch = cut_patches(volume_node, markups_node, manifest.spec)
-        request_id = None
+        job = ScoreJob(logic=self, batch=batch, markups_node=markups_node, adapter=name,
+                       version=manifest.version_id, label_names=tuple(manifest.label_names), tta=tta,
+                       table_node=table_node, write_results_table=write_results_table)
         if len(batch.patches):
-            self._sync_engine()
-            request_id = self.engine.submit("score", patches=encode_patches(batch.patches), adapter=name, tta=tta)
-        return ScoreJob(logic=self, batch=batch, markups_node=markups_node, adapter=name,
-                        version=manifest.version_id, label_names=tuple(manifest.label_names),
-                        request_id=request_id, table_node=table_node, write_results_table=write_results_table)
+            if self.engine_ready():
+                job.send()
+            else:
+                job.preparing = self._worker.submit(self.prepare_engine)
+        return job
 
     def score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
               tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
         """Score every control point; returns the results table node and the rows."""
         job = self.begin_score(volume_node, markups_node, adapter, table_node, tta, write_results_table)
-        rows = job.wait(self.engine.config.request_timeout_s)
+        rows = job.wait(self.engine.config.start_timeout_s + self.engine.config.request_timeout_s)
         return job.table_node, rows
 
     # --- crops ---------------------------------------------------------------------------
@@ -233,5 +302,7 @@ class SceneLogic:
 
     def close(self) -> None:
         """Shut the engine down (module unloaded, application closing)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlora-engine")
         self.engine.close()
 
