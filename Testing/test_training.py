@@ -359,7 +359,8 @@ def test_tiny_lora_reaches_auc_09_on_the_phantom_cohort(tmp_path, capsys):
 
     # the shortcut a model could take on this cohort (diameter and mean HU) stays weak
     data = check_training_set(manifest)
-    features = np.concatenate([shortcut_features(data.images[s.image_key], [Nodule(s.centre_lps, diameter_mm=s.diameter_mm)])
+    features = np.concatenate([shortcut_features(data.images[s.image_key],
+                                                 [Nodule(s.centre_lps, diameter_mm=s.diameter_mm)])
                                for s in data.samples])
     baseline = shortcut_auc(features, data.labels)
     with capsys.disabled():

@@ -97,13 +97,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import MedLoRAError
-    from ..training.progress import make_reporter
+    from ..training.progress import BarReporter, make_reporter
     from ..training.trainer import train
 
     reporter = make_reporter(args.progress, rank=int(os.environ.get("RANK", "0")))
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if isinstance(reporter, BarReporter):
+            args.progress_every = 1  # a bar moves every step; JSON watchers get every N-th
         config = build_config(args)
     except MedLoRAError as exc:
         reporter.emit("error", message=str(exc), type=type(exc).__name__)

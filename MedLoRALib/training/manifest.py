@@ -220,7 +220,9 @@ def _parse_label(r: dict[str, str], fail) -> tuple[int | None, str]:
         if not 1.0 <= rating <= 5.0:
             raise fail(f"malignancy must be between 1 and 5, got {rating:g}")
         label = lidc_label(rating)
-        return (None, f"malignancy {rating:g} is indeterminate under the LIDC rule") if label is None else (int(label), "")
+        if label is None:
+            return None, f"malignancy {rating:g} is indeterminate under the LIDC rule"
+        return int(label), ""
     return None, ""
 
 

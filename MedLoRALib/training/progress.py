@@ -95,6 +95,9 @@ class BarReporter(Reporter):
                                  img_s=f"{fields.get('images_per_s', 0):.1f}", refresh=False)
             self.bar.refresh()
         elif event == "epoch":
+            if self.bar is not None:
+                self.bar.n = fields.get("global_step", self.bar.n)
+                self.bar.refresh()
             auc = fields.get("val_auc")
             self._write(f"epoch {fields.get('epoch')}: train loss {fields.get('train_loss', float('nan')):.4f}, "
                         f"val AUC {'n/a' if auc is None else f'{auc:.3f}'}, "

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -539,6 +539,7 @@ class Trainer:
             remaining = 0 if early else stage.epochs - epoch - 1
             remaining += sum(cfg.epochs for _ in range(stage_index + 1, progress["stages"]))
             self.reporter.emit("epoch", stage=stage.name, epoch=epoch + 1, epochs=stage.epochs,
+                               global_step=(epoch + 1) * steps_per_epoch,
                                train_loss=train_loss, val_auc=record["val_auc"], val_loss=record["val_loss"],
                                best_epoch=(progress["best"] or {}).get("epoch"), elapsed_s=self._elapsed(),
                                eta_s=float(np.mean(epoch_times[-3:])) * remaining)
@@ -676,7 +677,8 @@ def _frozen_fingerprint(model: nn.Module, trainable: dict) -> str:
 
 
 def _settings(cfg: TrainConfig) -> dict:
-    return jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("lora", "augment", "patch_spec")})
+    nested = ("lora", "augment", "patch_spec")  # recorded in the identity
+    return jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in nested})
 
 
 def _check_identity(saved: dict, current: dict, directory: Path) -> None:
