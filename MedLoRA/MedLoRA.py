@@ -564,4 +564,5 @@ class MedLoRATest(ScriptedLoadableModuleTest):
         self.assertEqual(report["scored"], report["points"])
         self.assertTrue(report["adapter_registered"])
         self.assertTrue(report["random_init_flagged"])
+        self.assertTrue(all("(random-init)" in label for label in report["labels"]), report["labels"])
         self.assertEqual(report["epochs_plotted"], report["epochs"])

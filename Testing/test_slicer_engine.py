@@ -297,14 +297,22 @@ def test_real_lidc_nodule_scored_by_the_engine_is_drawn_in_its_score_colour(scen
         headless.scene.RemoveNode(volume)
 
 
-def test_self_test_trains_in_the_background_registers_attaches_and_scores(tmp_path):
-    headless = mrml.create_headless_scene()
-    report = selftest.run(headless.scene, tmp_path, timeout_s=400)
-    assert report["adapter_registered"]
-    assert report["rows"] == report["points"] == report["scored"] == 4
-    assert report["random_init_flagged"]
-    assert report["epochs"] == report["epochs_plotted"] == 1
-    assert all("% selftest (random-init)" in label for label in report["labels"])
+def test_module_self_test_trains_in_the_background_registers_attaches_and_scores(tmp_path):
+    """``MedLoRATest`` as Slicer runs it, on a headless scene: the module's own logic and engine settings."""
+    import unittest
+
+    headless = mrml.create_headless_scene()  # also slicer.mrmlScene, which the self-test uses
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        import MedLoRA
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    outcome = unittest.TestResult()
+    MedLoRA.MedLoRATest("runTest").run(outcome)
+    assert outcome.wasSuccessful(), outcome.errors + outcome.failures
+    assert outcome.testsRun == 1
+    tables = [n.GetName() for n in headless.scene.GetNodesByClass("vtkMRMLTableNode")]
+    assert "MedLoRA results" in tables and "selftest training" in tables
 
 
 def test_no_engine_or_trainer_process_is_left(logic):
