@@ -60,8 +60,8 @@ import importlib.util, json, sys
 sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]
 sys.path.insert(0, {str(ROOT / 'MedLoRA')!r})
 import MedLoRA
-from MedLoRALib.slicer import (batch, crops, dependencies, engine_client, logic, mrml, process, reload, render,
-                               results, selftest, training)
+from MedLoRALib.slicer import (batch, crops, dependencies, engine_client, logic, module_logic, mrml, process,
+                               reload, render, results, selftest, training)
 scene = mrml.create_headless_scene()
 module_logic = MedLoRA.MedLoRALogic(scene=scene.scene)
 print(json.dumps({{
