@@ -119,3 +119,17 @@ def test_dependencies_lists_what_another_engine_python_lacks(tmp_path):
         dependencies.ensure(bare, confirm=lambda text: True)
     with pytest.raises(MedLoRAError, match="cannot run the engine's Python"):
         dependencies.missing(str(tmp_path / "no-such-python"))
+
+
+def test_pip_requirements_never_touch_slicers_own_packages():
+    from packaging.utils import canonicalize_name
+
+    from MedLoRALib.slicer import dependencies
+
+    specs = [*dependencies.SLICER_PROCESS.values(), *dependencies.ENGINE_PROCESS.values()]
+    requirements = dependencies.pip_requirements(specs)
+    assert [str(r) for r in requirements] == specs  # what Slicer's pip_ensure receives
+    never = {canonicalize_name(name) for name in dependencies.NEVER_PIP}
+    assert {canonicalize_name(r.name) for r in requirements}.isdisjoint(never)
+    listed = (ROOT / "Resources" / "requirements.txt").read_text()
+    assert not any(f"\n{name}" in listed.lower() for name in ("torch", "numpy", "simpleitk"))

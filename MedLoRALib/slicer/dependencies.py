@@ -3,7 +3,8 @@
 Nothing is installed at import time. torch comes only from the PyTorch extension
 (``PyTorchUtils``), so pip never replaces Slicer's torch; Slicer's own numpy, SimpleITK,
 pydicom and requests are never touched. The rest is installed with
-``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12) or ``slicer.util.pip_install`` (older).
+Slicer's ``pip_ensure`` (``slicer.pydeps``, Slicer ≥ 5.11), skipping the packages above in
+the dependency tree, or ``slicer.util.pip_install`` (older).
 When the engine runs in a separate Python (set in the module), MedLoRA does not install
 into it but says what is missing there.
 """
@@ -73,17 +74,37 @@ def ensure(engine_python: str | None, confirm: Callable[[str], bool]) -> bool:
     if needed["torch"]:
         _install_torch()
     if needed["pip"]:
+        pip_ensure = _slicer_pip_ensure()
         try:
-            if hasattr(slicer, "packaging"):
-                slicer.packaging.pip_ensure(needed["pip"], skip_packages=list(NEVER_PIP), prompt_install=False,
-                                            requester="MedLoRA")
+            if pip_ensure is not None:
+                pip_ensure(pip_requirements(needed["pip"]), skip_packages=list(NEVER_PIP), prompt_install=False,
+                           requester="MedLoRA")
             else:
-                slicer.util.pip_install(needed["pip"])
+                slicer.util.pip_install(needed["pip"])  # one argument per requirement: no quoting needed
         except (subprocess.CalledProcessError, OSError) as exc:
             raise MedLoRAError(f"installing {', '.join(needed['pip'])} failed ({exc}). If this computer is "
                                "offline, install them from a local wheel folder with PythonSlicer -m pip install "
                                "--no-index --find-links FOLDER ...") from exc
     return True
+
+
+def pip_requirements(specs: list[str]) -> list:
+    """Requirement strings as ``packaging`` Requirements, which Slicer's ``pip_ensure`` takes."""
+    from packaging.requirements import Requirement
+
+    return [Requirement(spec) for spec in specs]
+
+
+def _slicer_pip_ensure() -> Callable | None:
+    """Slicer's ``pip_ensure`` (``slicer.pydeps`` since 5.11; earlier previews had it elsewhere), if any."""
+    for name in ("slicer.pydeps", "slicer.packaging", "slicer.util"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "pip_ensure", None)):
+            return module.pip_ensure
+    return None
 
 
 def _install_torch() -> None:
