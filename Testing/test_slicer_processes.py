@@ -40,9 +40,9 @@ def phantom_scene():
     return headless, selftest.build_scene(headless.scene)
 
 
-def _config(epochs: int) -> TrainingConfig:
+def _config(epochs: int, patience: int = 1) -> TrainingConfig:
     return TrainingConfig(name="scene-adapter", backbone="medlora_tiny", epochs=epochs, rank=4,
-                          extra_args=selftest.TINY_TRAINING)
+                          extra_args=[*selftest.TINY_TRAINING, "--patience", str(patience)])
 
 
 @pytest.mark.slow
@@ -66,7 +66,8 @@ def test_training_from_the_scene_registers_an_adapter_and_plots_each_epoch(phant
 @pytest.mark.slow
 def test_cancelling_training_ends_every_process_and_keeps_a_resumable_checkpoint(phantom_scene, tmp_path):
     headless, pairs = phantom_scene
-    job = start_training(headless.scene, SubprocessRunner(), pairs, tmp_path / "work", _config(50))
+    # No early stopping: the run must still be going when it is cancelled.
+    job = start_training(headless.scene, SubprocessRunner(), pairs, tmp_path / "work", _config(50, patience=100))
     deadline = time.monotonic() + 300
     while not job.state.epochs:  # let it train one epoch, so there is something to keep
         job.poll()
