@@ -66,7 +66,7 @@ class DemoConfig:
     train_cases: int = 40
     heldout_cases: int = 10
     nodules_per_case: int = 4
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 16
     targets: str = "qv"
     rank: int = 8

@@ -28,7 +28,7 @@ full fine-tuning vs peft LoRA r=8 on every block's fused qkv (LoRA dropout 0.1, 
 default), on the last 6/4/2 blocks (dropout 0), and the faithful split-qkv q/v form
 (DESIGN.md's step-time table).
 
-    HF_HUB_OFFLINE=1 python benchmarks/lora_vs_full.py [--cases 40] [--epochs 8] [--threads 2]
+    HF_HUB_OFFLINE=1 python benchmarks/lora_vs_full.py [--cases 40] [--epochs 12] [--threads 2]
         [--variants lora_qv,full,...] [--no-memory] [--no-vits] [--out results.json]
 
 Prints one JSON object (and writes it to ``--out`` when given).
@@ -387,7 +387,7 @@ def compare(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=40, help="phantom studies (4 nodules each; default 40)")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

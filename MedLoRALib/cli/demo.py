@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a reduced run (6 + 2 studies, 1 epoch) to check that everything works")
     parser.add_argument("--cases", type=int, help="phantom studies for training and validation (default 40)")
     parser.add_argument("--heldout-cases", type=int, help="unseen phantom studies to score (default 10)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 20)")
     parser.add_argument("--batch-size", type=int, help="nodules per training step (default 16)")
     parser.add_argument("--targets", choices=["qv", "qkv", "attn", "all"], help="LoRA targets (default qv)")
     parser.add_argument("--rank", type=int, help="LoRA rank (default 8)")
