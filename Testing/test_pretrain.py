@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from MedLoRALib.errors import MedLoRAError
-from MedLoRALib.training.pretrain import (DEFAULT_WEIGHTS, STRUCTURES, PretrainConfig, synthetic_batch,
-                                          synthetic_patch, patch_specs)
+from MedLoRALib.training.pretrain import (DEFAULT_WEIGHTS, STRUCTURES, PretrainConfig, patch_specs, pretrain,
+                                          synthetic_batch, synthetic_pairs, synthetic_patch)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,28 @@ def test_structures_are_where_the_label_says():
     assert parenchyma < 0.15  # lung: about -850 HU in a -1000…400 window
     assert vessel > parenchyma + 0.3 and nodule > parenchyma + 0.2
     assert synthetic_patch(rng, 0, ortho3).shape == (3, 32, 32)
+
+
+def test_pairs_show_one_scene_from_two_angles():
+    pairs, labels = synthetic_pairs(seed=1, stream=2, index=0, size=12, pixels=32)
+    assert pairs.shape == (2, 12, 3, 32, 32) and labels.shape == (12,)
+    assert all(not np.array_equal(pairs[0, i], pairs[1, i]) for i in range(12))
+    # Every view's centre samples the scene's centre, whatever the rotation: partners agree there.
+    centre = pairs[:, :, 0, 15:17, 15:17].mean(axis=(-1, -2))
+    within = np.abs(centre[0] - centre[1]).mean()
+    across = np.abs(centre[0][:, None] - centre[1][None, :])[~np.eye(12, dtype=bool)].mean()
+    assert within < 0.5 * across
+
+
+def test_contrastive_objective_runs_and_is_recorded(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    config = PretrainConfig(steps=1, batch_size=3, val_size=6, threads=1, contrastive_weight=1.0)
+    record = pretrain(config, tmp_path / "ssl.safetensors", command="test", log_every=0)
+    assert "NT-Xent" in record["pretext_task"]["objective"]
+    assert record["pretext_task"]["train_patches"] == 6 and record["config"]["contrastive_weight"] == 1.0
+    assert (tmp_path / "ssl.json").is_file()
 
 
 def test_bad_configuration_is_a_clear_error():
