@@ -66,7 +66,8 @@ class Geometry:
         direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
         if min(self.spacing) <= 0:
             raise ValueError(f"voxel spacing must be positive, got {self.spacing}")
-        if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            # a sheared or scaled "direction" would put every voxel in the wrong place
             raise ValueError(f"direction matrix is not orthonormal: {direction.tolist()}")
         direction.setflags(write=False)
         object.__setattr__(self, "direction", direction)

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import MedLoRAError
+from .atomic import atomic_path, make_dir_public
 from .geometry import Geometry
 from .image import CTImage, StudyIds
 from .nodule import Nodule
@@ -735,6 +736,7 @@ def write_dicom_series(image: CTImage, folder: str | os.PathLike, *, patient_id:
     spacing_i, spacing_j, spacing_k = geometry.spacing
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    make_dir_public(staging)
     try:
         for k in range(geometry.size[2]):
             sop_uid = generate_uid(entropy_srcs=[series_uid, str(k)])
@@ -824,14 +826,8 @@ def write_cohort(out_dir: str | os.PathLike, n_cases: int, seed: int = 0, *, con
                          "coordinate_system": "LPS", "label": nodule.label, "patient_id": case_id,
                          "nodule_id": nodule.nodule_id, "diameter_mm": f"{nodule.diameter_mm:.2f}"})
     manifest = out / "manifest.csv"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".csv", dir=out)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, manifest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
     return manifest

@@ -133,3 +133,6 @@ def test_pip_requirements_never_touch_slicers_own_packages():
     assert {canonicalize_name(r.name) for r in requirements}.isdisjoint(never)
     listed = (ROOT / "Resources" / "requirements.txt").read_text()
     assert not any(f"\n{name}" in listed.lower() for name in ("torch", "numpy", "simpleitk"))
+    # the file users read and the list the module installs are the same list
+    lines = {line.strip() for line in listed.splitlines() if line.strip() and not line.startswith("#")}
+    assert lines == set(specs)

@@ -21,14 +21,13 @@ assumes; Slicer has written LPS by default since the format appeared (4.11).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import AnnotationError
+from ..atomic import write_text_atomic
 from ..geometry import lps_to_ras, to_lps
 from ..nodule import Nodule
 from ._common import read_text
@@ -181,12 +180,4 @@ def write_markups(nodules: list[Nodule], path: str | Path, coordinate_system: st
     }]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(document, indent=2))

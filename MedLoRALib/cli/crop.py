@@ -17,15 +17,14 @@ import argparse
 import csv
 import io
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import AnnotationError, MedLoRAError
+from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +114,8 @@ def montage(patch: np.ndarray) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:

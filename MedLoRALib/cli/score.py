@@ -14,12 +14,11 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import AnnotationError, MedLoRAError
+from ..atomic import write_text_atomic
 
 COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
            "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note")
@@ -71,16 +70,6 @@ def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
     return buffer.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool) -> list[dict]:
@@ -146,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         sys.stdout.write(text)
     else:
-        write_atomic(out, text)
+        write_text_atomic(out, text)
         print(f"scored {len(rows)} nodule(s) with adapter {manifest.name!r}; results in {out}", file=sys.stderr)
     return 2 if failed else 0

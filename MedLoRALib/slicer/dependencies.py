@@ -23,7 +23,8 @@ from ..errors import MedLoRAError
 # import name -> requirement, for Slicer's own process and for the engine/trainer process.
 SLICER_PROCESS = {"scipy": "scipy>=1.10", "psutil": "psutil>=5.9", "PIL": "Pillow>=9"}
 ENGINE_PROCESS = {"timm": "timm>=1.0.8", "peft": "peft>=0.13", "safetensors": "safetensors>=0.4",
-                  "sklearn": "scikit-learn>=1.3", "tqdm": "tqdm>=4.60"}
+                  "sklearn": "scikit-learn>=1.3", "tqdm": "tqdm>=4.60",
+                  "matplotlib": "matplotlib>=3.7"}
 NEVER_PIP = ("torch", "torchvision", "numpy", "SimpleITK", "pydicom", "requests")
 
 

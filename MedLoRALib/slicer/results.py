@@ -14,11 +14,11 @@ from __future__ import annotations
 import csv
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MedLoRAError
+from ..atomic import atomic_path
 
 MALIGNANT_RGB = (0.90, 0.10, 0.10)
 BENIGN_RGB = (0.10, 0.80, 0.20)
@@ -193,9 +193,8 @@ def export_csv(rows: list[ScoreRow], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     names = ["volume", "nodule_id", "point_id", "x", "y", "z", "coordinate_system", "probability",
              "predicted_label", "predicted_class", "adapter", "adapter_version", "random_init", "error"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=names)
             writer.writeheader()
             for row in rows:
@@ -207,8 +206,4 @@ def export_csv(rows: list[ScoreRow], path: str | os.PathLike) -> Path:
                     "adapter": row.adapter,
                     "adapter_version": row.adapter_version, "random_init": int(row.random_init),
                     "error": row.error})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

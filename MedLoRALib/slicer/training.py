@@ -15,11 +15,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError, MedLoRAError
+from ..atomic import atomic_path
 from .mrml import markups_to_points, volume_to_ct_image
 from .process import ProcessHandle, ProcessRunner
 
@@ -85,12 +85,10 @@ def write_training_set(pairs: list[tuple[object, object]], folder: str | os.Path
                            f"({unlabelled} unlabelled). Label points in the MedLoRA module or write "
                            "'benign'/'malignant' in their description.")
     manifest = folder / "manifest.csv"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".csv", dir=folder)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, manifest)
     return manifest
 
 

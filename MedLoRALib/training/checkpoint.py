@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import MedLoRAError
-from .atomic import temp_path, write_json_atomic
+from ..atomic import temp_path
+from .atomic import write_json_atomic
 
 FORMAT = "medlora-train-checkpoint"
 VERSION = 1

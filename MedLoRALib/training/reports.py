@@ -6,7 +6,6 @@ display nor changes the backend of a process that imports it (Slicer's, for exam
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
-from .atomic import temp_path
+from ..atomic import atomic_path
 from .metrics import Metrics, sigmoid
 
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    tmp = temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
