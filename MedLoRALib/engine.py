@@ -136,6 +136,28 @@ class ScoringEngine:
         load_weights(model, manifest, contents, source)
         return _Attached(name, manifest, model.to(self.device).eval(), None)
 
+    def load_backbone(self, name: str, weights: str | Path | None = None, pixels: int | None = None,
+                      split_qkv: bool = True, allow_random_init: bool = False) -> dict:
+        """Load a backbone ahead of its adapters (e.g. at engine start), so attaching is fast.
+
+        Adapters attached later share it when they name the same backbone, weights, patch
+        pixels and q/v split (the ``qv`` LoRA targets split the fused qkv).
+        """
+        vit, info = create_backbone(name, weights=weights, allow_random_init=allow_random_init, img_size=pixels)
+        key = (info.name, info.identity, info.random_init_fingerprint, info.img_size, split_qkv)
+        if key not in self._backbones:
+            self._backbones[key] = self._prepare(key, vit, info, split_qkv)
+        return {"backbone": info.name, "weights_sha256": info.weights_sha256, "random_init": info.random_init,
+                "img_size": info.img_size, "split_qkv": split_qkv}
+
+    def _prepare(self, key: tuple, vit: nn.Module, info: BackboneInfo, split_qkv: bool) -> _Backbone:
+        self.backbone_loads += 1
+        if split_qkv:
+            prepare_for_lora(vit, LoraSpec(targets="qv"))
+        for param in vit.parameters():
+            param.requires_grad_(False)
+        return _Backbone(key, vit.to(self.device).eval(), info)
+
     def _backbone_for(self, manifest: AdapterManifest, weights, source: str) -> _Backbone:
         split = manifest.mode == "lora" and LoraSpec.from_dict(manifest.lora).targets == "qv"
         key = (manifest.backbone, manifest.backbone_sha256, manifest.random_init_fingerprint,
@@ -150,15 +172,9 @@ class ScoringEngine:
                                         allow_random_init=manifest.random_init, img_size=manifest.spec.pixels)
         except MedLoRAError as exc:
             raise AdapterError(f"adapter {source}: cannot load its backbone {manifest.backbone}: {exc}") from exc
-        self.backbone_loads += 1
         check_backbone(info, manifest, source)
-        if split:
-            prepare_for_lora(vit, LoraSpec(targets="qv"))
-        for param in vit.parameters():
-            param.requires_grad_(False)
-        backbone = _Backbone(key, vit.to(self.device).eval(), info)
-        self._backbones[key] = backbone
-        return backbone
+        self._backbones[key] = self._prepare(key, vit, info, split)
+        return self._backbones[key]
 
     def _attach_shared(self, name, manifest, contents, weights, source) -> _Attached:
         backbone = self._backbone_for(manifest, weights, source)

@@ -68,7 +68,7 @@ class EngineServer:
         self.engine = engine
         self._write = write
         self.stopped = False
-        self._ops = {"status": self._status, "attach_adapter": self._attach, "set_adapter": self._set,
+        self._ops = {"status": self._status, "load_backbone": self._load_backbone, "attach_adapter": self._attach, "set_adapter": self._set,
                      "detach_adapter": self._detach, "score": self._score, "shutdown": self._shutdown}
 
     def send(self, message: dict) -> None:
@@ -116,6 +116,14 @@ class EngineServer:
     # --- operations ---------------------------------------------------------------------
     def _status(self, request: dict) -> dict:
         return self.engine.status()
+
+    def _load_backbone(self, request: dict) -> dict:
+        pixels = request.get("pixels")
+        if pixels is not None and (not isinstance(pixels, int) or pixels < 2):
+            raise ProtocolError(f"'pixels' must be a whole number of pixels, got {pixels!r}")
+        return self.engine.load_backbone(_text(request, "name"), weights=_text(request, "weights", False),
+                                         pixels=pixels, split_qkv=bool(request.get("split_qkv", True)),
+                                         allow_random_init=bool(request.get("allow_random_init", False)))
 
     def _attach(self, request: dict) -> dict:
         manifest = self.engine.attach_adapter(_text(request, "path"), name=_text(request, "name", False),

@@ -261,3 +261,13 @@ def test_cuda_out_of_memory_for_one_nodule_falls_back_to_cpu(tmp_path, monkeypat
         results = engine.score_patches(SMALL_PATCHES, tta=False)
     assert engine.device.type == "cpu"
     assert np.allclose(_probabilities(results), _expected(model.cpu(), SMALL_PATCHES), atol=1e-6)
+
+
+def test_backbone_loaded_ahead_is_shared_by_the_adapters_attached_later(tmp_path, engine):
+    path, model = _adapter(tmp_path, "early", seed=3, spec=SMALL)
+    info = engine.load_backbone("medlora_tiny", pixels=SMALL.pixels, allow_random_init=True)
+    assert info["random_init"] and info["img_size"] == SMALL.pixels and engine.backbone_loads == 1
+    engine.attach_adapter(path)
+    assert engine.backbone_loads == 1  # the adapter found the backbone already there
+    assert np.array_equal(_probabilities(engine.score_patches(SMALL_PATCHES, tta=False)),
+                          _expected(model, SMALL_PATCHES))

@@ -69,8 +69,12 @@ def test_protocol_operations(server, adapter_path):
     status = _ask(server, {"id": 1, "op": "status"})
     assert status == {"id": 1, "ok": True, "result": {"backbone": [], "adapters": [], "active": None,
                                                       "device": "cpu", "version": status["result"]["version"]}}
+    loaded = _ask(server, {"id": 2, "op": "load_backbone", "name": "medlora_tiny", "pixels": 32,
+                           "allow_random_init": True})
+    assert loaded["ok"] and loaded["result"]["backbone"] == "medlora_tiny"
     attached = _ask(server, {"id": 2, "op": "attach_adapter", "path": str(adapter_path), "name": "a"})
     assert attached["ok"] and attached["result"]["name"] == "a"
+    assert server.engine.backbone_loads == 1  # the adapter used the backbone loaded ahead
     assert attached["result"]["manifest"]["patch_spec"]["views"] == "ortho3"
     _ask(server, {"id": 3, "op": "attach_adapter", "path": str(adapter_path), "name": "b"})
     assert _ask(server, {"id": 4, "op": "set_adapter", "name": "a"})["result"] == {"active": "a"}
@@ -93,6 +97,7 @@ def test_protocol_operations(server, adapter_path):
     (json.dumps({"id": 9, "op": "explode"}), "ProtocolError", "unknown op 'explode'"),
     (json.dumps({"id": 9, "op": "set_adapter", "name": "ghost"}), "AdapterError", "not attached"),
     (json.dumps({"id": 9, "op": "set_adapter"}), "ProtocolError", "'name'"),
+    (json.dumps({"id": 9, "op": "load_backbone", "name": "no_such_vit"}), "ModelError", "no_such_vit"),
     (json.dumps({"id": 9, "op": "attach_adapter", "path": "/no/such/adapter"}), "AdapterError", "neither"),
     (json.dumps({"id": 9, "op": "score", "patches": {"dtype": "float32", "shape": [1, 3, 32, 32],
                                                      "data": "%%%"}}), "ProtocolError", "base64"),
