@@ -239,3 +239,27 @@ def test_engine_results_join_points_in_order_with_the_adapters_own_label_names(h
     assert results.read_table(results.write_table(headless.scene, rows)) == rows
     with pytest.raises(MedLoRAError, match="returned 1 results for 2 patches"):
         rows_from_results(batch, answer[:1], "site", "abc")
+
+
+def test_patient_of_a_dicom_loaded_volume_comes_from_the_subject_hierarchy(headless, oblique_ct):
+    """Slicer's DICOM loader puts patient and study in the subject hierarchy, not on the volume:
+    two series of one patient must count as one patient (never split across train/validation)."""
+    import slicer
+
+    scene = headless.scene
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Anonymous")
+    hierarchy.SetItemUID(patient, "DICOM", "PAT-7")
+    hierarchy.SetItemAttribute(patient, "DICOM.PatientID", "PAT-7")
+    study = hierarchy.CreateStudyItem(patient, "CT chest")
+    hierarchy.SetItemUID(study, "DICOM", "1.2.3")
+    ids = []
+    for series_uid in ("1.2.3.4", "1.2.3.5"):
+        volume = mrml.add_volume_node(scene, oblique_ct)
+        item = hierarchy.GetItemByDataNode(volume) or hierarchy.CreateItem(study, volume)
+        hierarchy.SetItemParent(item, study)
+        hierarchy.SetItemUID(item, "DICOM", series_uid)
+        ids.append(mrml.volume_to_ct_image(volume).ids)
+    assert [i.patient_id for i in ids] == ["PAT-7", "PAT-7"]
+    assert [i.study_uid for i in ids] == ["1.2.3", "1.2.3"]
+    assert [i.series_uid for i in ids] == ["1.2.3.4", "1.2.3.5"]

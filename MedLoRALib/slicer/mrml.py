@@ -119,10 +119,34 @@ def volume_to_ct_image(volume_node) -> CTImage:
     except ValueError as exc:
         raise MedLoRAError(f"volume '{name}' has a sheared or scaled grid ({exc}); harden or remove the "
                            "transform that scales it.") from exc
-    ids = StudyIds(patient_id=volume_node.GetAttribute("DICOM.PatientID") or "",
-                   study_uid=volume_node.GetAttribute("DICOM.StudyInstanceUID") or "",
-                   series_uid=volume_node.GetAttribute("DICOM.SeriesInstanceUID") or "")
-    return CTImage(voxels_hu=voxels, geometry=geometry, ids=ids, source=name)
+    return CTImage(voxels_hu=voxels, geometry=geometry, ids=dicom_ids(volume_node), source=name)
+
+
+def dicom_ids(volume_node) -> StudyIds:
+    """Patient, study and series identifiers of a volume node.
+
+    Slicer's DICOM loader keeps them in the subject hierarchy (the UIDs of the series, study
+    and patient items above the volume), not on the volume node; MedLoRA's own volumes carry
+    them as node attributes. Either source is used.
+    """
+    import slicer
+
+    found = {level: volume_node.GetAttribute(f"DICOM.{tag}") or ""
+             for level, tag in (("Patient", "PatientID"), ("Study", "StudyInstanceUID"),
+                                ("Series", "SeriesInstanceUID"))}
+    scene = volume_node.GetScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene else None
+    item = hierarchy.GetItemByDataNode(volume_node) if hierarchy else 0
+    if item:
+        found["Series"] = found["Series"] or hierarchy.GetItemUID(item, "DICOM") or ""
+        item = hierarchy.GetItemParent(item)
+        while item and item != hierarchy.GetSceneItemID():
+            level = hierarchy.GetItemLevel(item)
+            if level in found and not found[level]:
+                found[level] = (hierarchy.GetItemAttribute(item, "DICOM.PatientID") if level == "Patient" else
+                                "") or hierarchy.GetItemUID(item, "DICOM") or ""
+            item = hierarchy.GetItemParent(item)
+    return StudyIds(patient_id=found["Patient"], study_uid=found["Study"], series_uid=found["Series"])
 
 
 def _set_ijk_to_ras(volume_node, geometry: Geometry) -> None:

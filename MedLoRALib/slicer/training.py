@@ -71,12 +71,13 @@ def write_training_set(pairs: list[tuple[object, object]], folder: str | os.Path
         if not labelled:
             continue
         image_path = folder / "images" / f"{_safe_name(volume.GetName())}-{_safe_name(volume.GetID())}.nrrd"
-        save_volume(volume_to_ct_image(volume), image_path)
+        image = volume_to_ct_image(volume)
+        save_volume(image, image_path)
         for point in labelled:
             x, y, z = point.nodule.centre_lps
             rows.append({"x": f"{x:.4f}", "y": f"{y:.4f}", "z": f"{z:.4f}", "coordinate_system": "LPS",
                          "nodule_id": point.name, "label": point.training_label,
-                         "patient_id": volume.GetAttribute("DICOM.PatientID") or volume.GetName(),
+                         "patient_id": image.ids.patient_id or volume.GetName(),
                          "image": f"images/{image_path.name}"})
     labels = {row["label"] for row in rows}
     if labels != {0, 1}:
