@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if studies is not None:
         _check_folder_points(points, fmt)
 
+    ct = load_ct(volume, series_uid=args.series_uid) if studies is None else None  # bad input fails before the model loads
     engine = ScoringEngine(device=args.device, store=AdapterStore(args.store) if args.store else None)
     manifest = engine.attach_adapter(args.adapter, weights=args.weights)
     if manifest.random_init:
@@ -109,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
     tta = not args.no_tta
     rows: list[dict] = []
     if studies is None:
-        ct = load_ct(volume, series_uid=args.series_uid)
         rows = _score_study(engine, ct, points, fmt, volume.name, args, tta)
         if not rows:
             raise AnnotationError(f"{points} has nodules, but none for this CT ({volume.name}): check that the "
