@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -367,7 +367,8 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
 
     if say is None:
         stream = sys.stderr if config.progress == "json" else sys.stdout
-        say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
+        def say(text: str) -> None:
+            print(text, file=stream, flush=True)
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -448,29 +449,30 @@ def summary_text(config: DemoConfig, metrics: dict, adapter: Path) -> str:
         "MedLoRA demo report — SYNTHETIC DATA, NOT A CLINICAL RESULT",
         "",
         backbone_description(config) + ".",
-        "Data: computer-generated chest CT phantoms. Benign-like and malignant-like nodules share one size range "
-        "and one mean-density distribution, so only shape (lobulation, spiculation, margin, part-solid texture) "
-        "separates them; the shortcut baseline (logistic regression on diameter and mean HU) shows how far size "
-        "and density alone get.",
+        ("Data: computer-generated chest CT phantoms. Benign-like and malignant-like nodules share one size range "
+         "and one mean-density distribution, so only shape (lobulation, spiculation, margin, part-solid texture) "
+         "separates them; the shortcut baseline (logistic regression on diameter and mean HU) shows how far size "
+         "and density alone get."),
         "",
-        f"Budget: {budget['train_cases']} training studies × {budget['nodules_per_case']} nodules (25% of patients "
-        f"held for validation), {budget['epochs']} epochs, batch {budget['batch_size']}, LoRA {budget['lora_targets']} "
-        f"rank {budget['lora_rank']}, {budget['views']} patches of 50 mm at 64 px, seed {budget['seed']}.",
+        (f"Budget: {budget['train_cases']} training studies × {budget['nodules_per_case']} nodules (25% of patients "
+         f"held for validation), {budget['epochs']} epochs, batch {budget['batch_size']}, LoRA "
+         f"{budget['lora_targets']} rank {budget['lora_rank']}, {budget['views']} patches of 50 mm at 64 px, "
+         f"seed {budget['seed']}."),
         "",
-        f"Validation ({val['adapter']['n']} nodules):  adapter AUC "
-        f"{_fmt_auc(val['adapter']['auc'], val['adapter']['auc_ci95'])};  shortcut baseline AUC "
-        f"{_fmt_auc(val['shortcut_baseline']['auc'], val['shortcut_baseline']['auc_ci95'])}",
-        f"Held-out ({held['adapter']['n']} nodules in {budget['heldout_cases']} unseen studies):  adapter AUC "
-        f"{_fmt_auc(held['adapter']['auc'], held['adapter']['auc_ci95'])};  shortcut baseline AUC "
-        f"{_fmt_auc(held['shortcut_baseline']['auc'], held['shortcut_baseline']['auc_ci95'])}",
-        f"At the adapter's threshold: sensitivity {held['adapter']['sensitivity']:.2f}, "
-        f"specificity {held['adapter']['specificity']:.2f} (held-out).",
+        (f"Validation ({val['adapter']['n']} nodules):  adapter AUC "
+         f"{_fmt_auc(val['adapter']['auc'], val['adapter']['auc_ci95'])};  shortcut baseline AUC "
+         f"{_fmt_auc(val['shortcut_baseline']['auc'], val['shortcut_baseline']['auc_ci95'])}"),
+        (f"Held-out ({held['adapter']['n']} nodules in {budget['heldout_cases']} unseen studies):  adapter AUC "
+         f"{_fmt_auc(held['adapter']['auc'], held['adapter']['auc_ci95'])};  shortcut baseline AUC "
+         f"{_fmt_auc(held['shortcut_baseline']['auc'], held['shortcut_baseline']['auc_ci95'])}"),
+        (f"At the adapter's threshold: sensitivity {held['adapter']['sensitivity']:.2f}, "
+         f"specificity {held['adapter']['specificity']:.2f} (held-out)."),
         "",
         f"Training took {metrics['training_seconds'] or 0:.0f} s; the whole demo {metrics['total_seconds']:.0f} s.",
         "",
-        "Files: results.csv (one row per held-out nodule: LPS centre, truth, probability, shortcut probability), "
-        "metrics.json, roc.png (held-out ROC with the shortcut baseline), summary.txt; "
-        f"{adapter.name}/ holds the adapter with the trainer's own reports (metrics.json, roc.png, "
-        "calibration.png, training_curves.png).",
+        ("Files: results.csv (one row per held-out nodule: LPS centre, truth, probability, shortcut probability), "
+         "metrics.json, roc.png (held-out ROC with the shortcut baseline), summary.txt; "
+         f"{adapter.name}/ holds the adapter with the trainer's own reports (metrics.json, roc.png, "
+         "calibration.png, training_curves.png)."),
     ]
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ def quick_demo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_quick_demo_writes_every_report_file(quick_demo):
-    result, lines = quick_demo
+    result, _ = quick_demo
     out = result.out
     for name in ("results.csv", "metrics.json", "roc.png", "summary.txt", "adapter/manifest.json",
                  "adapter/training_curves.png", "adapter/roc.png", "adapter/metrics.json"):

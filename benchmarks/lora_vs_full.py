@@ -217,7 +217,7 @@ def probe_in_subprocess(name: str, args) -> dict:
     if args.weights:
         command += ["--weights", str(args.weights)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -372,7 +372,7 @@ def compare(args) -> dict:
             result["epoch_cpu_vs_full"] = round(result["epoch_cpu_s"] / reference["epoch_cpu_s"], 3)
     return {
         "cohort": {"manifest": str(manifest), "cases": args.cases, "nodules": len(labels),
-                   "train_nodules": int(len(split.train)), "val_nodules": int(len(split.val)),
+                   "train_nodules": len(split.train), "val_nodules": len(split.val),
                    "val_malignant": int(val_labels.sum()), "seconds": round(cohort_s, 1),
                    "patch_cutting_s": round(cutting_s, 1)},
         "budget": {"epochs": args.epochs, "batch_size": args.batch_size, "steps_per_epoch": steps_per_epoch,

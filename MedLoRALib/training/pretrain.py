@@ -338,7 +338,7 @@ def synthetic_pairs(seed: int, stream: int, index: int, size: int, pixels: int, 
 
 
 def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
-    warmup = max(1, int(round(warmup_fraction * total)))
+    warmup = max(1, round(warmup_fraction * total))
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
