@@ -83,6 +83,18 @@ def test_contrastive_objective_runs_and_is_recorded(tmp_path):
     assert (tmp_path / "ssl.json").is_file()
 
 
+def test_same_run_writes_the_same_bytes(tmp_path):
+    """Same seed, same file: the SHA-256 in the record identifies the weights, not the run."""
+    import torch
+
+    torch.set_num_threads(1)
+    config = PretrainConfig(steps=1, batch_size=4, val_size=6, threads=1)
+    first = pretrain(config, tmp_path / "a.safetensors", log_every=0)
+    second = pretrain(config, tmp_path / "b.safetensors", log_every=0)
+    assert first["sha256"] == second["sha256"]
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
 def test_bad_configuration_is_a_clear_error():
     with pytest.raises(MedLoRAError, match="steps must be ≥ 1"):
         PretrainConfig(steps=0)

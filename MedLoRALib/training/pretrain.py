@@ -393,6 +393,7 @@ def _write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shipped files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -460,9 +461,9 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
     vit.load_state_dict(state)  # evaluate exactly what is shipped (float16 rounding included)
     val_accuracy, confusion = _accuracy(vit, head, val_images, val_labels)
     train_s = time.perf_counter() - started
-    metadata = {"format": "pt", "backbone": config.backbone, "task": "synthetic CT structure classification",
-                "seed": str(config.seed)}
-    _write_atomic(out, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
+    # One metadata key only: safetensors writes several in a random order, and the file's SHA-256
+    # must not change when the same weights are written again (the record lives in the JSON).
+    _write_atomic(out, lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
     record = {
         "file": out.name,
         "sha256": sha256_file(out),
