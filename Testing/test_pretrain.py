@@ -163,3 +163,10 @@ def test_script_smoke_run_writes_loadable_weights(tmp_path):
     assert "--steps 1" in record["command"]
     _, info = create_backbone("medlora_tiny", weights=out)
     assert info.weights_sha256 == record["sha256"]
+
+
+def test_shipped_backbone_is_registered_by_name():
+    from MedLoRALib.models import create_backbone
+
+    _, info = create_backbone("medlora_tiny_synthct")  # no weights argument, no hub, no random init
+    assert not info.random_init and Path(info.weights_path).name == "medlora_tiny_synthct.safetensors"

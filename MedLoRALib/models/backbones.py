@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ class BackboneConfig:
         embed_dim: token width.
         timm_kwargs: extra ``timm.create_model`` arguments (architecture overrides).
         hub_id: Hugging Face repository holding the weights, if any.
+        shipped_weights: a weights file in ``MedLoRALib/assets`` used when none is given.
         notes: one line for ``list`` output.
     """
 
@@ -54,6 +55,7 @@ class BackboneConfig:
     embed_dim: int
     timm_kwargs: dict = field(default_factory=dict)
     hub_id: str | None = None
+    shipped_weights: str | None = None
     notes: str = ""
 
 
@@ -134,6 +136,14 @@ def _medlora_tiny() -> BackboneConfig:
         name="medlora_tiny", timm_name="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=96,
         timm_kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3),
         notes="tiny ViT (64 px, 8 px patches, 6 blocks of width 96) for tests and the demo")
+
+
+@register_backbone("medlora_tiny_synthct")
+def _medlora_tiny_synthct() -> BackboneConfig:
+    return replace(_medlora_tiny(), name="medlora_tiny_synthct",
+                   shipped_weights="medlora_tiny_synthct.safetensors",
+                   notes="medlora_tiny pre-trained on synthetic CT structures (scripts/pretrain_tiny_backbone.py): "
+                         "the honest stand-in for a pretrained LVM, not a clinical model")
 
 
 def _timm_config(name: str) -> BackboneConfig:
@@ -317,6 +327,8 @@ def create_backbone(name: str, *, weights: str | Path | None = None, pretrained:
         raise ModelError(f"backbone {name!r} is a timm {type(model).__name__}, not a VisionTransformer; "
                          "MedLoRA adapts ViTs (blocks with attn.qkv)")
     path = Path(weights).expanduser() if weights is not None else None
+    if path is None and pretrained and config.shipped_weights:
+        path = ASSETS_DIR / config.shipped_weights
     if path is None and pretrained and config.hub_id:
         path = _hub_weights(config.hub_id)
     if path is not None and not path.is_file():
