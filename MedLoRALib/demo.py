@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path, write_text_atomic
 from .errors import MedLoRAError
 from .nodule import Nodule
 
@@ -111,29 +111,17 @@ class DemoResult:
 # --- small helpers --------------------------------------------------------------------------------
 
 
-def _replace_atomic(path: Path, write: Callable[[str], None], suffix: str = "") -> Path:
+def _replace_atomic(path: Path, write: Callable[[str], None]) -> Path:
     """Write through ``write(temp_path)`` beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    return _replace_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_json(path: Path, data: dict) -> Path:
     from .training.progress import jsonable
 
-    return _write_text_atomic(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -344,7 +332,7 @@ def plot_heldout_roc(path: Path, labels: np.ndarray, probabilities: np.ndarray, 
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
            title=f"Held-out SYNTHETIC phantoms (n={len(labels)}, {int(np.sum(labels))} malignant-like)")
     ax.legend(loc="lower right", fontsize=7)
-    return _replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"), ".png")
+    return _replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
 def _auc_with_ci(labels: np.ndarray, scores: np.ndarray, seed: int) -> dict:
@@ -431,7 +419,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
         "total_seconds": round(seconds, 1),
     }
     files["metrics"] = _write_json(out / "metrics.json", metrics)
-    files["summary"] = _write_text_atomic(out / "summary.txt", summary_text(config, metrics, adapter))
+    files["summary"] = write_text_atomic(out / "summary.txt", summary_text(config, metrics, adapter))
     for name in ("training_curves.png", "roc.png", "calibration.png", "metrics.json"):
         if (adapter / name).is_file():
             files[f"adapter/{name}"] = adapter / name
