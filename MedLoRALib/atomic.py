@@ -8,7 +8,9 @@ keeps the target's suffix, because SimpleITK, PIL and matplotlib choose the form
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
     return Path(path)
+
+
+def replace_dir(staging: str | Path, folder: str | Path) -> None:
+    """Rename a fully written ``staging`` folder to ``folder``.
+
+    An existing ``folder`` is moved aside first and removed only after the swap, and put back
+    if the swap fails, so readers see the old folder or the new one, never a half-written one.
+    """
+    staging, folder = Path(staging), Path(folder)
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    if folder.exists():
+        os.replace(folder, old)
+    try:
+        os.replace(staging, folder)
+    except OSError:
+        if old.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def make_dir_public(folder: str | Path) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import MedLoRAError
-from .atomic import atomic_path, make_dir_public
+from .atomic import atomic_path, make_dir_public, replace_dir
 from .geometry import Geometry
 from .image import CTImage, StudyIds
 from .nodule import Nodule
@@ -765,22 +765,11 @@ def write_dicom_series(image: CTImage, folder: str | os.PathLike, *, patient_id:
             ds.WindowCenter, ds.WindowWidth = "-600", "1500"
             ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
             ds.save_as(staging / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
-        _swap_in(staging, folder)
+        replace_dir(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return folder
-
-
-def _swap_in(staging: Path, folder: Path) -> None:
-    """Replace ``folder`` by ``staging`` so readers never see a half-written series."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 MANIFEST_COLUMNS = ("image", "x", "y", "z", "coordinate_system", "label", "patient_id", "nodule_id", "diameter_mm")

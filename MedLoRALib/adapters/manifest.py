@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from .. import __version__
+from ..atomic import replace_dir
 from ..errors import AdapterError
 from ..patches import PatchSpec
 
@@ -236,7 +237,9 @@ def write_adapter(manifest: AdapterManifest, contents: dict[str, bytes], dest: s
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        _replace_dir(tmp, dest, token)
+        if dest.exists() and not dest.is_dir():
+            raise AdapterError(f"cannot write adapter folder {dest}: a file of that name exists")
+        replace_dir(tmp, dest)
         return dest
     finally:
         if tmp.is_dir():
@@ -245,18 +248,3 @@ def write_adapter(manifest: AdapterManifest, contents: dict[str, bytes], dest: s
             tmp.unlink()
 
 
-def _replace_dir(src: Path, dest: Path, token: str) -> None:
-    """Rename ``src`` to ``dest``; an existing ``dest`` is moved aside first, then removed."""
-    if dest.exists() and not dest.is_dir():
-        raise AdapterError(f"cannot write adapter folder {dest}: a file of that name exists")
-    old = dest.parent / f".{dest.name}.old-{token}"
-    if dest.exists():
-        os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except OSError:
-        if old.exists():
-            os.replace(old, dest)
-        raise
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)

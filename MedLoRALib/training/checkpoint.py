@@ -9,7 +9,6 @@ it, so a run killed at any moment leaves either the old or the new checkpoint, w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import MedLoRAError
+from ..adapters.manifest import sha256_file
 from ..atomic import temp_path
+from ..errors import MedLoRAError
 from .atomic import write_json_atomic
 
 FORMAT = "medlora-train-checkpoint"
@@ -121,7 +121,7 @@ def save_checkpoint(directory: str | Path, *, weights: dict[str, torch.Tensor],
     save_file(tensors, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, directory / tensor_name)
     meta = {"format": FORMAT, "version": VERSION, "generation": generation, "tensors": tensor_name,
             "sha256": digest, "config": config, "progress": progress, "optimizer": optim_meta,
@@ -157,15 +157,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{directory / STATE_FILE} is not a MedLoRA training checkpoint of version {VERSION}")
     tensor_path = directory / meta["tensors"]
-    if not tensor_path.is_file() or _sha256(tensor_path) != meta["sha256"]:
+    if not tensor_path.is_file() or sha256_file(tensor_path) != meta["sha256"]:
         raise CheckpointError(f"checkpoint tensors {tensor_path} are missing or do not match state.json; "
                            f"delete {directory} to start over")
     return Checkpoint(meta=meta, tensors=load_file(str(tensor_path)), directory=directory)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

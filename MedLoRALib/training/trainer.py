@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..atomic import replace_dir
 from ..errors import DatasetError, MedLoRAError
 from ..models import LoraSpec, build_model, trainable_parameter_count
 from ..patches import PatchSpec
@@ -725,13 +726,7 @@ def write_adapter(model, cfg: TrainConfig, info, spec: PatchSpec, overall: M.Met
         plot_roc(staging / "roc.png", labels, logits, overall)
         plot_calibration(staging / "calibration.png", labels, logits, overall.temperature)
         plot_training_curves(staging / "training_curves.png", history)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
