@@ -20,18 +20,10 @@ from MedLoRALib.errors import AnnotationError, MedLoRAError
 from MedLoRALib.geometry import Geometry, lps_to_ras
 from MedLoRALib.image import CTImage, StudyIds
 from MedLoRALib.nodule import Nodule
+from helpers import rotation
 
 
 # --- helpers ----------------------------------------------------------------------------
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    a = np.radians(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 def blank_ct(geometry: Geometry, hu: float = -1000.0, series_uid: str = "", source: str = "") -> CTImage:
     voxels = np.full(tuple(reversed(geometry.size)), hu, dtype=np.float32)
     return CTImage(voxels, geometry, ids=StudyIds(series_uid=series_uid), source=source)

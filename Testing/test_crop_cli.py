@@ -50,7 +50,7 @@ def ct_file(tmp_path_factory) -> tuple[Path, CTImage, list[np.ndarray]]:
 
 def points_csv(path: Path, nodules: list[np.ndarray]) -> Path:
     """First nodule in LPS, second in RAS, as Slicer users would write them."""
-    (a, b), b_ras = nodules, lps_to_ras(nodules[1])
+    (a, _), b_ras = nodules, lps_to_ras(nodules[1])
     path.write_text("nodule_id,x,y,z,coordinate_system,label\n"
                     f"left,{a[0]},{a[1]},{a[2]},LPS,malignant\n"
                     f"right,{b_ras[0]},{b_ras[1]},{b_ras[2]},RAS,0\n", encoding="utf-8")

@@ -14,15 +14,7 @@ from MedLoRALib.geometry import Geometry, lps_to_ras, ras_to_lps, to_lps
 from MedLoRALib.image import AIR_HU, CTImage
 from MedLoRALib.patches import (PLANE_AXES, PatchSpec, cube_geometry, extract_patches,
                                 sample_points_lps)
-
-
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    a = np.radians(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
+from helpers import rotation
 
 
 OBLIQUE = rotation("z", 25) @ rotation("x", -12) @ rotation("y", 8)

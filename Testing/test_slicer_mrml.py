@@ -14,16 +14,9 @@ from MedLoRALib.image import CTImage
 from MedLoRALib.patches import PatchSpec, extract_patches
 from MedLoRALib.slicer import mrml, results
 from MedLoRALib.slicer.logic import cut_patches
+from helpers import rotation
 
 pytest.importorskip("slicer")
-
-
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 @pytest.fixture()

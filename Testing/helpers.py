@@ -1,0 +1,15 @@
+"""Small helpers shared by several test modules (imported as ``helpers``: pytest puts Testing/ on sys.path)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    """3×3 rotation about the LPS x, y or z axis."""
+    a = np.radians(degrees)
+    c, s = np.cos(a), np.sin(a)
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
