@@ -32,13 +32,21 @@ try:
     import qt
     from slicer.i18n import tr as _
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
 except ImportError:  # slicer-core without Slicer's application (CI, scripts): logic only
     qt = None
-    from MedLoRALib.slicer.headless import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
-                                            parameterNodeWrapper)
+    from MedLoRALib.slicer.headless import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+        parameterNodeWrapper,
+    )
     from MedLoRALib.slicer.headless import tr as _
 
     def Choice(values):  # noqa: N802 - Slicer's name

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import CTLoadError, MedLoRAError
 from .atomic import atomic_path
+from .errors import CTLoadError, MedLoRAError
 from .geometry import Geometry
 from .image import CTImage, StudyIds
 

@@ -35,8 +35,8 @@ from typing import Literal, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import MedLoRAError
 from .atomic import atomic_path, make_dir_public, replace_dir
+from .errors import MedLoRAError
 from .geometry import Geometry
 from .image import CTImage, StudyIds
 from .nodule import Nodule

@@ -11,16 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import rotation
 
-from MedLoRALib.annotations import (detect_format, lidc_label, load_nodules, median_malignancy,
-                                    validate_inside, write_markups)
+from MedLoRALib.annotations import (
+    detect_format,
+    lidc_label,
+    load_nodules,
+    median_malignancy,
+    validate_inside,
+    write_markups,
+)
 from MedLoRALib.annotations.lidc import load_lidc_xml
 from MedLoRALib.ctio import load_ct
 from MedLoRALib.errors import AnnotationError, MedLoRAError
 from MedLoRALib.geometry import Geometry, lps_to_ras
 from MedLoRALib.image import CTImage, StudyIds
 from MedLoRALib.nodule import Nodule
-from helpers import rotation
 
 
 # --- helpers ----------------------------------------------------------------------------

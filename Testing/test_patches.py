@@ -6,16 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import rotation
 
 from MedLoRALib.annotations import load_nodules
 from MedLoRALib.ctio import load_ct
 from MedLoRALib.errors import PatchError
 from MedLoRALib.geometry import Geometry, lps_to_ras, ras_to_lps, to_lps
 from MedLoRALib.image import AIR_HU, CTImage
-from MedLoRALib.patches import (PLANE_AXES, PatchSpec, cube_geometry, extract_patches,
-                                sample_points_lps)
-from helpers import rotation
-
+from MedLoRALib.patches import PLANE_AXES, PatchSpec, cube_geometry, extract_patches, sample_points_lps
 
 OBLIQUE = rotation("z", 25) @ rotation("x", -12) @ rotation("y", 8)
 GEOMETRIES = {

@@ -18,9 +18,17 @@ from MedLoRALib.ctio import load_ct
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.image import CTImage
 from MedLoRALib.nodule import Nodule
-from MedLoRALib.phantom import (MANIFEST_COLUMNS, PhantomConfig, make_phantom, margin_irregularity,
-                                oblique_direction, shortcut_auc, shortcut_features, write_cohort,
-                                write_dicom_series)
+from MedLoRALib.phantom import (
+    MANIFEST_COLUMNS,
+    PhantomConfig,
+    make_phantom,
+    margin_irregularity,
+    oblique_direction,
+    shortcut_auc,
+    shortcut_features,
+    write_cohort,
+    write_dicom_series,
+)
 
 SMALL = PhantomConfig(size=(128, 112, 40), spacing=(0.9, 1.1, 2.5), n_nodules=2)
 

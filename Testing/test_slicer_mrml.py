@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import rotation
 
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.geometry import Geometry, lps_to_ras, ras_to_lps
@@ -14,7 +15,6 @@ from MedLoRALib.image import CTImage
 from MedLoRALib.patches import PatchSpec, extract_patches
 from MedLoRALib.slicer import mrml, results
 from MedLoRALib.slicer.logic import cut_patches
-from helpers import rotation
 
 pytest.importorskip("slicer")
 

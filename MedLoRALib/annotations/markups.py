@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AnnotationError
 from ..atomic import write_text_atomic
+from ..errors import AnnotationError
 from ..geometry import lps_to_ras, to_lps
 from ..nodule import Nodule
 from ._common import read_text

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AnnotationError, MedLoRAError
 from ..atomic import atomic_path
+from ..errors import AnnotationError, MedLoRAError
 
 log = logging.getLogger(__name__)
 

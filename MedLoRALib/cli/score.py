@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import AnnotationError, MedLoRAError
 from ..atomic import write_text_atomic
+from ..errors import AnnotationError, MedLoRAError
 
 COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
            "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note")

@@ -1,7 +1,13 @@
 """Backbones, LoRA and the nodule classifier (torch)."""
 
-from .backbones import (BackboneConfig, BackboneInfo, create_backbone, get_backbone_config, list_backbones,
-                        register_backbone)
+from .backbones import (
+                        BackboneConfig,
+                        BackboneInfo,
+                        create_backbone,
+                        get_backbone_config,
+                        list_backbones,
+                        register_backbone,
+)
 from .classifier import NoduleClassifier, build_model, trainable_parameter_count
 from .lora import LoraSpec, split_qkv
 

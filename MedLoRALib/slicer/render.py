@@ -97,9 +97,8 @@ def render_slice_view(volume_node, markups_node, out_png: str | os.PathLike, app
         field_of_view_mm: width of the view in mm (default: the whole volume).
         glyph_scale: control point size in % of the view (default: the display node's).
     """
-    import vtk
-
     import slicer
+    import vtk
 
     if app_logic is None:
         app_logic = slicer.app.applicationLogic() if hasattr(slicer, "app") else None

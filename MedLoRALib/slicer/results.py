@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MedLoRAError
 from ..atomic import atomic_path
+from ..errors import MedLoRAError
 
 MALIGNANT_RGB = (0.90, 0.10, 0.10)
 BENIGN_RGB = (0.10, 0.80, 0.20)

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DatasetError, MedLoRAError
 from ..atomic import atomic_path
+from ..errors import DatasetError, MedLoRAError
 from .mrml import markups_to_points, volume_to_ct_image
 from .process import ProcessHandle, ProcessRunner
 

@@ -44,10 +44,16 @@ from ..errors import DatasetError, MedLoRAError
 from ..models import LoraSpec, build_model, trainable_parameter_count
 from ..patches import PatchSpec
 from . import metrics as M
-from .augment import AugmentConfig, patch_reach_mm
 from .atomic import write_json_atomic
-from .checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint,
-                         set_rng_state)
+from .augment import AugmentConfig, patch_reach_mm
+from .checkpoint import (
+    CheckpointError,
+    has_checkpoint,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+    set_rng_state,
+)
 from .dataset import PatchDataset, ignore_sigint_in_worker
 from .manifest import TrainingSet, check_training_set
 from .progress import Reporter, jsonable
