@@ -1,4 +1,4 @@
-"""Shared fixtures: the real LIDC cases beside the checkout and a small synthetic CT."""
+"""Shared fixtures: the real LIDC cases beside the checkout and tiny trained adapters."""
 
 from __future__ import annotations
 
@@ -35,3 +35,25 @@ def lidc_0001(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def lidc_0003(shared_data: Path) -> Path:
     return _series_dir(shared_data / "lidc" / "LIDC-IDRI-0003")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory):
+    """Factory ``tiny_adapter(name, spec, **options) -> Path`` of a saved tiny adapter
+    (``helpers.save_tiny_adapter``), made once per session for each set of arguments.
+
+    Shared between tests, so treat it as read-only; a test that changes an adapter's files
+    saves its own with ``helpers.save_tiny_adapter(tmp_path, ...)``.
+    """
+    from helpers import save_tiny_adapter
+
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    made: dict[str, Path] = {}
+
+    def make(name: str, spec, **options) -> Path:
+        key = repr((name, spec, sorted(options.items())))
+        if key not in made:
+            made[key] = save_tiny_adapter(root / str(len(made)), name, spec, **options)[0]
+        return made[key]
+
+    return make

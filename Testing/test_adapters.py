@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import zipfile
 
 import pytest
 import torch
+from helpers import assert_imports_without, tiny_model
 from safetensors.torch import save_file
 
 from MedLoRALib.adapters import AdapterManifest, read_manifest
@@ -24,19 +24,8 @@ SPEC = PatchSpec(views="multiview9", pixels=64)
 PATCHES = torch.rand(3, 9, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def _perturb(model, seed=0):
-    """Move every trainable tensor (LoRA A and B, norm, head weight and bias) off its init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
 def _tiny(mode="lora", **kwargs):
-    model, _ = build_model("medlora_tiny", patch_spec=SPEC, mode=mode, allow_random_init=True, **kwargs)
-    return _perturb(model)
+    return tiny_model(SPEC, mode=mode, **kwargs)
 
 
 @pytest.fixture
@@ -93,8 +82,8 @@ def test_lora_adapter_uses_peft_format_and_is_small(tmp_path):
 
 def test_saved_with_real_weights_checks_backbone_hash(tmp_path, weights_files):
     first, second = weights_files
-    model, info = build_model("medlora_tiny", patch_spec=SPEC, weights=first)
-    _perturb(model)
+    model = tiny_model(SPEC, weights=first)
+    info = model.backbone_info
     path = save_adapter(model, AdapterManifest(name="site-a"), tmp_path / "site-a")
     manifest = read_manifest(path)
     assert not manifest.random_init and manifest.backbone_sha256 == info.weights_sha256
@@ -248,17 +237,15 @@ def test_default_store_root(monkeypatch, tmp_path):
 
 
 def test_manifest_and_store_do_not_import_torch():
-    code = ("import sys; import MedLoRALib.adapters, MedLoRALib.adapters.store, MedLoRALib.adapters.manifest, "
-            "MedLoRALib.cli.adapters; assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_imports_without(["MedLoRALib.adapters", "MedLoRALib.adapters.store", "MedLoRALib.adapters.manifest",
+                            "MedLoRALib.cli.adapters"], forbidden=("torch",))
 
 
 def test_backbone_weights_found_by_hash_in_medlora_home(tmp_path, weights_files, monkeypatch):
     from MedLoRALib.engine import ScoringEngine
 
     first, second = weights_files
-    model, _ = build_model("medlora_tiny", patch_spec=SPEC, weights=first)
-    _perturb(model)
+    model = tiny_model(SPEC, weights=first)
     path = save_adapter(model, AdapterManifest(name="site-a"), tmp_path / "site-a")
     home = tmp_path / "home"
     (home / "weights").mkdir(parents=True)

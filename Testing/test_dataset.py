@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_imports_without
 
 from MedLoRALib.cli import main
 from MedLoRALib.ctio import save_volume
@@ -276,16 +277,9 @@ def test_random_rotations_are_proper_and_cover_all_orientations():
 
 def test_dataset_check_and_torch_free_training_modules_never_import_torch(two_volumes):
     """``medlora dataset check`` (and the Slicer module) must run without torch."""
-    import subprocess
-    import sys
-
     manifest = write_csv(two_volumes / "torchfree.csv", [_row("a.nrrd", CENTRE_A, 1, "P1")])
-    code = (
-        "import sys\n"
-        "from MedLoRALib.cli import main\n"
-        f"main(['dataset', 'check', {str(manifest)!r}])\n"
-        "import MedLoRALib.training.manifest, MedLoRALib.training.splits, MedLoRALib.training.metrics\n"
-        "import MedLoRALib.training.reports, MedLoRALib.training.augment, MedLoRALib.training.progress\n"
-        "print(sorted(m for m in ('torch', 'timm', 'peft') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+    assert_imports_without(
+        ["MedLoRALib.cli", "MedLoRALib.training.manifest", "MedLoRALib.training.splits",
+         "MedLoRALib.training.metrics", "MedLoRALib.training.reports", "MedLoRALib.training.augment",
+         "MedLoRALib.training.progress"],
+        then=f"from MedLoRALib.cli import main; main(['dataset', 'check', {str(manifest)!r}])")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_adapter
 from safetensors.torch import save_file
 
 from MedLoRALib.adapters import AdapterManifest
@@ -13,7 +14,7 @@ from MedLoRALib.engine import TTA_TRANSFORMS, ScoringEngine, apply_tta
 from MedLoRALib.errors import AdapterError, PatchError
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
-from MedLoRALib.models import LoraSpec, build_model, create_backbone
+from MedLoRALib.models import LoraSpec, create_backbone
 from MedLoRALib.nodule import Nodule
 from MedLoRALib.patches import PatchSpec, extract_patches
 
@@ -25,16 +26,8 @@ SMALL_PATCHES = np.random.default_rng(1).random((3, 3, 32, 32), dtype=np.float32
 
 
 def _adapter(tmp_path, name, seed, mode="lora", lora=None, spec=SPEC, weights=None, **manifest):
-    model, _ = build_model("medlora_tiny", patch_spec=spec, mode=mode, lora=lora or LoraSpec(),
-                           weights=weights, allow_random_init=weights is None)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    model.eval()
-    path = save_adapter(model, AdapterManifest(name=name, **manifest), tmp_path / name)
-    return path, model
+    return save_tiny_adapter(tmp_path, name, spec, seed=seed, mode=mode, lora=lora, weights=weights,
+                             manifest=manifest)
 
 
 def _expected(model, patches, temperature=1.0):

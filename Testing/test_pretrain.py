@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_imports_without
 
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.training.pretrain import (
@@ -27,9 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_scene_module_is_torch_free():
-    code = "import sys, MedLoRALib.training.pretrain; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert_imports_without("MedLoRALib.training.pretrain", forbidden=("torch",))
 
 
 def test_batches_are_seeded_balanced_and_normalised():

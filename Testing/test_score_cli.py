@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from MedLoRALib.adapters import AdapterManifest
-from MedLoRALib.adapters.package import save_adapter
 from MedLoRALib.adapters.store import AdapterStore
 from MedLoRALib.cli import main
 from MedLoRALib.cli.score import RANDOM_INIT_NOTE
 from MedLoRALib.ctio import load_ct
 from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.geometry import lps_to_ras
-from MedLoRALib.models import LoraSpec, build_model
+from MedLoRALib.models import LoraSpec
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.phantom import make_phantom, write_cohort, write_dicom_series
 
@@ -26,16 +24,10 @@ SPEC = PatchSpec(views="multiview9", fov_mm=50.0, pixels=32)
 
 
 @pytest.fixture(scope="module")
-def store_root(tmp_path_factory):
+def store_root(tmp_path_factory, tiny_adapter):
     """A store holding one tiny random-init adapter (changed head and LoRA) named 'tiny'."""
-    model, _ = build_model("medlora_tiny", patch_spec=SPEC, lora=LoraSpec(rank=4), allow_random_init=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    path = tiny_adapter("tiny", SPEC, lora=LoraSpec(rank=4), manifest={"threshold": 0.5})
     root = tmp_path_factory.mktemp("store")
-    path = save_adapter(model, AdapterManifest(name="tiny", threshold=0.5), root / "source")
     AdapterStore(root / "adapters").import_(path)
     return root / "adapters"
 

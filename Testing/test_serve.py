@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from MedLoRALib.adapters import AdapterManifest
-from MedLoRALib.adapters.package import save_adapter
 from MedLoRALib.adapters.store import AdapterStore
 from MedLoRALib.engine import ScoringEngine
-from MedLoRALib.models import build_model
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.serve import EngineServer, decode_patches
 
@@ -30,11 +27,8 @@ def _blob(array: np.ndarray) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapter_path(tmp_path_factory):
-    model, _ = build_model("medlora_tiny", patch_spec=SPEC, allow_random_init=True)
-    with torch.no_grad():
-        model.head.bias.fill_(0.3)
-    return save_adapter(model, AdapterManifest(name="site-a"), tmp_path_factory.mktemp("adapters") / "site-a")
+def adapter_path(tiny_adapter):
+    return tiny_adapter("site-a", SPEC, scale=0.0, head_bias=0.3)
 
 
 @pytest.fixture

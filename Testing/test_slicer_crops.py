@@ -122,13 +122,10 @@ def test_export_writes_what_medlora_crop_writes(scene, oblique_case, tmp_path):
 
 
 @pytest.mark.slow  # importing torch/timm/peft for a real adapter takes ~10 s in a fresh process
-def test_module_logic_crops_with_the_adapters_patch_spec(scene, tmp_path):
+def test_module_logic_crops_with_the_adapters_patch_spec(scene, tmp_path, tiny_adapter):
     import torch
 
-    from MedLoRALib.adapters import AdapterManifest
-    from MedLoRALib.adapters.package import save_adapter
     from MedLoRALib.adapters.store import AdapterStore
-    from MedLoRALib.models import build_model
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(MODULE_DIR))
@@ -138,10 +135,8 @@ def test_module_logic_crops_with_the_adapters_patch_spec(scene, tmp_path):
         sys.path.remove(str(MODULE_DIR))
     headless, volume, markups = scene
     spec = PatchSpec(views="multiview9", fov_mm=30.0, pixels=16)
-    model, _ = build_model("medlora_tiny", patch_spec=spec, allow_random_init=True)
     store = AdapterStore(tmp_path / "store")
-    folder = save_adapter(model, AdapterManifest(name="nine", threshold=0.4, label_names=["follow-up", "biopsy"]),
-                          tmp_path / "nine")
+    folder = tiny_adapter("nine", spec, scale=0.0, manifest={"threshold": 0.4, "label_names": ["follow-up", "biopsy"]})
     logic = MedLoRA.MedLoRALogic(scene=headless.scene, store=store, workDir=str(tmp_path / "work"))
     assert logic.importAdapter(str(folder / "manifest.json")) == "nine"  # the file dialog picks the manifest
     assert logic.adapterNames() == ["nine"]

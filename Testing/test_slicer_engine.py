@@ -18,11 +18,8 @@ import psutil
 import pytest
 import torch
 
-from MedLoRALib.adapters import AdapterManifest
-from MedLoRALib.adapters.package import save_adapter
 from MedLoRALib.adapters.store import AdapterStore
 from MedLoRALib.engine import ScoringEngine
-from MedLoRALib.models import build_model
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.slicer import mrml, results, selftest
 from MedLoRALib.slicer.engine_client import EngineConfig, EngineError
@@ -51,20 +48,10 @@ def _our_engines() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def adapter_paths(tmp_path_factory) -> dict[str, Path]:
+def adapter_paths(tiny_adapter) -> dict[str, Path]:
     """Two real adapters for the same tiny backbone: different LoRA weights and heads."""
-    folder = tmp_path_factory.mktemp("adapters")
-    paths = {}
-    for seed, (name, bias) in enumerate((("site-a", 1.5), ("site-b", -1.5))):
-        torch.manual_seed(seed)
-        model, _ = build_model("medlora_tiny", patch_spec=SPEC, allow_random_init=True)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.normal_(0.0, 0.05)
-            model.head.bias.fill_(bias)
-        paths[name] = save_adapter(model, AdapterManifest(name=name), folder / name)
-    return paths
+    return {name: tiny_adapter(name, SPEC, seed=seed, head_bias=bias)
+            for seed, (name, bias) in enumerate((("site-a", 1.5), ("site-b", -1.5)))}
 
 
 @pytest.fixture(scope="module")
