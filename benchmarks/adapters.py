@@ -35,12 +35,14 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
-from MedLoRALib.adapters import AdapterManifest  # noqa: E402
-from MedLoRALib.adapters.package import LORA_WEIGHTS, save_adapter  # noqa: E402
+from helpers import save_tiny_adapter  # noqa: E402  (Testing/helpers.py)
+
+from MedLoRALib.adapters.package import LORA_WEIGHTS  # noqa: E402
 from MedLoRALib.adapters.store import AdapterStore  # noqa: E402
 from MedLoRALib.engine import ScoringEngine  # noqa: E402
-from MedLoRALib.models import LoraSpec, build_model, create_backbone, trainable_parameter_count  # noqa: E402
+from MedLoRALib.models import LoraSpec, create_backbone, trainable_parameter_count  # noqa: E402
 from MedLoRALib.patches import PatchSpec  # noqa: E402
 
 SPEC = PatchSpec(views="multiview9", pixels=64)
@@ -54,14 +56,8 @@ def _weights_file(backbone: str, folder: Path) -> Path:
 
 
 def _adapter(backbone: str, weights: Path, rank: int, seed: int, folder: Path) -> tuple[Path, int]:
-    model, _ = build_model(backbone, patch_spec=SPEC, lora=LoraSpec(rank=rank, targets="qv"), weights=weights)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    name = f"{backbone}-r{rank}-{seed}"
-    path = save_adapter(model, AdapterManifest(name=name), folder / name)
+    path, model = save_tiny_adapter(folder, f"{backbone}-r{rank}-{seed}", SPEC, backbone=backbone, weights=weights,
+                                    lora=LoraSpec(rank=rank, targets="qv"), seed=seed, scale=0.02)
     return path, trainable_parameter_count(model)[0]
 
 

@@ -31,11 +31,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
+
+from helpers import tiny_model  # noqa: E402  (Testing/helpers.py)
 
 from MedLoRALib.adapters import AdapterManifest  # noqa: E402
 from MedLoRALib.adapters.package import save_adapter  # noqa: E402
 from MedLoRALib.engine import ScoringEngine  # noqa: E402
-from MedLoRALib.models import LoraSpec, build_model, create_backbone  # noqa: E402
+from MedLoRALib.models import LoraSpec, create_backbone  # noqa: E402
 from MedLoRALib.nodule import Nodule  # noqa: E402
 from MedLoRALib.patches import PatchSpec, extract_patches  # noqa: E402
 from MedLoRALib.phantom import make_phantom  # noqa: E402
@@ -62,13 +65,7 @@ def _nodules(n: int, seed: int = 0):
 
 
 def _perturbed_lora_model(backbone: str, spec: PatchSpec):
-    model, _ = build_model(backbone, patch_spec=spec, lora=LoraSpec(rank=8, targets="qv"), allow_random_init=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    return model.eval()
+    return tiny_model(spec, backbone=backbone, lora=LoraSpec(rank=8, targets="qv"), scale=0.02)
 
 
 def scoring_throughput(backbone: str, spec: PatchSpec, workdir: Path, with_tta_64: bool) -> dict:

@@ -32,22 +32,10 @@ from pathlib import Path
 
 
 def _adapters(folder: Path, spec) -> dict[str, Path]:
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
+    from helpers import save_tiny_adapter
 
-    from MedLoRALib.adapters import AdapterManifest
-    from MedLoRALib.adapters.package import save_adapter
-    from MedLoRALib.models import build_model
-
-    paths = {}
-    for seed, name in enumerate(("site-a", "site-b")):
-        torch.manual_seed(seed)
-        model, _ = build_model("medlora_tiny", patch_spec=spec, allow_random_init=True)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.normal_(0.0, 0.05)
-        paths[name] = save_adapter(model, AdapterManifest(name=name), folder / name)
-    return paths
+    return {name: save_tiny_adapter(folder, name, spec, seed=seed)[0] for seed, name in enumerate(("site-a", "site-b"))}
 
 
 def _median(fn, repeats: int) -> float:
