@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test clean system-deps
+.PHONY: demo test test-fast clean system-deps
 
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests not marked slow (under 3 minutes on 2 cores).
+test-fast: $(VENV)/.installed system-deps
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Xvfb lets Slicer's displayable managers render slice views headless (VTK falls back
 # to its own off-screen rendering without it). Installed only where we may: as root.

@@ -316,6 +316,7 @@ def test_real_lidc_series_load(request, case, slices, pixel_mm):
     assert "LIDC" not in repr(image) and folder.name not in repr(image)
 
 
+@pytest.mark.slow  # about 4 s on 2 busy cores: reads a whole LIDC series twice
 def test_real_lidc_matches_simpleitk_reading(lidc_0003):
     """Our own sorting and geometry agree with GDCM's on a real scanner series."""
     reader = sitk.ImageSeriesReader()

@@ -275,6 +275,7 @@ def test_random_rotations_are_proper_and_cover_all_orientations():
     assert angles.max() <= 10.0 + 1e-6
 
 
+@pytest.mark.slow  # 3-4.5 s: a fresh interpreter runs the check
 def test_dataset_check_and_torch_free_training_modules_never_import_torch(two_volumes):
     """``medlora dataset check`` (and the Slicer module) must run without torch."""
     manifest = write_csv(two_volumes / "torchfree.csv", [_row("a.nrrd", CENTRE_A, 1, "P1")])

@@ -190,6 +190,7 @@ def _stop_when(stop: T.StopSignal, event: str, **match) -> CallbackReporter:
     return CallbackReporter(callback)
 
 
+@pytest.mark.slow  # about 6 s on 2 busy cores: three short training runs
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_path):
     settings = dict(grad_accum=2, epochs=3)  # 4 optimizer steps per epoch, 2 micro-batches each
     straight = T.train(config(cohort, tmp_path / "straight", **settings))
@@ -262,6 +263,7 @@ def test_stop_file_stops_and_is_consumed(cohort, tmp_path):
 # --- K-fold and the pieces of the loop ------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 7 s on 2 busy cores: trains every fold and the refit
 def test_kfold_reports_each_fold_and_refits_on_all_data(cohort, tmp_path):
     result = T.train(config(cohort, tmp_path / "cv", folds=3, epochs=2))
     assert result.status == "done"
