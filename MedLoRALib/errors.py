@@ -39,3 +39,6 @@ class OutputError(MedLoRAError, OSError):
 
     Also an ``OSError``, so code that handles failed writes as such keeps working.
     """
+
+    def __str__(self) -> str:  # OSError would format "[Errno N] strerror: filename" instead
+        return str(self.args[0]) if self.args else ""
