@@ -24,7 +24,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -191,10 +191,11 @@ def make_dir_public(folder: str | Path) -> None:
 
 
 def remove(path: Path) -> None:
-    """Delete a file or a folder tree, if it is there."""
+    """Delete a file or a folder tree if it is there; best effort (cleanup must not mask an error)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+        return
+    with suppress(OSError):  # e.g. EROFS even for a name that does not exist
         path.unlink(missing_ok=True)
 
 
