@@ -350,3 +350,13 @@ def test_export_to_a_read_only_folder_says_so(tmp_path, capsys, small_disk):
     code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--force")
     assert code == 2 and "read-only" in err and str(dest) in err, err
     assert tree_digest(small_disk) == before
+
+
+def test_import_into_a_store_on_a_full_disk_keeps_the_stored_adapter(tmp_path, capsys, small_disk):
+    store = AdapterStore(small_disk / "store")
+    store.import_(_adapter(tmp_path / "old.zip", description="old", nbytes=1 << 16))
+    before = tree_digest(small_disk)
+    code, err = _cli(capsys, "--store", store.root, "import", _adapter(tmp_path / "big", nbytes=3 << 20), "--force")
+    assert code == 2 and "disk is full" in err and str(store.root / "site") in err, err
+    assert tree_digest(small_disk) == before and store.names() == ["site"]
+    assert [p.name for p in store.root.iterdir()] == ["site"]  # the partial copy was removed
