@@ -360,3 +360,20 @@ def test_import_into_a_store_on_a_full_disk_keeps_the_stored_adapter(tmp_path, c
     assert code == 2 and "disk is full" in err and str(store.root / "site") in err, err
     assert tree_digest(small_disk) == before and store.names() == ["site"]
     assert [p.name for p in store.root.iterdir()] == ["site"]  # the partial copy was removed
+
+
+def test_a_folder_set_aside_by_a_killed_replace_comes_back(tmp_path, monkeypatch):
+    """Where folders cannot be swapped in one step (not Linux), a kill between the two renames of
+    ``replace_dir`` leaves the old adapter set aside; the store puts it back and drops dead staging."""
+    from MedLoRALib import atomic
+
+    store = AdapterStore(tmp_path / "store")
+    store.import_(_adapter(tmp_path / "a.zip", description="old"))
+    dead = 2**22 + 12345  # above Linux's pid_max: no such process
+    os.replace(store.root / "site", store.root / f".site.old-{dead}-0123abcd")
+    _adapter(store.root / f".site.tmp-{dead}-0123abcd", description="half")
+    assert store.names() == ["site"] and store.info("site").description == "old"
+    assert sorted(p.name for p in store.root.iterdir()) == ["site"]
+    monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)  # the two-rename path
+    store.import_(_adapter(tmp_path / "b.zip", description="new"), overwrite=True)
+    assert store.info("site").description == "new" and sorted(p.name for p in store.root.iterdir()) == ["site"]
