@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .adapters.archive import read_checked
+from .adapters.archive import AdapterFiles, read_checked
 from .adapters.manifest import AdapterManifest
 from .adapters.package import build_model_for
 from .adapters.shared import SharedBackbone, backbone_key
@@ -131,7 +131,7 @@ class ScoringEngine:
         return {"backbone": info.name, "weights_sha256": info.weights_sha256, "random_init": info.random_init,
                 "img_size": info.img_size, "split_qkv": split_qkv}
 
-    def _shared_backbone(self, adapter, weights) -> SharedBackbone:
+    def _shared_backbone(self, adapter: AdapterFiles, weights: str | Path | None) -> SharedBackbone:
         """The loaded backbone ``adapter`` can share, loading it on first use."""
         key = backbone_key(adapter.manifest)
         if key not in self._backbones:
