@@ -18,23 +18,23 @@ import itertools
 import logging
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import __version__
+from .adapters.archive import AdapterFiles, read_checked
 from .adapters.manifest import AdapterManifest
-from .adapters.package import check_backbone, load_head_weights, load_lora_weights, load_weights, read_checked
+from .adapters.package import build_model_for
+from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device
-from .errors import AdapterError, MedLoRAError, PatchError
+from .errors import AdapterError, PatchError
 from .image import CTImage
-from .models.backbones import BackboneInfo, create_backbone, find_local_weights
-from .models.classifier import NoduleClassifier, build_model
-from .models.lora import LoraSpec, lora_config, prepare_for_lora
+from .models.backbones import create_backbone
+from .models.classifier import NoduleClassifier
 from .nodule import Nodule, centres_lps
 from .patches import extract_patches
 
@@ -44,23 +44,11 @@ TTA_TRANSFORMS = tuple(itertools.product((0, 1, 2, 3), (False, True)))  # (quart
 
 
 @dataclass
-class _Backbone:
-    """One loaded backbone and the peft wrapper holding its LoRA adapters."""
-
-    key: tuple
-    vit: nn.Module
-    info: BackboneInfo
-    peft: nn.Module | None = None
-    active_lora: str | None = None
-    users: set[str] = field(default_factory=set)
-
-
-@dataclass
 class _Attached:
     name: str
     manifest: AdapterManifest
     model: NoduleClassifier
-    backbone: _Backbone | None  # None: a full fine-tuned model that owns its network
+    backbone: SharedBackbone | None  # None: a full fine-tuned model that owns its network
     lora_name: str | None = None  # the adapter's name inside peft
 
 
@@ -85,7 +73,7 @@ class ScoringEngine:
         self.max_batch_images = int(max_batch_images)
         self.store = store or AdapterStore()
         self._adapters: dict[str, _Attached] = {}
-        self._backbones: dict[tuple, _Backbone] = {}
+        self._backbones: dict[tuple, SharedBackbone] = {}
         self.active: str | None = None
         self.backbone_loads = 0
         self._lora_ids = itertools.count()
@@ -106,35 +94,27 @@ class ScoringEngine:
         loaded yet and not found otherwise. Re-attaching a name replaces that adapter.
         """
         location = resolve_adapter(path, self.store)
-        manifest, contents = read_checked(location)
+        adapter = read_checked(location)
+        manifest = adapter.manifest
         name = check_name(name or manifest.name)
         if name in self._adapters:
             self.detach_adapter(name)
-        source = str(location)
         if manifest.random_init:
             log.warning("adapter %s was trained on a randomly initialised backbone: its scores are flagged "
                         "random_init and mean nothing clinically", name)
-        if manifest.mode == "full":
-            attached = self._attach_full(name, manifest, contents, weights, source)
+        if manifest.mode == "full":  # carries its whole network: a model of its own
+            model = build_model_for(adapter, weights).to(self.device)
+            self.backbone_loads += 1
+            attached = _Attached(name, manifest, model, None)
         else:
-            attached = self._attach_shared(name, manifest, contents, weights, source)
+            backbone = self._shared_backbone(adapter, weights)
+            lora_name = f"adapter{next(self._lora_ids)}" if manifest.mode == "lora" else None
+            model = backbone.attach(adapter, lora_name, self.device)
+            backbone.users.add(name)
+            attached = _Attached(name, manifest, model, backbone, lora_name)
         self._adapters[name] = attached
         self.active = name
         return manifest
-
-    def _attach_full(self, name, manifest, contents, weights, source) -> _Attached:
-        if weights is None and not manifest.random_init:
-            weights = find_local_weights(manifest.backbone_sha256)
-        try:
-            model, info = build_model(manifest.backbone, patch_spec=manifest.spec, mode="full",
-                                      weights=None if manifest.random_init else weights, fusion=manifest.fusion,
-                                      pretrained=not manifest.random_init, allow_random_init=manifest.random_init)
-        except MedLoRAError as exc:
-            raise AdapterError(f"adapter {source}: cannot build its backbone: {exc}") from exc
-        self.backbone_loads += 1
-        check_backbone(info, manifest, source)
-        load_weights(model, manifest, contents, source)
-        return _Attached(name, manifest, model.to(self.device).eval(), None)
 
     def load_backbone(self, name: str, weights: str | Path | None = None, pixels: int | None = None,
                       split_qkv: bool = True, allow_random_init: bool = False) -> dict:
@@ -144,74 +124,20 @@ class ScoringEngine:
         pixels and q/v split (the ``qv`` LoRA targets split the fused qkv).
         """
         vit, info = create_backbone(name, weights=weights, allow_random_init=allow_random_init, img_size=pixels)
-        key = (info.name, info.identity, info.random_init_fingerprint, info.img_size, split_qkv)
+        key = SharedBackbone.key_of(info, split_qkv)
         if key not in self._backbones:
-            self._backbones[key] = self._prepare(key, vit, info, split_qkv)
+            self._backbones[key] = SharedBackbone.prepare(vit, info, split_qkv, self.device)
+            self.backbone_loads += 1
         return {"backbone": info.name, "weights_sha256": info.weights_sha256, "random_init": info.random_init,
                 "img_size": info.img_size, "split_qkv": split_qkv}
 
-    def _prepare(self, key: tuple, vit: nn.Module, info: BackboneInfo, split_qkv: bool) -> _Backbone:
-        self.backbone_loads += 1
-        if split_qkv:
-            prepare_for_lora(vit, LoraSpec(targets="qv"))
-        for param in vit.parameters():
-            param.requires_grad_(False)
-        return _Backbone(key, vit.to(self.device).eval(), info)
-
-    def _backbone_for(self, manifest: AdapterManifest, weights, source: str) -> _Backbone:
-        split = manifest.mode == "lora" and LoraSpec.from_dict(manifest.lora).targets == "qv"
-        key = (manifest.backbone, manifest.backbone_sha256, manifest.random_init_fingerprint,
-               manifest.spec.pixels, split)
-        if key in self._backbones:
-            return self._backbones[key]
-        if weights is None and not manifest.random_init:
-            weights = find_local_weights(manifest.backbone_sha256)
-        try:
-            vit, info = create_backbone(manifest.backbone, weights=None if manifest.random_init else weights,
-                                        pretrained=not manifest.random_init,
-                                        allow_random_init=manifest.random_init, img_size=manifest.spec.pixels)
-        except MedLoRAError as exc:
-            raise AdapterError(f"adapter {source}: cannot load its backbone {manifest.backbone}: {exc}") from exc
-        check_backbone(info, manifest, source)
-        self._backbones[key] = self._prepare(key, vit, info, split)
+    def _shared_backbone(self, adapter: AdapterFiles, weights: str | Path | None) -> SharedBackbone:
+        """The loaded backbone ``adapter`` can share, loading it on first use."""
+        key = backbone_key(adapter.manifest)
+        if key not in self._backbones:
+            self._backbones[key] = SharedBackbone.for_adapter(adapter, weights, self.device)
+            self.backbone_loads += 1
         return self._backbones[key]
-
-    def _attach_shared(self, name, manifest, contents, weights, source) -> _Attached:
-        backbone = self._backbone_for(manifest, weights, source)
-        lora_name = None
-        if manifest.mode == "lora":
-            from peft import get_peft_model
-
-            lora_name = f"adapter{next(self._lora_ids)}"
-            config = lora_config(backbone.vit, LoraSpec.from_dict(manifest.lora))
-            if backbone.peft is None:
-                backbone.peft = get_peft_model(backbone.vit, config, adapter_name=lora_name)
-            else:
-                backbone.peft.add_adapter(lora_name, config)
-            backbone.active_lora = None  # peft may have changed it; set again before scoring
-            try:
-                load_lora_weights(backbone.peft, contents, lora_name, source)
-            except AdapterError:
-                self._remove_lora(backbone, lora_name)
-                raise
-        model = NoduleClassifier(backbone.peft if lora_name else backbone.vit, manifest.spec,
-                                 backbone.info.embed_dim, fusion=manifest.fusion)
-        model.to(self.device)
-        load_head_weights(model, contents, manifest.mode, source)
-        backbone.users.add(name)
-        return _Attached(name, manifest, model.eval(), backbone, lora_name)
-
-    @staticmethod
-    def _remove_lora(backbone: _Backbone, lora_name: str) -> None:
-        """Delete one LoRA adapter; with the last one, unwrap the backbone entirely."""
-        if len(backbone.peft.peft_config) > 1:
-            if lora_name in backbone.peft.active_adapters:  # activate another first: peft warns otherwise
-                backbone.peft.set_adapter(next(n for n in backbone.peft.peft_config if n != lora_name))
-            backbone.peft.delete_adapter(lora_name)
-        else:
-            backbone.peft.unload()  # restores the plain layers in place (same ViT object)
-            backbone.peft = None
-        backbone.active_lora = None
 
     def set_adapter(self, name: str) -> str:
         self.active = self._get(name).name
@@ -226,7 +152,7 @@ class ScoringEngine:
             if not backbone.users:
                 self._backbones.pop(backbone.key, None)  # nothing uses it: free the memory
             elif attached.lora_name:
-                self._remove_lora(backbone, attached.lora_name)
+                backbone.remove_lora(attached.lora_name)
         if self.active == attached.name:
             self.active = next(iter(self._adapters), None)
         return self.adapters
@@ -241,15 +167,7 @@ class ScoringEngine:
 
     def _activate(self, attached: _Attached):
         """Make the adapter's LoRA the active one on its backbone; returns the forward context."""
-        backbone = attached.backbone
-        if backbone is None or backbone.peft is None or not backbone.peft.peft_config:
-            return nullcontext()
-        if attached.lora_name is None:
-            return backbone.peft.disable_adapter()  # a linear probe on a backbone that also has LoRA
-        if backbone.active_lora != attached.lora_name:
-            backbone.peft.set_adapter(attached.lora_name)
-            backbone.active_lora = attached.lora_name
-        return nullcontext()
+        return nullcontext() if attached.backbone is None else attached.backbone.activate(attached.lora_name)
 
     def status(self) -> dict:
         return {

@@ -32,3 +32,13 @@ class ModelError(MedLoRAError):
 
 class DatasetError(MedLoRAError):
     """A training manifest cannot be used (missing files, one class, ...)."""
+
+
+class OutputError(MedLoRAError, OSError):
+    """An output cannot be written (full disk, read-only folder, no permission); the previous one is intact.
+
+    Also an ``OSError``, so code that handles failed writes as such keeps working.
+    """
+
+    def __str__(self) -> str:  # OSError would format "[Errno N] strerror: filename" instead
+        return str(self.args[0]) if self.args else ""

@@ -254,3 +254,24 @@ def test_choose_device(monkeypatch):
         monkeypatch.setenv("MEDLORA_DEVICE", "cuda")
         with pytest.raises(ModelError, match="MEDLORA_DEVICE"):
             choose_device()
+
+
+def test_weights_source_is_the_one_lookup_of_recorded_backbone_weights(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from MedLoRALib.atomic import sha256_file
+    from MedLoRALib.models.backbones import RANDOM_INIT, weights_source
+
+    assert weights_source(RANDOM_INIT) == {"weights": None, "pretrained": False, "allow_random_init": True}
+    vit, _ = create_backbone("medlora_tiny", allow_random_init=True)
+    (tmp_path / "weights").mkdir()
+    path = tmp_path / "weights" / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    digest = sha256_file(path)
+    assert weights_source(digest)["weights"] is None  # not found: create_backbone then explains
+    monkeypatch.setenv("MEDLORA_HOME", str(tmp_path))
+    assert weights_source(digest) == {"weights": path, "pretrained": True, "allow_random_init": False}
+    given = tmp_path / "given.safetensors"
+    assert weights_source(digest, given)["weights"] == given  # a file named by the user wins
+    _, info = create_backbone("medlora_tiny", **weights_source(digest))
+    assert info.weights_sha256 == digest and info.identity == digest

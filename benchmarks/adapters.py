@@ -10,7 +10,8 @@ same file reading and SHA-256 check as pretrained weights). Times
   adapter (what a single-adapter process would have to do);
 
 and reports the size of an adapter for ViT-S/14 r=8 qv and ViT-B/14 r=4 qv (MeLo's
-setting: about 0.5 MB for ViT-B r=4).
+setting: about 0.5 MB for ViT-B r=4), and what verifying one costs (SHA-256 of every
+file and the safetensors structure check, done at every attach, import and export).
 
     python benchmarks/adapters.py [--threads 2] [--switches 200]
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
 from helpers import save_tiny_adapter  # noqa: E402  (Testing/helpers.py)
 
+from MedLoRALib.adapters.archive import read_checked  # noqa: E402
 from MedLoRALib.adapters.package import LORA_WEIGHTS  # noqa: E402
 from MedLoRALib.adapters.store import AdapterStore  # noqa: E402
 from MedLoRALib.engine import ScoringEngine  # noqa: E402
@@ -102,6 +104,20 @@ def switch_vs_reload(backbone: str, folder: Path, switches: int, reloads: int) -
     }
 
 
+def verify_cost(path: Path, folder: Path, repeats: int = 20) -> dict:
+    """Median time to verify an adapter (``read_checked``) and to import it into a store."""
+    def timed(action) -> float:
+        start = time.perf_counter()
+        action()
+        return time.perf_counter() - start
+
+    store = AdapterStore(folder / "verify-store")
+    verify = [timed(lambda: read_checked(path)) for _ in range(repeats)]
+    imports = [timed(lambda: store.import_(path, name="verified", overwrite=True)) for _ in range(repeats)]
+    return {"verify_ms_median": round(statistics.median(verify) * 1e3, 3),
+            "store_import_ms_median": round(statistics.median(imports) * 1e3, 3), "repeats": repeats}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -119,7 +135,8 @@ def main() -> None:
         for backbone, rank in (("dinov2_vits14", 8), ("dinov2_vitb14", 4)):
             weights = _weights_file(backbone, folder)
             path, trainable = _adapter(backbone, weights, rank, 3, folder)
-            sizes[f"{backbone}_r{rank}_qv"] = {**_size(path), "trainable_parameters": trainable}
+            sizes[f"{backbone}_r{rank}_qv"] = {**_size(path), "trainable_parameters": trainable,
+                                               **verify_cost(path, folder)}
             weights.unlink()
         result["adapter_size"] = sizes
     print(json.dumps(result, indent=2))

@@ -1,12 +1,17 @@
-"""Adapter packages: manifest (torch-free), weights save/load (torch), local store (torch-free).
+"""Adapters: manifest, packages on disk and the local store (torch-free); weights in a model (torch).
 
-``save_adapter`` and ``load_adapter`` are imported on first use, so importing this
-package (as 3D Slicer does) never imports torch.
+Torch-free, for 3D Slicer's own process: ``manifest`` (what an adapter is), ``archive``
+(reading and writing adapter folders and ``.zip`` packages safely), ``tensorfile`` (a
+safetensors file is complete), ``store`` (the named adapters on this workstation).
+With torch: ``package`` (an adapter ↔ a ready ``NoduleClassifier``) and ``shared`` (many
+adapters on one loaded backbone, for the engine). ``save_adapter`` and ``load_adapter``
+are imported on first use, so importing this package never imports torch.
 """
 
 from __future__ import annotations
 
-from .manifest import FORMAT_VERSION, AdapterManifest, read_manifest
+from .archive import read_manifest
+from .manifest import FORMAT_VERSION, AdapterManifest
 
 __all__ = ["FORMAT_VERSION", "AdapterManifest", "read_manifest", "save_adapter", "load_adapter", "AdapterStore"]
 

@@ -2,43 +2,30 @@
 
 Torch-free (3D Slicer reads it in its own process). An adapter is a folder — or a
 ``.zip`` of that folder's files — holding ``manifest.json`` and the weight files it
-lists with their SHA-256, so a tampered or truncated file is refused.
+lists with their SHA-256, so a tampered or truncated file is refused. Reading and
+writing those folders and zips is ``archive``'s job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import uuid
-import zipfile
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
 
 from .. import __version__
-from ..atomic import replace_dir
+from ..atomic import sha256_bytes
+from ..atomic import sha256_file as sha256_file  # re-exported: older importers hash files from here
 from ..errors import AdapterError
 from ..patches import PatchSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODES = ("lora", "full", "linear")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (backbone weights can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TYPES = {"name": str, "backbone": str, "backbone_sha256": str, "random_init": bool, "patch_spec": dict,
+          "mode": str, "label_names": list, "files": dict, "fusion": str}
 
 
 def now_iso() -> str:
@@ -126,7 +113,10 @@ class AdapterManifest:
         return manifest
 
     def validate(self, source: str = "manifest") -> None:
-        problems = []
+        problems = [f"{key} must be {kind.__name__}" for key, kind in _TYPES.items()
+                    if not isinstance(getattr(self, key), kind)]
+        if problems:  # the checks below assume the types
+            raise AdapterError(f"{source}: invalid adapter manifest: " + "; ".join(problems))
         if not self.name or "/" in self.name or "\\" in self.name or self.name.startswith("."):
             problems.append(f"name {self.name!r} must be a non-empty file name")
         if not self.backbone:
@@ -139,112 +129,28 @@ class AdapterManifest:
             problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode == "lora" and not isinstance(self.lora, dict):
             problems.append("mode 'lora' needs a lora spec")
-        if not (isinstance(self.label_names, list) and len(self.label_names) == 2):
+        if len(self.label_names) != 2 or not all(isinstance(n, str) for n in self.label_names):
             problems.append("label_names must be two names (class 0, class 1)")
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
             problems.append(f"threshold {self.threshold!r} must be within [0, 1]")
-        if not isinstance(self.temperature, (int, float)) or not float(self.temperature) > 0.0:
-            problems.append(f"temperature {self.temperature!r} must be > 0")
-        if not isinstance(self.files, dict):
-            problems.append("files must map file names to SHA-256")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 < float(self.temperature) < math.inf:
+            problems.append(f"temperature {self.temperature!r} must be a finite number > 0")
+        if not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v) for k, v in self.files.items()):
+            problems.append("files must map file names to SHA-256 hex digests")
+        if self.fusion not in ("mean", "max"):
+            problems.append(f"fusion {self.fusion!r} is not 'mean' or 'max'")
         if problems:
             raise AdapterError(f"{source}: invalid adapter manifest: " + "; ".join(problems))
         try:
-            self.spec
+            _ = self.spec
         except Exception as exc:  # PatchSpec raises PatchError or TypeError on bad dicts
             raise AdapterError(f"{source}: invalid patch_spec in manifest: {exc}") from exc
 
 
-def _safe_member(name: str) -> bool:
-    path = PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts and "\\" not in name
-
-
-def _manifest_from_bytes(data: bytes, source: str) -> AdapterManifest:
+def manifest_from_bytes(data: bytes, source: str) -> AdapterManifest:
+    """Parse and validate a manifest's bytes; ``source`` names it in error messages."""
     try:
         parsed = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{source}: manifest is not valid JSON: {exc}") from exc
     return AdapterManifest.from_dict(parsed, source)
-
-
-def read_manifest(path: str | Path) -> AdapterManifest:
-    """The manifest of an adapter folder, ``.zip`` or ``manifest.json`` (weights not checked)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    if not path.exists():
-        raise AdapterError(f"no adapter at {path}: expected an adapter folder or .zip with {MANIFEST_NAME}")
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return _manifest_from_bytes(archive.read(MANIFEST_NAME), f"{path}:{MANIFEST_NAME}")
-        except KeyError as exc:
-            raise AdapterError(f"{path} is a zip without {MANIFEST_NAME}: not a MedLoRA adapter") from exc
-    return _manifest_from_bytes(path.read_bytes(), str(path))
-
-
-def read_adapter_files(path: str | Path) -> tuple[AdapterManifest, dict[str, bytes]]:
-    """Manifest plus the bytes of every file it lists, each checked against its SHA-256."""
-    path = Path(path).expanduser()
-    manifest = read_manifest(path)
-    contents: dict[str, bytes] = {}
-    for name, expected in manifest.files.items():
-        if not _safe_member(name):
-            raise AdapterError(f"{path}: manifest lists an unsafe file name {name!r}")
-        try:
-            if path.is_dir():
-                data = (path / name).read_bytes()
-            else:
-                with zipfile.ZipFile(path) as archive:
-                    data = archive.read(name)
-        except (OSError, KeyError) as exc:
-            raise AdapterError(f"adapter {path} is incomplete: {name} is missing ({exc})") from exc
-        if sha256_bytes(data) != expected:
-            raise AdapterError(
-                f"adapter {path}: {name} does not match the SHA-256 recorded in its manifest — the file "
-                "was changed or damaged after the adapter was saved. Get a fresh copy of the adapter.")
-        contents[name] = data
-    return manifest, contents
-
-
-def write_adapter(manifest: AdapterManifest, contents: dict[str, bytes], dest: str | Path) -> Path:
-    """Write an adapter folder (or ``.zip`` when ``dest`` ends so) atomically.
-
-    ``manifest.files`` is set to the SHA-256 of ``contents``. Everything goes to a
-    temporary sibling first and is renamed into place, so ``dest`` is either the old
-    adapter or the complete new one — never a half-written folder that looks valid.
-    """
-    dest = Path(dest).expanduser()
-    for name in contents:
-        if not _safe_member(name) or name == MANIFEST_NAME:
-            raise AdapterError(f"cannot write adapter file {name!r}: unsafe or reserved name")
-    manifest.files = {name: sha256_bytes(data) for name, data in sorted(contents.items())}
-    manifest.validate(str(dest))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = dest.parent / f".{dest.name}.tmp-{token}"
-    try:
-        if dest.suffix.lower() == ".zip":
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                for name, data in sorted(contents.items()):
-                    archive.writestr(name, data)
-                archive.writestr(MANIFEST_NAME, manifest.to_json())
-            os.replace(tmp, dest)
-            return dest
-        for name, data in contents.items():
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        if dest.exists() and not dest.is_dir():
-            raise AdapterError(f"cannot write adapter folder {dest}: a file of that name exists")
-        replace_dir(tmp, dest)
-        return dest
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-

@@ -1,13 +1,10 @@
-"""Save and load adapter weights (torch): safetensors and JSON only, nothing unpickled.
+"""An adapter and a model, both ways (torch): save a model's adapter, turn an adapter into a ready model.
 
-Layout of an adapter folder (or the same files in a ``.zip``):
-
-* ``manifest.json`` — AdapterManifest, with the SHA-256 of every file below;
-* ``lora/adapter_model.safetensors`` + ``lora/adapter_config.json`` — the peft LoRA
-  adapter in peft's own format (``lora`` mode);
-* ``head.safetensors`` — the classifier head and the trained final norm(s)
-  (``lora``: head + norms; ``linear``: head);
-* ``model.safetensors`` — the whole classifier (``full`` mode).
+The files and their checks are ``archive``'s (torch-free); this module only moves tensors.
+Everything that turns a verified adapter into a working network passes through here once:
+``create_backbone_for`` (its backbone, found by the manifest's hash and checked),
+``build_model_for`` (a whole classifier with its weights) and ``load_weights`` (into a
+model built for it). Safetensors and JSON only, nothing unpickled.
 """
 
 from __future__ import annotations
@@ -19,22 +16,33 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
 from ..errors import AdapterError, MedLoRAError
-from ..models.backbones import BackboneInfo, find_local_weights
+from ..models.backbones import BackboneInfo, create_backbone, weights_source
 from ..models.classifier import NoduleClassifier, build_model
 from ..models.lora import LoraSpec
-from .manifest import FORMAT_VERSION, AdapterManifest, read_adapter_files, write_adapter
+from .archive import (
+    HEAD_WEIGHTS,
+    LORA_CONFIG,
+    LORA_WEIGHTS,
+    MODEL_WEIGHTS,
+    REQUIRED_FILES,
+    AdapterFiles,
+    read_checked,
+    write_adapter,
+)
+from .manifest import FORMAT_VERSION, AdapterManifest
 
 log = logging.getLogger(__name__)
 
-LORA_WEIGHTS = "lora/adapter_model.safetensors"
-LORA_CONFIG = "lora/adapter_config.json"
-HEAD_WEIGHTS = "head.safetensors"
-MODEL_WEIGHTS = "model.safetensors"
-REQUIRED_FILES = {"lora": (LORA_WEIGHTS, HEAD_WEIGHTS), "linear": (HEAD_WEIGHTS,), "full": (MODEL_WEIGHTS,)}
+__all__ = ["HEAD_WEIGHTS", "LORA_CONFIG", "LORA_WEIGHTS", "MODEL_WEIGHTS", "REQUIRED_FILES", "save_adapter",
+           "load_adapter", "build_model_for", "create_backbone_for", "load_weights", "check_backbone"]
+
 _HEAD_PREFIXES = {"lora": ("head.", "norm.", "fc_norm."), "linear": ("head.",)}
 
+
+# --- model → adapter --------------------------------------------------------------------------
 
 def _tensor_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
@@ -98,6 +106,18 @@ def save_adapter(model: NoduleClassifier, manifest: AdapterManifest, out_dir: st
     return write_adapter(manifest, serialise(model), out)
 
 
+# --- adapter → model --------------------------------------------------------------------------
+
+def lora_spec_of(manifest: AdapterManifest) -> LoraSpec | None:
+    """The manifest's LoRA spec (``lora`` mode), refused with the adapter's name if malformed."""
+    if manifest.mode != "lora":
+        return None
+    try:
+        return LoraSpec.from_dict(manifest.lora)
+    except (MedLoRAError, TypeError, ValueError) as exc:  # LoraSpec validates in __post_init__
+        raise AdapterError(f"adapter {manifest.name!r}: invalid LoRA spec in its manifest: {exc}") from exc
+
+
 def check_backbone(info: BackboneInfo, manifest: AdapterManifest, source: str) -> None:
     """Refuse an adapter made for another backbone or other backbone weights."""
     if info.name != manifest.backbone:
@@ -119,70 +139,92 @@ def check_backbone(info: BackboneInfo, manifest: AdapterManifest, source: str) -
             "weights file the adapter was trained with.")
 
 
-def _read_tensors(contents: dict[str, bytes], name: str, source: str) -> dict[str, torch.Tensor]:
+def create_backbone_for(adapter: AdapterFiles, weights: str | Path | None = None) -> tuple[nn.Module, BackboneInfo]:
+    """The backbone ``adapter`` was trained on, at its patch size, checked against its manifest."""
+    manifest = adapter.manifest
     try:
-        return load_safetensors(contents[name])
+        vit, info = create_backbone(manifest.backbone, img_size=manifest.spec.pixels,
+                                    **weights_source(manifest.backbone_sha256, weights))
+    except MedLoRAError as exc:
+        raise AdapterError(f"adapter {adapter.source}: cannot load its backbone {manifest.backbone}: {exc}") from exc
+    check_backbone(info, manifest, adapter.source)
+    return vit, info
+
+
+def build_model_for(adapter: AdapterFiles, weights: str | Path | None = None) -> NoduleClassifier:
+    """A classifier of its own (backbone found by hash, weights loaded), in eval mode."""
+    manifest = adapter.manifest
+    try:
+        model, _ = build_model(manifest.backbone, patch_spec=manifest.spec, mode=manifest.mode,
+                               lora=lora_spec_of(manifest), fusion=manifest.fusion,
+                               **weights_source(manifest.backbone_sha256, weights))
+    except AdapterError:
+        raise
+    except MedLoRAError as exc:
+        raise AdapterError(f"adapter {adapter.source}: cannot build its backbone: {exc}") from exc
+    check_backbone(model.backbone_info, manifest, adapter.source)
+    load_weights(model, adapter)
+    return model.eval()
+
+
+def _read_tensors(adapter: AdapterFiles, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(adapter.contents[name])
     except KeyError as exc:
-        raise AdapterError(f"adapter {source} has no {name}") from exc
+        raise AdapterError(f"adapter {adapter.source} has no {name}") from exc
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
-        raise AdapterError(f"adapter {source}: {name} is not a valid safetensors file: {exc}") from exc
+        raise AdapterError(f"adapter {adapter.source}: {name} is not a valid safetensors file: {exc}") from exc
 
 
-def load_lora_weights(peft_model, contents: dict[str, bytes], adapter_name: str, source: str) -> None:
+def load_lora_weights(peft_model, adapter: AdapterFiles, adapter_name: str) -> None:
     """Put an adapter's LoRA tensors into ``peft_model``'s adapter ``adapter_name``."""
     from peft import set_peft_model_state_dict
 
-    state = _read_tensors(contents, LORA_WEIGHTS, source)
+    state = _read_tensors(adapter, LORA_WEIGHTS)
     try:
         result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     except RuntimeError as exc:  # shape mismatches
-        raise AdapterError(f"adapter {source}: LoRA weights do not fit the model: {exc}") from exc
+        raise AdapterError(f"adapter {adapter.source}: LoRA weights do not fit the model: {exc}") from exc
     missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
     if result.unexpected_keys or missing:
-        raise AdapterError(f"adapter {source}: LoRA weights do not match its LoRA spec "
+        raise AdapterError(f"adapter {adapter.source}: LoRA weights do not match its LoRA spec "
                            f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})")
 
 
-def load_head_weights(model: NoduleClassifier, contents: dict[str, bytes], mode: str, source: str) -> None:
-    state = _read_tensors(contents, HEAD_WEIGHTS, source)
+def load_head_weights(model: NoduleClassifier, adapter: AdapterFiles) -> None:
+    """The head (and, for LoRA, the final norms) of a ``lora`` or ``linear`` adapter."""
+    mode = adapter.manifest.mode
+    state = _read_tensors(adapter, HEAD_WEIGHTS)
     expected = set(head_state(model, mode))
     if set(state) != expected:
-        raise AdapterError(f"adapter {source}: head file holds {sorted(state)}, expected {sorted(expected)}")
+        raise AdapterError(f"adapter {adapter.source}: head file holds {sorted(state)}, expected {sorted(expected)}")
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise AdapterError(f"adapter {source}: head weights do not fit the model: {exc}") from exc
+        raise AdapterError(f"adapter {adapter.source}: head weights do not fit the model: {exc}") from exc
 
 
-def load_weights(model: NoduleClassifier, manifest: AdapterManifest, contents: dict[str, bytes], source: str) -> None:
-    """Load an adapter's tensors into a model built for it."""
-    if manifest.mode == "full":
+def load_weights(model: NoduleClassifier, adapter: AdapterFiles) -> None:
+    """Load an adapter's tensors into a model built for it (``build_model``)."""
+    if adapter.manifest.mode == "full":
         try:
-            model.load_state_dict(_read_tensors(contents, MODEL_WEIGHTS, source), strict=True)
+            model.load_state_dict(_read_tensors(adapter, MODEL_WEIGHTS), strict=True)
         except RuntimeError as exc:
-            raise AdapterError(f"adapter {source}: weights do not fit the model: {exc}") from exc
+            raise AdapterError(f"adapter {adapter.source}: weights do not fit the model: {exc}") from exc
         return
-    if manifest.mode == "lora":
-        load_lora_weights(model.backbone, contents, model.adapter_name, source)
-    load_head_weights(model, contents, manifest.mode, source)
+    if adapter.manifest.mode == "lora":
+        load_lora_weights(model.backbone, adapter, model.adapter_name)
+    load_head_weights(model, adapter)
 
 
-def read_checked(path: str | Path) -> tuple[AdapterManifest, dict[str, bytes]]:
-    """Manifest and verified file bytes; every required file of its mode must be there."""
-    manifest, contents = read_adapter_files(path)
-    missing = [name for name in REQUIRED_FILES[manifest.mode] if name not in contents]
-    if missing:
-        raise AdapterError(f"adapter {path} lacks {', '.join(missing)} needed in {manifest.mode!r} mode")
-    return manifest, contents
-
-
-def _check_model_matches(model: NoduleClassifier, manifest: AdapterManifest, source: str) -> None:
+def _check_model_matches(model: NoduleClassifier, adapter: AdapterFiles) -> None:
+    manifest, source = adapter.manifest, adapter.source
     check_backbone(_model_attr(model, "backbone_info"), manifest, source)
     if model.patch_spec != manifest.spec:
         raise AdapterError(f"adapter {source} reads {manifest.spec}, the model was built for {model.patch_spec}")
     if getattr(model, "mode", None) != manifest.mode:
         raise AdapterError(f"adapter {source} is a {manifest.mode!r} adapter, the model is {model.mode!r}")
-    if manifest.mode == "lora" and model.lora_spec != LoraSpec.from_dict(manifest.lora):
+    if manifest.mode == "lora" and model.lora_spec != lora_spec_of(manifest):
         raise AdapterError(f"adapter {source} has LoRA {manifest.lora}, the model {model.lora_spec.to_dict()}")
 
 
@@ -195,27 +237,16 @@ def load_adapter(path: str | Path, model: NoduleClassifier | None = None, *, wei
     adapter trained on a random backbone gets the same seeded random backbone (and
     says so in its results); ``False`` refuses such an adapter.
     """
-    source = str(path)
-    manifest, contents = read_checked(path)
+    adapter = read_checked(path)
+    manifest = adapter.manifest
     if manifest.random_init:
         if allow_random_init is False:
-            raise AdapterError(f"adapter {source} was trained on a randomly initialised backbone; "
+            raise AdapterError(f"adapter {adapter.source} was trained on a randomly initialised backbone; "
                                "pass allow_random_init=True to use it anyway (results are flagged)")
         log.warning("adapter %s uses a randomly initialised backbone: not a clinical result", manifest.name)
     if model is None:
-        if weights is None and not manifest.random_init:
-            weights = find_local_weights(manifest.backbone_sha256)
-        try:
-            model, _ = build_model(
-                manifest.backbone, patch_spec=manifest.spec, mode=manifest.mode,
-                lora=LoraSpec.from_dict(manifest.lora) if manifest.mode == "lora" else None,
-                weights=None if manifest.random_init else weights, fusion=manifest.fusion,
-                pretrained=not manifest.random_init, allow_random_init=manifest.random_init)
-        except AdapterError:
-            raise
-        except MedLoRAError as exc:
-            raise AdapterError(f"adapter {source}: cannot build its backbone: {exc}") from exc
-    _check_model_matches(model, manifest, source)
-    load_weights(model, manifest, contents, source)
+        return build_model_for(adapter, weights), manifest
+    _check_model_matches(model, adapter)
+    load_weights(model, adapter)
     model.eval()
     return model, manifest

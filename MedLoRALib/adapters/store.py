@@ -4,7 +4,9 @@ Location: ``AdapterStore(root)``, else ``$MEDLORA_HOME/adapters``, else the plat
 user data folder (``~/.local/share/medlora/adapters`` on Linux — honouring
 ``$XDG_DATA_HOME`` —, ``~/Library/Application Support/MedLoRA/adapters`` on macOS,
 ``%LOCALAPPDATA%\\MedLoRA\\adapters`` on Windows). Each adapter is a sub-folder named
-after the adapter; every import re-checks the files' SHA-256.
+after the adapter. Every import and export verifies the files (SHA-256, complete
+safetensors) and writes atomically; hidden ``.<name>.tmp-…`` leftovers of a killed
+process are never listed, and are cleaned by the next change to the store.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
+from ..atomic import remove, staging_name, sweep_leftovers, writing
 from ..errors import AdapterError
-from .manifest import MANIFEST_NAME, AdapterManifest, read_adapter_files, read_manifest, write_adapter
+from .archive import is_adapter, read_checked, read_manifest, write_adapter
+from .manifest import MANIFEST_NAME, AdapterManifest
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class AdapterStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
+        sweep_leftovers(self.root)  # puts back a folder a killed replace left aside (not on Linux)
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
 
@@ -85,29 +88,51 @@ class AdapterStore:
         return _NAME.match(name or "") is not None and (self.root / name / MANIFEST_NAME).is_file()
 
     def import_(self, path: str | Path, name: str | None = None, overwrite: bool = False) -> str:
-        """Copy an adapter folder or ``.zip`` into the store (files verified); returns its name."""
-        manifest, contents = read_adapter_files(path)
-        name = check_name(name or manifest.name)
+        """Copy an adapter folder or ``.zip`` into the store; returns its name.
+
+        The files are always verified (SHA-256 and complete safetensors), ``overwrite`` or
+        not: it only allows replacing a stored adapter of the same name.
+        """
+        adapter = read_checked(path)
+        name = check_name(name or adapter.manifest.name)
+        target = self._dir(name)
         if name in self and not overwrite:
             raise AdapterError(f"an adapter named {name!r} already exists in {self.root}; "
-                               "choose another name (--name) or delete the old one")
-        manifest.name = name
-        write_adapter(manifest, contents, self.root / name)
+                               "choose another name (--name), replace it (--force) or delete the old one")
+        if (target.exists() or target.is_symlink()) and name not in self:
+            raise AdapterError(f"{target} exists but is not a MedLoRA adapter; move it away first")
+        sweep_leftovers(self.root)
+        adapter.manifest.name = name
+        write_adapter(adapter.manifest, adapter.contents, target)
         return name
 
-    def export(self, name: str, dest: str | Path) -> Path:
-        """Write a verified copy to ``dest`` (a ``.zip`` file or a folder)."""
-        manifest, contents = read_adapter_files(self.path(name))
+    def export(self, name: str, dest: str | Path, overwrite: bool = False) -> Path:
+        """Write a verified copy to ``dest`` (a ``.zip`` file or a folder).
+
+        An existing plain folder receives the adapter inside it. An adapter already at the
+        destination is replaced only with ``overwrite``, and anything else never: MedLoRA
+        replaces only what has a valid MedLoRA manifest (what it wrote).
+        """
+        adapter = read_checked(self.path(name))
         dest = Path(dest).expanduser()
-        if dest.is_dir() and dest.suffix.lower() != ".zip" and not (dest / MANIFEST_NAME).is_file():
+        if dest.is_dir() and dest.suffix.lower() != ".zip" and not (dest / MANIFEST_NAME).exists():
             dest = dest / name  # an existing plain folder: put the adapter inside it
-        return write_adapter(manifest, contents, dest)
+        if dest.exists() or dest.is_symlink():
+            if dest.is_symlink() or not is_adapter(dest):
+                raise AdapterError(f"{dest} exists and is not a MedLoRA adapter: MedLoRA will not replace it. "
+                                   "Choose another destination.")
+            if not overwrite:
+                raise AdapterError(f"{dest} already holds an adapter; pass --force to replace it")
+        sweep_leftovers(dest.parent)
+        return write_adapter(adapter.manifest, adapter.contents, dest)
 
     def delete(self, name: str) -> None:
         folder = self.path(name)
-        trash = self.root / f".{name}.deleted-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, trash)
-        shutil.rmtree(trash)
+        trash = staging_name(folder, "deleted")
+        with writing(folder):
+            os.replace(folder, trash)
+        remove(trash)
+        sweep_leftovers(self.root)
 
     def rename(self, old: str, new: str) -> None:
         folder = self.path(old)
@@ -116,10 +141,11 @@ class AdapterStore:
             raise AdapterError(f"cannot rename {old!r} to {new!r}: {target} already exists")
         manifest = read_manifest(folder)
         manifest.name = new
-        os.replace(folder, target)
-        tmp = target / f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(manifest.to_json(), encoding="utf-8")
-        os.replace(tmp, target / MANIFEST_NAME)
+        with writing(target):
+            os.replace(folder, target)
+            tmp = staging_name(target / MANIFEST_NAME)
+            tmp.write_text(manifest.to_json(), encoding="utf-8")
+            os.replace(tmp, target / MANIFEST_NAME)
 
 
 def resolve_adapter(name_or_path: str | Path, store: AdapterStore | None = None) -> Path:

@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..adapters.manifest import AdapterManifest, read_manifest
+from ..adapters.archive import read_manifest
+from ..adapters.manifest import AdapterManifest
 from ..adapters.store import AdapterStore
 
 
@@ -22,13 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info = actions.add_parser("info", help="one adapter's manifest")
     info.add_argument("adapter", help="name in the store, or an adapter folder / .zip")
     info.add_argument("--json", action="store_true", help="the manifest as JSON")
-    importing = actions.add_parser("import", help="copy an adapter folder or .zip into the store (verified)")
+    importing = actions.add_parser("import", help="copy an adapter folder or .zip into the store (always verified)")
     importing.add_argument("path")
     importing.add_argument("--name", help="store it under this name (default: its manifest name)")
-    importing.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    importing.add_argument("--force", action="store_true",
+                           help="replace a stored adapter of the same name (the files are still verified)")
     export = actions.add_parser("export", help="write a verified copy as a .zip or a folder")
     export.add_argument("name")
     export.add_argument("dest", help="a .zip file name, or a folder")
+    export.add_argument("--force", action="store_true",
+                        help="replace an adapter already at DEST (never anything that is not an adapter)")
     delete = actions.add_parser("delete", help="remove an adapter from the store")
     delete.add_argument("name")
     rename = actions.add_parser("rename", help="rename a stored adapter")
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         name = store.import_(args.path, name=args.name, overwrite=args.force)
         print(f"imported {name!r} into {store.root}")
     elif args.action == "export":
-        print(f"exported {args.name!r} to {store.export(args.name, args.dest)}")
+        print(f"exported {args.name!r} to {store.export(args.name, args.dest, overwrite=args.force)}")
     elif args.action == "delete":
         store.delete(args.name)
         print(f"deleted {args.name!r} from {store.root}")

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.manifest import sha256_file
+from ..atomic import sha256_file
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 RANDOM_INIT_SEED = 0
+RANDOM_INIT = "random-init"  # the identity of a seeded random backbone, in place of a SHA-256
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 _TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -82,7 +83,7 @@ class BackboneInfo:
     @property
     def identity(self) -> str:
         """The string stored as ``backbone_sha256`` in manifests."""
-        return "random-init" if self.random_init else str(self.weights_sha256)
+        return RANDOM_INIT if self.random_init else str(self.weights_sha256)
 
 
 _REGISTRY: dict[str, Callable[[], BackboneConfig]] = {}
@@ -279,6 +280,20 @@ def find_local_weights(sha256: str) -> Path | None:
             if _HASH_CACHE[key] == sha256:
                 return path
     return None
+
+
+def weights_source(identity: str, weights: str | Path | None = None) -> dict:
+    """``create_backbone``'s weight arguments for a backbone known by its identity.
+
+    The one place a recorded backbone (an adapter's ``backbone_sha256``) is found again:
+    ``weights`` if given, else a local file with that SHA-256 (``find_local_weights``),
+    else the shipped file or the hub. ``"random-init"`` gives the seeded random
+    initialisation it was trained on.
+    """
+    if identity == RANDOM_INIT:
+        return {"weights": None, "pretrained": False, "allow_random_init": True}
+    found = weights if weights is not None else find_local_weights(identity)
+    return {"weights": found, "pretrained": True, "allow_random_init": False}
 
 
 def _weights_help(config: BackboneConfig) -> str:

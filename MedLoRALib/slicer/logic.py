@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..adapters.manifest import AdapterManifest, read_manifest
+from ..adapters import AdapterManifest, read_manifest
 from ..adapters.store import check_name
 from ..errors import MedLoRAError
 from ..image import CTImage

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapters.manifest import sha256_file
-from ..atomic import temp_path
+from ..atomic import sha256_file, temp_path, write_json_atomic
 from ..errors import MedLoRAError
-from .atomic import write_json_atomic
+from .progress import jsonable
 
 FORMAT = "medlora-train-checkpoint"
 VERSION = 1
@@ -126,7 +125,7 @@ def save_checkpoint(directory: str | Path, *, weights: dict[str, torch.Tensor],
     meta = {"format": FORMAT, "version": VERSION, "generation": generation, "tensors": tensor_name,
             "sha256": digest, "config": config, "progress": progress, "optimizer": optim_meta,
             "scheduler": scheduler.state_dict(), "rng": rng_meta}
-    write_json_atomic(directory / STATE_FILE, meta)
+    write_json_atomic(directory / STATE_FILE, jsonable(meta))
     for old in directory.glob("state-*.safetensors"):
         if old.name != tensor_name:
             old.unlink(missing_ok=True)

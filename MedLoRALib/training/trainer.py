@@ -39,12 +39,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..atomic import replace_dir
+from ..atomic import replace_dir, write_json_atomic
 from ..errors import DatasetError, MedLoRAError
 from ..models import LoraSpec, build_model, trainable_parameter_count
 from ..patches import PatchSpec
 from . import metrics as M
-from .atomic import write_json_atomic
 from .augment import AugmentConfig, patch_reach_mm
 from .checkpoint import (
     CheckpointError,
@@ -727,8 +726,8 @@ def write_adapter(model, cfg: TrainConfig, info, spec: PatchSpec, overall: M.Met
         metrics=jsonable(metrics))
     try:
         save_adapter(model, manifest, staging)
-        write_json_atomic(staging / "metrics.json", {"metrics": metrics, "history": history, "training": training,
-                                                     "validation_predictions": predictions})
+        write_json_atomic(staging / "metrics.json", jsonable({"metrics": metrics, "history": history,
+                                                              "training": training, "validation_predictions": predictions}))
         plot_roc(staging / "roc.png", labels, logits, overall)
         plot_calibration(staging / "calibration.png", labels, logits, overall.temperature)
         plot_training_curves(staging / "training_curves.png", history)
