@@ -20,7 +20,7 @@ from MedLoRALib.ctio import load_ct
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.image import CTImage
 from MedLoRALib.nodule import Nodule
-from MedLoRALib.phantom import (
+from MedLoRALib.synthetic import (
     MANIFEST_COLUMNS,
     PhantomConfig,
     make_phantom,
@@ -232,8 +232,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 
 
 def test_phantom_and_ctio_import_no_torch():
-    code = ("import sys, MedLoRALib.phantom, MedLoRALib.ctio, MedLoRALib.cli.phantom; "
-            "MedLoRALib.phantom.make_phantom(MedLoRALib.phantom.PhantomConfig(size=(128, 112, 40), n_nodules=1)); "
+    code = ("import sys, MedLoRALib.synthetic, MedLoRALib.ctio, MedLoRALib.cli.phantom; "
+            "MedLoRALib.synthetic.make_phantom(MedLoRALib.synthetic.PhantomConfig(size=(128, 112, 40), n_nodules=1)); "
             "bad = [m for m in ('torch', 'timm', 'peft') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

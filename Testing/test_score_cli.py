@@ -19,7 +19,7 @@ from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.geometry import lps_to_ras
 from MedLoRALib.models import LoraSpec, build_model
 from MedLoRALib.patches import PatchSpec
-from MedLoRALib.phantom import make_phantom, write_cohort, write_dicom_series
+from MedLoRALib.synthetic import make_phantom, write_cohort, write_dicom_series
 
 torch.set_num_threads(1)  # a busy 2-core CI machine: more threads only contend
 SPEC = PatchSpec(views="multiview9", fov_mm=50.0, pixels=32)

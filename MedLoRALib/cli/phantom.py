@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ..phantom import PhantomConfig, oblique_direction, write_cohort
+from ..synthetic import PhantomConfig, oblique_direction, write_cohort
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
