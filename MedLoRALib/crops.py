@@ -166,7 +166,10 @@ def check_crop_folder(out: Path, overwrite: bool = False) -> None:
     Crop's own files are those listed in the folder's ``index.csv`` (written last, so it
     exists only when the run finished), and the index itself.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise MedLoRAError(f"--out {out} is the folder you are working in (or holds it); crop replaces its output "
+                           "folder as a whole, so name a new subfolder, e.g. --out crops.")
     if out.exists() and not out.is_dir():
         raise MedLoRAError(f"--out {out} is a file; crop writes a folder of images and {INDEX_NAME}. "
                            "Name a new or empty folder.")
@@ -194,7 +197,7 @@ def crop_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     ``check_crop_folder`` runs before and again just before the swap, so a file put into
     ``out`` meanwhile is not lost. On failure ``out`` is left as it was.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     check_crop_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.crops-", dir=out.parent))

@@ -252,6 +252,17 @@ def test_out_naming_an_existing_file_is_refused(tmp_path, ct_file, capsys):
     assert tree_digest(tmp_path) == before
 
 
+def test_out_naming_the_working_folder_is_refused(tmp_path, ct_file, capsys, monkeypatch):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", out)
+        assert code == 2 and "the folder you are working in" in err
+    assert work.is_dir() and not list(work.iterdir())
+
+
 def test_pixels_beyond_memory_are_refused_up_front(tmp_path, ct_file, capsys):
     points = points_csv(tmp_path / "points.csv", ct_file[2])
     code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", tmp_path / "o",

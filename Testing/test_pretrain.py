@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_scene_module_is_torch_free():
-    code = "import sys, MedLoRALib.training.pretrain; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    code = "import sys, MedLoRALib.training.pretrain, MedLoRALib.synthetic.scenes; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -24,19 +24,49 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def random_unit(rng: np.random.Generator) -> np.ndarray:
+    """One random direction (3,)."""
+    return unit(rng.normal(size=3))
+
+
+def perpendicular(rng: np.random.Generator, axis: np.ndarray) -> np.ndarray:
+    """A random unit vector perpendicular to the unit vector ``axis``."""
+    v = rng.normal(size=3)
+    return unit(v - v.dot(axis) * axis)
+
+
 def random_units(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 3) random directions."""
     v = rng.standard_normal((n, 3))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 
-def segment_distance(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distance from each point (…, 3) to a segment, and the position t ∈ [0, 1] along it."""
+def segment_distance_sq(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distance from each point (…, 3) to a segment, and the position t ∈ [0, 1] along it."""
     axis = (end - start).astype(points.dtype)
     rel = points - start.astype(points.dtype)
     t = np.clip((rel @ axis) / max(float(axis @ axis), 1e-12), 0.0, 1.0)
     rel -= t[..., None] * axis
-    return np.sqrt(np.einsum("...a,...a->...", rel, rel)), t
+    return np.einsum("...a,...a->...", rel, rel), t
+
+
+def segment_distance(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance from each point (…, 3) to a segment, and the position t ∈ [0, 1] along it."""
+    squared, t = segment_distance_sq(points, start, end)
+    return np.sqrt(squared), t
+
+
+def polyline_distance(points: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """Distance from each point (N, 3) to a path through ``nodes`` (K, 3)."""
+    squared = segment_distance_sq(points, nodes[0], nodes[1])[0]
+    for i in range(1, len(nodes) - 1):
+        np.minimum(squared, segment_distance_sq(points, nodes[i], nodes[i + 1])[0], out=squared)
+    return np.sqrt(squared)
 
 
 def distance_to_segments(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
