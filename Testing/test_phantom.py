@@ -231,6 +231,33 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "at least one case" in capsys.readouterr().err
 
 
+def test_cli_never_overwrites_what_it_did_not_write(tmp_path, capsys):
+    from helpers import tree_digest
+
+    small = ["--size", "128", "112", "40", "--nodules", "1"]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "SYN-0001.nrrd").write_bytes(b"a user's own scan with the cohort's file name")
+    before = tree_digest(out)
+    for extra in ([], ["--overwrite"]):
+        assert main(["phantom", "--out", str(out), "--cases", "1", *small, *extra]) == 2
+        assert "did not write (SYN-0001.nrrd)" in capsys.readouterr().err
+    assert tree_digest(out) == before
+    (tmp_path / "file").write_text("x")
+    assert main(["phantom", "--out", str(tmp_path / "file"), "--cases", "1", *small]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_replaces_an_earlier_cohort_only_with_overwrite(tmp_path, capsys):
+    small = ["--size", "128", "112", "40", "--nodules", "1"]
+    out = tmp_path / "cohort"
+    assert main(["phantom", "--out", str(out), "--cases", "2", *small]) == 0
+    assert main(["phantom", "--out", str(out), "--cases", "1", *small]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "SYN-0002.nrrd").is_file()
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--format", "dicom", "--overwrite", *small]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["SYN-0001", "manifest.csv"]  # the earlier cases are gone
+
+
 def test_phantom_and_ctio_import_no_torch():
     code = ("import sys, MedLoRALib.synthetic, MedLoRALib.ctio, MedLoRALib.cli.phantom; "
             "MedLoRALib.synthetic.make_phantom(MedLoRALib.synthetic.PhantomConfig(size=(128, 112, 40), n_nodules=1)); "

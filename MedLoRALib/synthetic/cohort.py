@@ -64,3 +64,17 @@ def write_cohort(out_dir: str | os.PathLike, n_cases: int, seed: int = 0, *, con
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def cohort_files(folder: str | os.PathLike) -> set[str] | None:
+    """What an earlier ``write_cohort`` left in ``folder`` (its manifest and the images it lists), or None
+    when the folder holds no cohort manifest."""
+    manifest = Path(folder) / "manifest.csv"
+    try:
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+                return None
+            return {row["image"] for row in reader if row.get("image")} | {manifest.name}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
