@@ -155,7 +155,7 @@ def backbone_description(config: DemoConfig) -> str:
 def ensure_cohort(folder: Path, n_cases: int, seed: int, nodules_per_case: int,
                   say: Callable[[str], None] = print) -> Path:
     """The cohort's manifest, generating the phantoms only when the folder lacks this exact cohort."""
-    from .phantom import PhantomConfig, write_cohort
+    from .synthetic import PhantomConfig, write_cohort
 
     phantom = PhantomConfig(n_nodules=nodules_per_case)
     wanted = {"n_cases": n_cases, "seed": seed, "phantom": json.loads(json.dumps(asdict(phantom), default=list))}
@@ -250,7 +250,7 @@ def shortcut_probabilities(train_features: np.ndarray, train_labels: np.ndarray,
 
 def training_shortcut_features(data) -> np.ndarray:
     """(N, 2) diameter and mean HU of every training-cohort nodule, from the images held in memory."""
-    from .phantom import shortcut_features
+    from .synthetic import shortcut_features
 
     by_image: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(data.samples):
@@ -271,7 +271,7 @@ def score_heldout(adapter: Path, manifest: Path, weights: Path | None,
     """
     from .ctio import load_ct
     from .engine import ScoringEngine
-    from .phantom import shortcut_features
+    from .synthetic import shortcut_features
     from .training.manifest import read_rows
 
     rows, problems = read_rows(manifest)

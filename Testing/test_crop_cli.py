@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import assert_imports_without
+from helpers import assert_imports_without, tree_digest
 from PIL import Image
 
 from MedLoRALib.cli import main
-from MedLoRALib.cli.crop import montage
+from MedLoRALib.crops import montage
 from MedLoRALib.ctio import load_ct, save_volume
 from MedLoRALib.geometry import Geometry, lps_to_ras
 from MedLoRALib.image import CTImage
@@ -234,4 +234,141 @@ def test_folder_of_studies_with_points_csv_images_and_a_broken_study(tmp_path, c
 
 
 def test_crop_and_annotations_stay_torch_free():
-    assert_imports_without(["MedLoRALib.annotations", "MedLoRALib.cli.crop", "MedLoRALib.patches"])
+    assert_imports_without(["MedLoRALib.annotations", "MedLoRALib.cli.crop", "MedLoRALib.crops", "MedLoRALib.patches"])
+
+
+# --- the output folder: never lose what crop did not write (issue 11) ------------------------------
+def test_out_naming_an_existing_file_is_refused(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    taken = tmp_path / "results.txt"
+    taken.write_text("mine")
+    before = tree_digest(tmp_path)
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", taken)
+    assert code == 2 and "is a file" in err and "results.txt" in err and "Traceback" not in err
+    assert tree_digest(tmp_path) == before
+
+
+def test_out_naming_the_working_folder_is_refused(tmp_path, ct_file, capsys, monkeypatch):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", out)
+        assert code == 2 and "the folder you are working in" in err
+    assert work.is_dir() and not list(work.iterdir())
+
+
+def test_pixels_beyond_memory_are_refused_up_front(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", tmp_path / "o",
+                        "--pixels", "100000")
+    assert code == 2 and "Traceback" not in err
+    assert "--pixels 100000" in err and "memory" in err and "TiB" in err and "--pixels 2 … " in err
+    assert not (tmp_path / "o").exists()
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", tmp_path / "o",
+                        "--views", "cube", "--pixels", "5000")
+    assert code == 2 and "--views cube needs about" in err
+
+
+def test_largest_allowed_pixels_fit_and_one_more_does_not():
+    from MedLoRALib.crops import crop_memory_bytes, max_pixels
+
+    for views in ("axial", "multiview9", "cube"):
+        largest = max_pixels(views, 2 ** 30)
+        assert crop_memory_bytes(views, largest) <= 2 ** 30 < crop_memory_bytes(views, largest + 1)
+    assert max_pixels("cube", 2 ** 30) < max_pixels("multiview9", 2 ** 30) < max_pixels("axial", 2 ** 30)
+
+
+def test_nodules_cut_in_memory_sized_groups_give_the_same_files(tmp_path, ct_file, monkeypatch):
+    import MedLoRALib.crops as crops
+    from MedLoRALib.nodule import Nodule
+
+    _, ct, centres = ct_file
+    nodules = [Nodule(tuple(c), nodule_id=f"n{i}") for i, c in enumerate(centres)]
+    job = crops.CropJob("ortho3", 50.0, 16, (-1000.0, 400.0), "npy")
+    assert job.nodules_per_cut() >= 2
+    together = crops.crop_study(ct, nodules, job, tmp_path, "s", 1)
+    monkeypatch.setattr(crops, "memory_limit_bytes", lambda: crops.crop_memory_bytes("ortho3", 16))
+    assert job.nodules_per_cut() == 1
+    (tmp_path / "one").mkdir()
+    one_by_one = crops.crop_study(ct, nodules, job, tmp_path / "one", "s", 1)
+    assert together == one_by_one
+    for row in together:
+        np.testing.assert_array_equal(np.load(tmp_path / row["file"]), np.load(tmp_path / "one" / row["file"]))
+
+
+def test_out_holding_other_files_is_never_touched(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "0001_left.png").write_bytes(b"a user's picture with crop's file name")
+    (out / "notes").mkdir()
+    before = tree_digest(out)
+    for extra in ([], ["--overwrite"]):
+        code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", out, *extra)
+        assert code == 2 and "holds files crop did not write" in err and "0001_left.png" in err
+        assert tree_digest(out) == before and sorted(p.name for p in out.iterdir()) == ["0001_left.png", "notes"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_an_earlier_crop_is_replaced_only_with_overwrite(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    out = tmp_path / "out"
+    assert main(["crop", "--volume", str(ct_file[0]), "--points", str(points), "--out", str(out)]) == 0
+    first = tree_digest(out)
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", out, "--views", "axial")
+    assert code == 2 and "--overwrite" in err and "earlier run" in err
+    assert tree_digest(out) == first
+    one = tmp_path / "one.csv"
+    one.write_text(points.read_text().splitlines()[0] + "\n" + points.read_text().splitlines()[1] + "\n")
+    assert main(["crop", "--volume", str(ct_file[0]), "--points", str(one), "--out", str(out), "--views", "axial",
+                 "--overwrite"]) == 0
+    rows = read_index(out)
+    assert [r["nodule_id"] for r in rows] == ["left"]
+    assert sorted(p.name for p in out.iterdir()) == ["0001_left.png", "index.csv"]  # the earlier 'right' is gone
+    with Image.open(out / "0001_left.png") as png:
+        assert png.size == (64, 64)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_run_leaves_the_earlier_crops(tmp_path, ct_file, capsys):
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    out = tmp_path / "out"
+    assert main(["crop", "--volume", str(ct_file[0]), "--points", str(points), "--out", str(out)]) == 0
+    before = tree_digest(out)
+    far = tmp_path / "far.csv"
+    far.write_text("x,y,z,coordinate_system\n0,0,900,LPS\n")
+    code, err = run_cli(capsys, "--volume", ct_file[0], "--points", far, "--out", out, "--overwrite")
+    assert code == 2 and "outside the CT volume" in err
+    assert tree_digest(out) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, ct_file, capsys):
+    import errno
+    import os
+    import resource
+
+    points = points_csv(tmp_path / "points.csv", ct_file[2])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: fill the "disk" instead
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            import signal
+
+            previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+            try:
+                code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", locked / "o")
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                signal.signal(signal.SIGXFSZ, previous)
+            assert code == 2 and "could not write the crops" in err and os.strerror(errno.EFBIG) in err
+        else:
+            code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", locked / "o")
+            assert code == 2 and "could not write the crops" in err and "ermission denied" in err
+        assert "Traceback" not in err and not (locked / "o").exists() and not list(locked.iterdir())
+    finally:
+        locked.chmod(0o755)

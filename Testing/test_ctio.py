@@ -15,7 +15,7 @@ from MedLoRALib.ctio import list_series, load_ct, save_volume, series_key
 from MedLoRALib.errors import CTLoadError, MedLoRAError
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
-from MedLoRALib.phantom import PhantomConfig, make_phantom, oblique_direction, write_dicom_series
+from MedLoRALib.synthetic import PhantomConfig, make_phantom, oblique_direction, write_dicom_series
 
 # A small phantom grid: 2 nodules, anisotropic voxels, 40 slices — about 0.1 s to make.
 SMALL = PhantomConfig(size=(128, 112, 40), spacing=(0.9, 1.1, 2.5), n_nodules=2)

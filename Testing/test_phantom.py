@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from MedLoRALib.ctio import load_ct
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.image import CTImage
 from MedLoRALib.nodule import Nodule
-from MedLoRALib.phantom import (
+from MedLoRALib.synthetic import (
     MANIFEST_COLUMNS,
     PhantomConfig,
     make_phantom,
@@ -228,7 +230,64 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "at least one case" in capsys.readouterr().err
 
 
+def test_cli_never_overwrites_what_it_did_not_write(tmp_path, capsys):
+    from helpers import tree_digest
+
+    small = ["--size", "128", "112", "40", "--nodules", "1"]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "SYN-0001.nrrd").write_bytes(b"a user's own scan with the cohort's file name")
+    before = tree_digest(out)
+    for extra in ([], ["--overwrite"]):
+        assert main(["phantom", "--out", str(out), "--cases", "1", *small, *extra]) == 2
+        assert "did not write (SYN-0001.nrrd)" in capsys.readouterr().err
+    assert tree_digest(out) == before
+    (tmp_path / "file").write_text("x")
+    assert main(["phantom", "--out", str(tmp_path / "file"), "--cases", "1", *small]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_replaces_an_earlier_cohort_only_with_overwrite(tmp_path, capsys):
+    small = ["--size", "128", "112", "40", "--nodules", "1"]
+    out = tmp_path / "cohort"
+    assert main(["phantom", "--out", str(out), "--cases", "2", *small]) == 0
+    assert main(["phantom", "--out", str(out), "--cases", "1", *small]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "SYN-0002.nrrd").is_file()
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--format", "dicom", "--overwrite", *small]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["SYN-0001", "manifest.csv"]  # the earlier cases are gone
+
+
 def test_phantom_and_ctio_import_no_torch():
-    assert_imports_without(["MedLoRALib.phantom", "MedLoRALib.ctio", "MedLoRALib.cli.phantom"],
-                           then="import MedLoRALib.phantom as p; p.make_phantom(p.PhantomConfig(size=(128, 112, 40), "
+    assert_imports_without(["MedLoRALib.synthetic", "MedLoRALib.ctio", "MedLoRALib.cli.phantom"],
+                           then="import MedLoRALib.synthetic as p; p.make_phantom(p.PhantomConfig(size=(128, 112, 40), "
                                 "n_nodules=1))")
+
+
+# --------------------------------------------------------------------------------------------
+# Same seed, same voxels: digests recorded from the code before the synthetic/ package split
+# --------------------------------------------------------------------------------------------
+def _phantom_digest(image: CTImage, nodules: list[Nodule]) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(image.voxels_hu).tobytes())
+    digest.update(json.dumps([n.to_dict() for n in nodules], sort_keys=True, default=str).encode())
+    digest.update(repr(image.geometry.origin_lps).encode() + image.ids.series_uid.encode())
+    return digest.hexdigest()
+
+
+def _tree_bytes_digest(root: Path) -> str:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(b"".join(p.relative_to(root).as_posix().encode() + p.read_bytes() for p in files)).hexdigest()
+
+
+def test_same_seed_gives_the_recorded_voxels(tmp_path):
+    """Refactoring the generator must not change a single voxel, nodule or DICOM byte.
+
+    The digests were computed with the code on main before the split into ``synthetic/``
+    (numpy 2 / SciPy on x86-64); a change here changes every cohort, the demo and the benchmarks.
+    """
+    assert _phantom_digest(*make_phantom(SMALL, seed=4)) == (
+        "666553260eeca4626d41e776fb92eabf70bc40e5d871ba903c618aeb119cc0d3")
+    oblique = PhantomConfig(size=(128, 112, 40), spacing=(0.9, 1.1, 2.5), n_nodules=1, direction=oblique_direction())
+    assert _phantom_digest(*make_phantom(oblique, seed=5, labels=[1], case_id="X")) == (
+        "5f5e5beeb6fc5d5b7dadde12e667ef64fb4cac3350603993d2931f453b49e073")
+    write_cohort(tmp_path / "dicom", 2, seed=3, config=SMALL, fmt="dicom")
+    assert _tree_bytes_digest(tmp_path / "dicom") == "1992159add4506add0b3c53c75b51132a268ccde6a8a27e0f6eaad4598fdec11"

@@ -17,7 +17,7 @@ from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.geometry import lps_to_ras
 from MedLoRALib.models import LoraSpec
 from MedLoRALib.patches import PatchSpec
-from MedLoRALib.phantom import make_phantom, write_cohort, write_dicom_series
+from MedLoRALib.synthetic import make_phantom, write_cohort, write_dicom_series
 
 torch.set_num_threads(1)  # a busy 2-core CI machine: more threads only contend
 SPEC = PatchSpec(views="multiview9", fov_mm=50.0, pixels=32)
@@ -147,3 +147,15 @@ def test_score_real_lidc_case_with_its_xml(lidc_0001, store_root, tmp_path):
     rows = _read_csv(out)
     assert rows and all(r["random_init"] == "true" for r in rows)
     assert all(0.0 < float(r["probability"]) < 1.0 for r in rows)
+
+
+def test_out_naming_a_folder_is_refused_before_any_model_loads(tmp_path, phantom_case, capsys):
+    folder, points, _ = phantom_case
+    taken = tmp_path / "results.csv"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    code = main(["score", "--volume", str(folder), "--points", str(points), "--adapter", "no-such-adapter",
+                 "--out", str(taken)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a folder" in err and "results.csv" in err and "Traceback" not in err
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]

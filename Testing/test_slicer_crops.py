@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from MedLoRALib.cli import main as medlora
-from MedLoRALib.cli.crop import montage
+from MedLoRALib.crops import montage
 from MedLoRALib.ctio import save_volume
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.patches import PatchSpec, extract_patches
-from MedLoRALib.phantom import PhantomConfig, make_phantom
 from MedLoRALib.slicer import crops, mrml
 from MedLoRALib.slicer.logic import SceneLogic
+from MedLoRALib.synthetic import PhantomConfig, make_phantom
 
 pytest.importorskip("slicer")
 

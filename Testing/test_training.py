@@ -350,7 +350,7 @@ def test_tiny_lora_reaches_auc_09_on_the_phantom_cohort(tmp_path, capsys):
     """Budget: 64 phantom studies (256 nodules, 52 validated), pre-trained tiny ViT, LoRA on every
     linear layer (rank 8), ortho3 64 px over 24 mm, 20 epochs, one thread: about 1.5 min."""
     from MedLoRALib.nodule import Nodule
-    from MedLoRALib.phantom import shortcut_auc, shortcut_features, write_cohort
+    from MedLoRALib.synthetic import shortcut_auc, shortcut_features, write_cohort
 
     manifest = write_cohort(tmp_path / "cohort", 64, seed=1)
     result = T.train(T.TrainConfig(

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from MedLoRALib.ctio import load_ct, save_volume
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
-from MedLoRALib.phantom import PhantomConfig, make_phantom, oblique_direction, write_cohort, write_dicom_series
+from MedLoRALib.synthetic import PhantomConfig, make_phantom, oblique_direction, write_cohort, write_dicom_series
 
 
 def timed(fn, repeats: int) -> dict:

@@ -276,7 +276,7 @@ def vits_step_times(rounds: int, batch_size: int) -> dict:
 
 
 def cohort(cases: int, seed: int, folder: Path | None) -> Path:
-    from MedLoRALib.phantom import write_cohort
+    from MedLoRALib.synthetic import write_cohort
 
     folder = folder or Path(tempfile.gettempdir()) / f"medlora-bench-cohort-{cases}-{seed}"
     manifest = folder / "manifest.csv"

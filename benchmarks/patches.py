@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for name, spec in specs.items():
-        extract_s, _ = median_time(lambda: extract_patches(ct, centres, spec), label=f"{name}_extract")
-        crop_s, theirs = median_time(lambda: crop_from_iso(spec), label=f"{name}_crop_from_1mm")
+        extract_s, _ = median_time(lambda spec=spec: extract_patches(ct, centres, spec), label=f"{name}_extract")
+        crop_s, theirs = median_time(lambda spec=spec: crop_from_iso(spec), label=f"{name}_crop_from_1mm")
         raw = PatchSpec(views=spec.views, fov_mm=spec.fov_mm, pixels=spec.pixels, window_hu=None,
                         normalisation="none")
-        one_nodule_s, _ = median_time(lambda: extract_patches(ct, centres[:1], spec), repeats=max(5, args.repeats))
+        one_nodule_s, _ = median_time(lambda spec=spec: extract_patches(ct, centres[:1], spec), repeats=max(5, args.repeats))
         n = len(centres)
         ours_hu = extract_patches(ct, centres, raw)
         results[name] = {

@@ -41,7 +41,7 @@ from MedLoRALib.engine import ScoringEngine  # noqa: E402
 from MedLoRALib.models import LoraSpec, create_backbone  # noqa: E402
 from MedLoRALib.nodule import Nodule  # noqa: E402
 from MedLoRALib.patches import PatchSpec, extract_patches  # noqa: E402
-from MedLoRALib.phantom import make_phantom  # noqa: E402
+from MedLoRALib.synthetic import make_phantom  # noqa: E402
 
 
 def _timed(fn, repeats: int) -> float:

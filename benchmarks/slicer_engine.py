@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from MedLoRALib.patches import PatchSpec
-    from MedLoRALib.phantom import PhantomConfig, make_phantom
     from MedLoRALib.slicer import mrml
     from MedLoRALib.slicer.engine_client import EngineConfig
     from MedLoRALib.slicer.logic import SceneLogic, cut_patches
+    from MedLoRALib.synthetic import PhantomConfig, make_phantom
 
     spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
     config = EngineConfig(python=sys.executable, extra_args=["--device", "cpu"],

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from MedLoRALib.models import LoraSpec, build_model
     from MedLoRALib.patches import PatchSpec
-    from MedLoRALib.phantom import write_cohort
+    from MedLoRALib.synthetic import write_cohort
     from MedLoRALib.training.augment import AugmentConfig, cut_patch, patch_reach_mm, sample_rng
     from MedLoRALib.training.checkpoint import save_checkpoint
     from MedLoRALib.training.dataset import PatchDataset, ignore_sigint_in_worker

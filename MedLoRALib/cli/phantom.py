@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from ..phantom import PhantomConfig, oblique_direction, write_cohort
+from ..errors import MedLoRAError
+from ..synthetic import PhantomConfig, oblique_direction, write_cohort
+from ..synthetic.cohort import cohort_files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +26,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, nargs=3, metavar=("I", "J", "K"), default=defaults.size,
                         help="voxels along i, j, k")
     parser.add_argument("--nodules", type=int, default=defaults.n_nodules, help="nodules per case")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the cohort an earlier 'medlora phantom' wrote in --out (never other files)")
+
+
+def _earlier_cohort(out: Path, overwrite: bool) -> set[str]:
+    """The files of an earlier cohort in ``out`` (replaced only with --overwrite); refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise MedLoRAError(f"--out {out} is a file; name a new or empty folder for the cohort.")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    ours = cohort_files(out) or set()
+    foreign = [name for name in present if name not in ours]
+    if foreign:
+        raise MedLoRAError(f"--out {out} holds files medlora phantom did not write ({', '.join(foreign[:3])}"
+                           f"{' …' if len(foreign) > 3 else ''}); name a new or empty folder.")
+    if present and not overwrite:
+        raise MedLoRAError(f"--out {out} already holds a synthetic cohort; pass --overwrite to replace it, or name "
+                           "another folder.")
+    return set(present)
 
 
 def run(args: argparse.Namespace) -> int:
     config = replace(PhantomConfig(), size=tuple(args.size), spacing=tuple(args.spacing), n_nodules=args.nodules,
                      direction=oblique_direction() if args.oblique else None)
+    earlier = _earlier_cohort(args.out, args.overwrite)
     manifest = write_cohort(args.out, args.cases, seed=args.seed, config=config, fmt=args.format)
+    for stale in earlier - (cohort_files(args.out) or set()):  # cases of a larger earlier cohort
+        path = args.out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     print(f"wrote {args.cases} synthetic CT(s) with {args.cases * args.nodules} nodules; manifest: {manifest}")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import AnnotationError, MedLoRAError
+from .inputs import add_input_arguments, read_inputs
 
 COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
            "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note")
@@ -26,21 +27,13 @@ RANDOM_INIT_NOTE = "backbone randomly initialised: not a clinical result"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--volume", required=True,
-                        help="CT: DICOM folder or volume file, or a folder of studies (one per subfolder/file)")
-    parser.add_argument("--points", required=True,
-                        help="nodule annotations: points CSV, .mrk.json, LIDC XML, LUNA16 or NLSTx CSV")
+    add_input_arguments(parser)
     parser.add_argument("--adapter", required=True, help="adapter folder, .zip, or name in the adapter store")
     parser.add_argument("--out", help="results file, .csv or .json (default: CSV on stdout)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, or $MEDLORA_DEVICE)")
     parser.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
     parser.add_argument("--weights", help="backbone weights file (.safetensors), when not found otherwise")
     parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
-    parser.add_argument("--points-format", choices=("lidc", "luna16", "nlstx", "markups", "points"),
-                        help="annotation format, when detecting it from the content is not wanted")
-    parser.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
-    parser.add_argument("--no-body-check", action="store_true",
-                        help="do not refuse points that lie in the air outside the patient")
 
 
 def result_rows(results: list[dict], study: str, threshold: float) -> list[dict]:
@@ -70,8 +63,6 @@ def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
     return buffer.getvalue()
 
 
-
-
 def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool) -> list[dict]:
     from ..annotations import load_nodules, validate_inside
 
@@ -85,21 +76,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..adapters.store import AdapterStore
-    from ..annotations import detect_format
     from ..ctio import load_ct
     from ..engine import ScoringEngine
-    from .crop import _check_folder_points, find_studies
 
-    volume, points = Path(args.volume), Path(args.points)
-    if not volume.exists():
-        raise MedLoRAError(f"--volume {volume} does not exist")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise MedLoRAError(f"--out {out}: use a .csv or .json file name")
-    fmt = args.points_format or detect_format(points)
-    studies = find_studies(volume)
-    if studies is not None:
-        _check_folder_points(points, fmt)
+    if out is not None and out.is_dir():
+        raise MedLoRAError(f"--out {out} is a folder; name the results file to write (.csv or .json)")
+    inputs = read_inputs(args)
+    volume, points, fmt, studies = inputs.volume, inputs.points, inputs.points_format, inputs.studies
 
     ct = load_ct(volume, series_uid=args.series_uid) if studies is None else None  # bad input fails before the model loads
     engine = ScoringEngine(device=args.device, store=AdapterStore(args.store) if args.store else None)

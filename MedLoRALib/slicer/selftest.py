@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..adapters.store import AdapterStore
-from ..phantom import PhantomConfig, make_phantom
+from ..synthetic import PhantomConfig, make_phantom
 from .logic import SceneLogic
 from .mrml import add_markups_node, add_volume_node, link_markups, set_training_label
 from .results import read_table

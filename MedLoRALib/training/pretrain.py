@@ -8,15 +8,14 @@ lung parenchyma, vessel, vessel bifurcation, airway, pleura/chest wall, or nodul
 of every shape and composition (smooth, lobulated, spiculated; solid, ground-glass,
 part-solid, calcified) are all just "nodule": the pretext labels never say anything about malignancy.
 
-Each patch is an analytic scene (soft-edged tubes, ellipsoids and half-spaces in
-millimetres, distractor vessels, smooth parenchyma variation) evaluated at the very
-sample points ``patches.extract_patches`` uses for a randomly rotated frame, then given
+Each patch is an analytic scene (``synthetic/scenes.py``) evaluated at the very sample
+points ``patches.extract_patches`` uses for a randomly rotated frame, then given
 correlated CT noise and the same HU window and normalisation as the classifier's input.
 Single grey planes and ortho3 (three planes as RGB) are mixed, the two ways the
 classifier shows patches to the ViT.
 
 Everything is seeded: the batch drawn at step ``s`` depends only on ``(seed, s)``.
-The scene code is numpy-only; torch is imported by the training functions alone.
+The patch code is numpy-only; torch is imported by the training functions alone.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,13 +33,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..atomic import atomic_path, write_text_atomic
 from ..errors import MedLoRAError
 from ..patches import PatchSpec, normalise, sample_points_lps
+from ..synthetic.scenes import STRUCTURES, structure_hu
 from .augment import random_rotation
 
 log = logging.getLogger(__name__)
 
-STRUCTURES = ("parenchyma", "vessel", "bifurcation", "airway", "pleura", "nodule")
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_WEIGHTS = ASSETS_DIR / "medlora_tiny_synthct.safetensors"
 _VAL_STREAM, _TRAIN_STREAM = 1, 2
@@ -104,140 +103,7 @@ class PretrainConfig:
             raise MedLoRAError("invalid pre-training configuration: " + "; ".join(problems))
 
 
-# --- scene primitives (millimetres, numpy) ------------------------------------------------------
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
-
-
-def _random_unit(rng: np.random.Generator) -> np.ndarray:
-    return _unit(rng.normal(size=3))
-
-
-def _perpendicular(rng: np.random.Generator, axis: np.ndarray) -> np.ndarray:
-    v = rng.normal(size=3)
-    return _unit(v - v.dot(axis) * axis)
-
-
-def _segment_distance_sq(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ab = (b - a).astype(points.dtype)
-    rel = points - a.astype(points.dtype)
-    t = np.clip(rel @ ab / max(float(ab.dot(ab)), 1e-12), 0.0, 1.0)
-    rel -= t[:, None] * ab
-    return np.einsum("ij,ij->i", rel, rel)
-
-
-def _polyline_distance(points: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-    squared = _segment_distance_sq(points, nodes[0], nodes[1])
-    for i in range(1, len(nodes) - 1):
-        np.minimum(squared, _segment_distance_sq(points, nodes[i], nodes[i + 1]), out=squared)
-    return np.sqrt(squared)
-
-
-def _paint(hu: np.ndarray, sdf: np.ndarray, value: float, edge_mm: float) -> None:
-    """Blend ``value`` in where the signed distance is negative, with a soft (partial-volume) edge."""
-    occupancy = 0.5 * (1.0 - np.tanh(np.clip(sdf / (2.0 * edge_mm), -20.0, 20.0)))
-    hu += occupancy * (value - hu)
-
-
-def _curved_path(rng: np.random.Generator, through: np.ndarray, direction: np.ndarray,
-                 half_length: float = 45.0, bend: float = 0.004) -> np.ndarray:
-    """Three nodes of a gently bent vessel/airway path through ``through``."""
-    normal = _perpendicular(rng, direction)
-    s = np.linspace(-half_length, half_length, 3)
-    curvature = rng.uniform(-bend, bend)
-    return through + s[:, None] * direction + (curvature * s ** 2)[:, None] * normal
-
-
-class _Scene:
-    """HU values at a set of sample points, built up structure by structure."""
-
-    def __init__(self, points: np.ndarray, rng: np.random.Generator) -> None:
-        self.points = points
-        self.rng = rng
-        self.edge = rng.uniform(0.35, 0.8)  # mm: blur of the scanner + interpolation
-        base = rng.uniform(-900.0, -820.0)
-        waves = np.zeros(len(points))
-        for _ in range(3):  # smooth parenchyma density variation (gravity, perfusion)
-            k = _random_unit(rng) * 2 * np.pi / rng.uniform(15.0, 60.0)
-            waves += rng.uniform(0.0, 20.0) * np.cos(points @ k + rng.uniform(0, 2 * np.pi))
-        self.hu = base + waves
-
-    def vessel(self, nodes: np.ndarray, radius: float, value: float | None = None) -> None:
-        value = self.rng.uniform(-10.0, 70.0) if value is None else value
-        _paint(self.hu, _polyline_distance(self.points, nodes) - radius, value, self.edge)
-
-    def distractors(self, keep_clear_mm: float) -> None:
-        """Small vessels that pass no closer than ``keep_clear_mm`` to the centre."""
-        for _ in range(self.rng.poisson(2.5)):
-            direction = _random_unit(self.rng)
-            radius = self.rng.uniform(0.5, 2.5)
-            offset = _perpendicular(self.rng, direction) * (keep_clear_mm + radius + self.rng.uniform(2.0, 22.0))
-            self.vessel(_curved_path(self.rng, offset, direction, bend=0.002), radius)
-
-    def pleura(self, distance_mm: float, normal: np.ndarray) -> None:
-        """Chest wall beyond the plane ``x·normal = distance``: fat layer, muscle, ribs."""
-        depth = self.points @ normal - distance_mm
-        fat = self.rng.uniform(1.0, 4.0)
-        _paint(self.hu, -depth, self.rng.uniform(-120.0, -70.0), self.edge)
-        _paint(self.hu, fat - depth, self.rng.uniform(20.0, 60.0), self.edge)
-        along = _perpendicular(self.rng, normal)
-        across = np.cross(normal, along)
-        rib_depth = fat + self.rng.uniform(4.0, 10.0)
-        for shift in self.rng.uniform(-30, 30) + np.array([-24.0, 0.0, 24.0]):
-            centre = normal * (distance_mm + rib_depth) + across * shift
-            self.vessel(np.stack([centre - 60 * along, centre + 60 * along]), self.rng.uniform(3.5, 6.0),
-                        value=self.rng.uniform(300.0, 800.0))
-
-    def airway(self, offset: np.ndarray, direction: np.ndarray) -> None:
-        lumen = self.rng.uniform(1.5, 6.0)
-        wall = self.rng.uniform(0.6, 2.0)
-        nodes = _curved_path(self.rng, offset, direction, bend=0.002)
-        distance = _polyline_distance(self.points, nodes)
-        _paint(self.hu, distance - lumen - wall, self.rng.uniform(-60.0, 50.0), self.edge)
-        _paint(self.hu, distance - lumen, self.rng.uniform(-1010.0, -960.0), self.edge)
-        artery = lumen * self.rng.uniform(0.6, 1.2)  # the bronchovascular bundle's companion artery
-        beside = _perpendicular(self.rng, direction) * (lumen + wall + artery + self.rng.uniform(0.5, 2.0))
-        self.vessel(nodes + beside, artery)
-
-    def nodule(self, centre: np.ndarray) -> None:
-        rng = self.rng
-        radius = rng.uniform(2.5, 14.0)
-        frame = np.linalg.qr(rng.normal(size=(3, 3)))[0]
-        semi_axes = np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
-        lobes = [(_random_unit(rng), rng.uniform(-0.3, 0.3), rng.uniform(0.05, 0.4))
-                 for _ in range(rng.integers(0, 7))]
-
-        def surface_radius(unit: np.ndarray) -> np.ndarray:
-            local = unit @ frame
-            r = radius / np.sqrt(np.sum((local / semi_axes) ** 2, axis=-1))
-            for axis, amplitude, width in lobes:
-                r = r * (1.0 + amplitude * np.exp((unit @ axis - 1.0) / width))
-            return r
-
-        rel = self.points - centre
-        dist = np.linalg.norm(rel, axis=1)
-        sdf = dist - surface_radius(rel / np.maximum(dist, 1e-6)[:, None])
-        kind = rng.choice(["solid", "ground-glass", "part-solid", "calcified"], p=[0.55, 0.15, 0.2, 0.1])
-        solid = rng.uniform(-80.0, 80.0)
-        value = rng.uniform(-720.0, -350.0) if kind in ("ground-glass", "part-solid") else solid
-        _paint(self.hu, sdf, value, self.edge)
-        if kind == "part-solid":
-            core = rng.uniform(0.3, 0.7)
-            _paint(self.hu, dist - core * surface_radius(rel / np.maximum(dist, 1e-6)[:, None]), solid, self.edge)
-        elif kind == "calcified":
-            offset = _random_unit(rng) * rng.uniform(0.0, 0.4) * radius
-            _paint(self.hu, np.linalg.norm(rel - offset, axis=1) - rng.uniform(0.15, 0.5) * radius,
-                   rng.uniform(350.0, 900.0), self.edge)
-        for _ in range(rng.integers(0, 10) if rng.random() < 0.4 else 0):  # spicules
-            unit = _random_unit(rng)
-            base = float(surface_radius(unit[None])[0])
-            self.vessel(np.stack([centre + 0.7 * base * unit, centre + (base + rng.uniform(2.0, 12.0)) * unit]),
-                        rng.uniform(0.3, 0.9), value=value)
-        if rng.random() < 0.4:  # a vessel running into the nodule
-            direction = _random_unit(rng)
-            self.vessel(np.stack([centre, centre + direction * 60.0]), rng.uniform(0.7, 2.5))
+# --- patches (numpy) -----------------------------------------------------------------------------
 
 
 def synthetic_patch(rng: np.random.Generator, structure: int, spec: PatchSpec,
@@ -251,38 +117,7 @@ def synthetic_patch(rng: np.random.Generator, structure: int, spec: PatchSpec,
     view = rng if view_rng is None else view_rng
     rotation = random_rotation(view, 180.0)
     points = sample_points_lps(np.zeros(3), spec, rotation[None])[0].reshape(-1, 3).astype(np.float32)
-    scene = _Scene(points, rng)
-    name = STRUCTURES[structure]
-    jitter = rng.normal(scale=0.7, size=3)
-    if name == "parenchyma":
-        scene.distractors(keep_clear_mm=5.0)
-    elif name == "vessel":
-        scene.distractors(keep_clear_mm=8.0)
-        radius = rng.uniform(1.0, 4.5)
-        scene.vessel(_curved_path(rng, jitter * min(1.0, radius / 2), _random_unit(rng)), radius)
-    elif name == "bifurcation":
-        scene.distractors(keep_clear_mm=10.0)
-        parent = _random_unit(rng)
-        radius = rng.uniform(1.5, 4.5)
-        scene.vessel(np.stack([jitter, jitter - parent * 60.0]), radius)
-        bend_axis = _perpendicular(rng, parent)
-        for sign in (-1.0, 1.0):
-            angle = np.deg2rad(rng.uniform(20.0, 60.0)) * sign
-            child = parent * np.cos(angle) + np.cross(bend_axis, parent) * np.sin(angle)
-            scene.vessel(np.stack([jitter, jitter + child * 60.0]), radius * rng.uniform(0.6, 0.9))
-    elif name == "airway":
-        scene.distractors(keep_clear_mm=10.0)
-        scene.airway(jitter, _random_unit(rng))
-    elif name == "pleura":
-        scene.distractors(keep_clear_mm=5.0)
-        scene.pleura(rng.uniform(-8.0, 8.0), _random_unit(rng))
-    else:
-        scene.distractors(keep_clear_mm=6.0)
-        centre = jitter * 2.0
-        if rng.random() < 0.15:  # juxta-pleural
-            scene.pleura(rng.uniform(3.0, 16.0), _random_unit(rng))
-        scene.nodule(centre)
-    image = scene.hu.reshape(spec.shape)
+    image = structure_hu(points, structure, rng).reshape(spec.shape)
     noise = ndimage.gaussian_filter(view.normal(size=image.shape), sigma=(0, *(view.uniform(0.5, 1.1),) * 2))
     image = image + noise * (view.uniform(8.0, 45.0) / max(float(noise.std()), 1e-6))
     return normalise(image, spec)
@@ -387,19 +222,6 @@ def _accuracy(vit, head, images: np.ndarray, labels: np.ndarray) -> tuple[float,
     return float((predicted == labels).mean()), confusion.tolist()
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shipped files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: str = "",
              log_every: int = 50) -> dict:
     """Pre-train, save the backbone (no head) as safetensors and a JSON record beside it.
@@ -463,7 +285,8 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
     train_s = time.perf_counter() - started
     # One metadata key only: safetensors writes several in a random order, and the file's SHA-256
     # must not change when the same weights are written again (the record lives in the JSON).
-    _write_atomic(out, lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
+    with atomic_path(out) as tmp:
+        safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
     record = {
         "file": out.name,
         "sha256": sha256_file(out),
@@ -501,8 +324,7 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
         "note": ("a stand-in for a pretrained large vision model, made by MedLoRA's own script on synthetic "
                  "data; not a clinical model"),
     }
-    _write_atomic(out.with_suffix(".json"),
-                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
+    write_text_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     return record
 
 
