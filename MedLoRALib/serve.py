@@ -7,7 +7,8 @@ Only ``shutdown`` or the end of input stops it.
 
 Requests are read as bytes and split on ``\\n`` only (a raw ``\\r`` inside a line is part
 of it), at most ``max_request_bytes`` per line; a longer line is skipped unread and
-answered with an error carrying its id when the line starts with ``{"id": ...``.
+answered with an error. A line that cannot be parsed is answered with its id when it
+starts with ``{"id": <number or string>``, else with ``"id": null``.
 Replies are always valid JSON: a result that would hold NaN or infinity becomes an
 error reply instead.
 """
@@ -66,13 +67,7 @@ class OversizedRequest:
 
     @property
     def request_id(self):
-        match = _LEADING_ID.match(self.head)
-        if match is None:
-            return None
-        try:
-            return _loads(match.group(1).decode("utf-8"))
-        except (MedLoRAError, ValueError):
-            return None
+        return leading_id(self.head)
 
     def error(self) -> ProtocolError:
         return ProtocolError(f"request line of {self.size} bytes is longer than the limit of {self.limit} bytes "
@@ -147,15 +142,17 @@ def parse_request(line: str | bytes) -> dict:
     return request
 
 
-def _salvage_id(line: str | bytes):
-    """The id of a request that could not be parsed strictly (bad UTF-8), when there is one."""
-    if isinstance(line, (bytes, bytearray)):
-        line = bytes(line).decode("utf-8", errors="replace")
-    try:
-        request = _loads(line)
-    except (MedLoRAError, ValueError, RecursionError):
+def leading_id(head: str | bytes):
+    """The id of a request that cannot be parsed (broken, over-long), when the line starts with ``{"id": ...``."""
+    if isinstance(head, str):
+        head = head[:_ID_SCAN_BYTES].encode("utf-8", errors="replace")
+    match = _LEADING_ID.match(head[:_ID_SCAN_BYTES])
+    if match is None:
         return None
-    return request.get("id") if isinstance(request, dict) else None
+    try:
+        return _loads(match.group(1).decode("utf-8"))
+    except (MedLoRAError, ValueError):
+        return None
 
 
 def decode_patches(blob) -> np.ndarray:
@@ -254,7 +251,7 @@ class EngineServer:
             try:
                 request = parse_request(line)
             except ProtocolError:
-                request_id = _salvage_id(line) if isinstance(line, (bytes, bytearray)) else None
+                request_id = leading_id(line)
                 raise
             request_id = request.get("id")
             if isinstance(request_id, (dict, list)):
