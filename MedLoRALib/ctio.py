@@ -330,7 +330,11 @@ def _orthonormal_axes(orientation: np.ndarray, where: str) -> np.ndarray:
     return np.column_stack([row, col, np.cross(row, col)])
 
 
-def check_spacing(spacing_mm, where: str, what: str = "voxel spacing") -> None:
+_FIX_VOLUME = "correct the spacing (e.g. in 3D Slicer's Volumes module) and save the volume again"
+_FIX_DICOM = "export the series again from the scanner or PACS, or load a converted NRRD/NIfTI with correct spacing"
+
+
+def check_spacing(spacing_mm, where: str, what: str = "voxel spacing", fix: str = _FIX_VOLUME) -> None:
     """Refuse a spacing that is not a plausible CT voxel size (zero, negative, NaN/inf, 1e30, metres)."""
     values = [float(v) for v in spacing_mm]
     for value in values:
@@ -344,8 +348,7 @@ def check_spacing(spacing_mm, where: str, what: str = "voxel spacing") -> None:
             continue
         shown = " × ".join(f"{v:g}" for v in values)
         raise CTLoadError(f"{where}: {what} {shown} mm is invalid ({value:g} {reason}). The header is corrupt or "
-                          "in another unit; correct the spacing (e.g. in 3D Slicer's Volumes module) and save "
-                          "the volume again.")
+                          f"in another unit; {fix}.")
 
 
 def _check_origin(origin_lps, where: str) -> None:
@@ -379,7 +382,7 @@ def _stack_geometry(info: SeriesInfo, folder: Path | None = None) -> tuple[list[
     slices = info.slices
     for s in slices:
         check_spacing(s.pixel_spacing, f"{where}, file {_shown(s.path, folder) if folder else s.path.name}",
-                      "PixelSpacing")
+                      "PixelSpacing", _FIX_DICOM)
     multi = [s for s in slices if s.frames > 1]
     if multi:
         raise CTLoadError(f"{where} is stored as multi-frame (enhanced) DICOM, which MedLoRA does not read. "
@@ -444,7 +447,7 @@ def _stack_geometry(info: SeriesInfo, folder: Path | None = None) -> tuple[list[
             "sheared volumes instead of resampling them. Resample once — e.g. in 3D Slicer with "
             "'acquisition geometry regularization' enabled in the DICOM settings — save as NRRD, and load that.")
     row_mm, col_mm = slices[0].pixel_spacing  # PixelSpacing = (between rows, between columns)
-    check_spacing([nominal], where, "slice step")
+    check_spacing([nominal], where, "slice step", _FIX_DICOM)
     _check_origin(positions[0], f"{where}, file {slices[0].path.name}")
     geometry = Geometry(size=(slices[0].columns, slices[0].rows, len(slices)),
                         spacing=(col_mm, row_mm, span / (len(slices) - 1)),

@@ -89,7 +89,7 @@ def test_absurd_volume_spacing_is_refused(tmp_path, suffix, spacing, words):
     image = sitk.GetImageFromArray(np.zeros(SIZE[::-1], dtype=np.int16))
     image.SetSpacing((0.7, 0.7, spacing))
     sitk.WriteImage(image, str(tmp_path / f"ct{suffix}"))
-    _refused(tmp_path / f"ct{suffix}", f"ct{suffix}", "voxel spacing", *words)
+    _refused(tmp_path / f"ct{suffix}", f"ct{suffix}", "voxel spacing", "save the volume again", *words)
 
 
 def _write_mha(folder: Path, header_edit: tuple[bytes, bytes]) -> Path:
@@ -139,7 +139,7 @@ def _files(folder: Path) -> list[Path]:
 def test_bad_pixel_spacing_names_the_file(series, value, reason):
     bad = _files(series)[3]
     _edit(bad, PixelSpacing=value)
-    _refused(series, bad.name, "PixelSpacing", reason, "Volumes module")
+    _refused(series, bad.name, "PixelSpacing", reason, "export the series again")
 
 
 def test_pixel_spacing_zero_in_every_file_is_an_error_not_a_traceback(series):
