@@ -133,8 +133,9 @@ def parse_request(line: str | bytes) -> dict:
         request = _loads(line)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"request is not valid JSON: {exc}") from None
-    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
-        raise ProtocolError(f"request is not usable JSON: {exc}") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit (4300 by default)
+        detail = "a number has too many digits" if "digits" in str(exc) else str(exc)
+        raise ProtocolError(f"request is not usable JSON: {detail}") from None
     except RecursionError:
         raise ProtocolError("request is not usable JSON: nested too deeply") from None
     if not isinstance(request, dict):
@@ -182,7 +183,11 @@ def decode_patches(blob) -> np.ndarray:
 
 
 def _short(value, limit: int = 80) -> str:
-    text = repr(value)
+    """A value for a message, cut short (it may be anything a client sent)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int beyond the digit limit
+        return f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -41,7 +41,7 @@ FUZZ = settings(max_examples=100, deadline=15_000, database=None, suppress_healt
 def time_box(seconds: float = TIME_BOX_S):
     """Interrupt a hung request (SIGALRM on POSIX) instead of hanging the test run; else just time it."""
     def expire(signum, frame):
-        raise TimeoutError(f"request still running after {seconds:.0f} s: the engine hangs")
+        raise TimeoutError(f"request still running after {seconds:g} s: the engine hangs")
     armed = hasattr(signal, "setitimer")
     if armed:
         previous = signal.signal(signal.SIGALRM, expire)
