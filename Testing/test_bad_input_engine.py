@@ -249,3 +249,13 @@ def test_serve_process_survives_malformed_bytes(adapter_path, tmp_path):
     assert replies[10]["result"]["adapters"] == ["site-a"]
     assert "Traceback" not in process.stderr.decode(errors="replace")
     assert tree_digest(adapter_path) == before
+
+
+@pytest.mark.parametrize("value, words", [("10", "at least 1024"), ("lots", "whole number")])
+def test_max_request_bytes_option_is_checked(capsys, value, words):
+    from MedLoRALib.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser("serve").parse_args(["serve", "--max-request-bytes", value])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert build_parser("serve").parse_args(["serve"]).max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
