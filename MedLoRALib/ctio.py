@@ -65,6 +65,7 @@ STEP_TIE_MM = 1e-3            # slice steps closer than this tie when choosing a
 MIN_SPACING_MM = 0.01         # below: a header in metres or a corrupt one (micro-CT starts near 0.01 mm)
 MAX_SPACING_MM = 100.0        # above: no CT voxel; 1e30 would put every patch inside one voxel
 MAX_ORIGIN_MM = 1e5           # 100 m from the scanner's origin: a corrupt header (and float precision is lost)
+MAX_ABS_HU = 1e6              # CT spans about -1024 to 30000 HU (extended range); beyond: not HU, or a bad slope
 
 _TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality",
          "SeriesDescription", "SeriesNumber", "ImageType", "ImagePositionPatient",
@@ -185,6 +186,12 @@ def _floats(value, count: int, finite: bool = True) -> np.ndarray | None:
     return values if values.size == count and (not finite or np.isfinite(values).all()) else None
 
 
+def _rescale(ds) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) as stored (absent: 1, 0); checked when the series is stacked."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    return (1.0 if slope in (None, "") else float(slope), 0.0 if intercept in (None, "") else float(intercept))
+
+
 def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
     """(dataset, DicomSlice) for an image file, None for a non-image or non-DICOM file."""
     import pydicom
@@ -211,7 +218,7 @@ def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
             pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
             rows=rows, columns=columns, frames=int(ds.get("NumberOfFrames", 1) or 1),
             is_localizer="LOCALIZER" in image_type,
-            rescale=(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)),
+            rescale=_rescale(ds),
             modality=str(ds.get("Modality", "") or "").upper())
     except InvalidDicomError:
         if certainly_dicom:
@@ -381,8 +388,13 @@ def _stack_geometry(info: SeriesInfo, folder: Path | None = None) -> tuple[list[
     where = info.describe()
     slices = info.slices
     for s in slices:
-        check_spacing(s.pixel_spacing, f"{where}, file {_shown(s.path, folder) if folder else s.path.name}",
-                      "PixelSpacing", _FIX_DICOM)
+        shown = f"{where}, file {_shown(s.path, folder) if folder else s.path.name}"
+        check_spacing(s.pixel_spacing, shown, "PixelSpacing", _FIX_DICOM)
+        slope, intercept = s.rescale
+        if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+            # GDCM would silently read such a file as slope 1: HU values that the header does not support
+            raise CTLoadError(f"{shown}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} cannot turn stored "
+                              f"pixels into Hounsfield units (the slope must be a non-zero number); {_FIX_DICOM}.")
     multi = [s for s in slices if s.frames > 1]
     if multi:
         raise CTLoadError(f"{where} is stored as multi-frame (enhanced) DICOM, which MedLoRA does not read. "
@@ -468,11 +480,15 @@ def compact_hu(voxels: np.ndarray, name: str = "the volume") -> np.ndarray:
         return np.array(voxels, dtype=np.int16)
     lo, hi = voxels.min(), voxels.max()
     fits = -32768 <= lo and hi <= 32767
-    if np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_:
-        return voxels.astype(np.int16 if fits else np.float32)
+    if (np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_) and fits:
+        return voxels.astype(np.int16)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise _non_finite_error(name, int(np.count_nonzero(np.isnan(voxels))),
                                 int(np.count_nonzero(np.isinf(voxels))), voxels.size)
+    if max(abs(float(lo)), abs(float(hi))) > MAX_ABS_HU:
+        raise CTLoadError(f"{name} holds voxel values from {float(lo):.4g} to {float(hi):.4g}: not Hounsfield units "
+                          "(a CT spans about -1024 to 30000 HU). The file stores another quantity, or its rescale "
+                          "slope/intercept is wrong; convert it to HU and load it again.")
     if fits and np.array_equal(voxels, np.round(voxels)):
         return voxels.astype(np.int16)
     return voxels.astype(np.float32)

@@ -199,3 +199,20 @@ def test_series_that_differ_in_slice_step_are_not_a_tie(tmp_path):
     loaded = load_ct(tmp_path)
     assert loaded.geometry.spacing[2] == pytest.approx(1.25)
     assert series_key(loaded.ids.series_uid) in {s.key for s in list_series(tmp_path)}
+
+
+@pytest.mark.parametrize("value", [b"0 ", b"nan ", b"inf "])
+def test_unusable_rescale_slope_names_the_file(series, value):
+    """GDCM reads a zero or NaN RescaleSlope as 1 without a word; MedLoRA refuses it."""
+    bad = _files(series)[2]
+    _set_raw_ds(bad, "RescaleSlope", value)
+    _refused(series, bad.name, "RescaleSlope", "non-zero number", "export the series again")
+
+
+def test_values_far_outside_hounsfield_units_are_refused(series, tmp_path):
+    for path in _files(series):
+        _set_raw_ds(path, "RescaleSlope", b"1e30")
+    _refused(series, "not Hounsfield units", "rescale slope")
+    voxels = np.full(SIZE[::-1], 5e7, dtype=np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(tmp_path / "counts.nrrd"))
+    _refused(tmp_path / "counts.nrrd", "counts.nrrd", "5e+07", "not Hounsfield units")
