@@ -9,9 +9,15 @@ and gantry tilt. SimpleITK (GDCM) decodes the pixels, applying each file's resca
 intercept, so voxels come back in Hounsfield units.
 
 Choosing a series in a folder with several: the CT series with the most slices, ties broken by the
-thinnest slice step, then by the lowest SeriesNumber. Localizer (scout) images are never part of a
-volume. Pass ``series_uid`` (the full SeriesInstanceUID, or the 8-character key shown in messages)
-to choose another.
+thinnest slice step. Series still tied after that (e.g. two reconstruction kernels of one scan) are
+refused with a list of them rather than picked arbitrarily. Localizer (scout) images are never part
+of a volume. Pass ``series_uid`` (the full SeriesInstanceUID, or the 8-character key shown in
+messages) to choose another. A series whose slices differ in Modality (an MR image filed into a CT
+series) is refused, naming the odd files.
+
+Values that would make a wrong volume are refused, naming the file: NaN or infinite voxels, and
+voxel spacings outside ``MIN_SPACING_MM``-``MAX_SPACING_MM`` (zero, negative, non-finite or absurd
+PixelSpacing, slice steps or volume-file spacings).
 
 Gantry tilt is refused rather than corrected: correcting it means resampling the whole volume,
 which would add a second interpolation to every patch (see DESIGN "one interpolation per patch").
@@ -24,9 +30,12 @@ the folder ("series 2 of 3") and a short hash of its UID (``series_key``).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
+import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +61,11 @@ SPACING_TOLERANCE = 0.05      # steps may differ from the median by 5 % (roundin
 DUPLICATE_FRACTION = 0.1      # two slices closer than 10 % of the step are the same position
 TILT_TOLERANCE_PIXELS = 0.25  # sideways slice offset allowed before a stack counts as tilted
 ORIENTATION_TOLERANCE = 1e-3  # IOP components may differ this much between slices of one stack
+STEP_TIE_MM = 1e-3            # slice steps closer than this tie when choosing a series
+MIN_SPACING_MM = 0.01         # below: a header in metres or a corrupt one (micro-CT starts near 0.01 mm)
+MAX_SPACING_MM = 100.0        # above: no CT voxel; 1e30 would put every patch inside one voxel
+MAX_ORIGIN_MM = 1e5           # 100 m from the scanner's origin: a corrupt header (and float precision is lost)
+MAX_ABS_HU = 1e6              # CT spans about -1024 to 30000 HU (extended range); beyond: not HU, or a bad slope
 
 _TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality",
          "SeriesDescription", "SeriesNumber", "ImageType", "ImagePositionPatient",
@@ -80,10 +94,16 @@ class DicomSlice:
     frames: int
     is_localizer: bool
     rescale: tuple[float, float] = (1.0, 0.0)  # (slope, intercept)
+    modality: str = ""
 
     @property
     def has_geometry(self) -> bool:
         return self.position_lps is not None and self.orientation is not None and self.pixel_spacing is not None
+
+
+def _short_uid(uid: str) -> str:
+    """A UID cut to its first and last digits: enough to recognise it in a DICOM browser."""
+    return uid if len(uid) <= 20 else f"{uid[:8]}…{uid[-8:]}"
 
 
 @dataclass
@@ -120,10 +140,18 @@ class SeriesInfo:
     def is_ct_volume(self) -> bool:
         return self.modality == "CT" and len(self.slices) > 0
 
+    @property
+    def odd_modality_slices(self) -> list[DicomSlice]:
+        """Slices whose Modality differs from the series' (the most common one among its slices)."""
+        return [s for s in self.slices if s.modality != self.modality]
+
     def describe(self) -> str:
         parts = [self.modality or "unknown modality"]
         if self.slices:
             parts.append(f"{len(self.slices)} slices")
+        odd = self.odd_modality_slices
+        if odd:
+            parts.append(f"{len(odd)} of them {'/'.join(sorted({s.modality or '?' for s in odd}))}")
         if self.localizers:
             parts.append(f"{self.localizers} localizer images")
         if self.other_images:
@@ -150,12 +178,18 @@ def _is_dicom_candidate(path: Path) -> tuple[bool, bool]:
     return True, name.endswith(DICOM_SUFFIXES)
 
 
-def _floats(value, count: int) -> np.ndarray | None:
-    """A multi-valued numeric tag as floats, None when absent or of the wrong length."""
+def _floats(value, count: int, finite: bool = True) -> np.ndarray | None:
+    """A multi-valued numeric tag as floats, None when absent, of the wrong length or (if ``finite``) NaN/inf."""
     if value is None or value == "":
         return None
     values = np.atleast_1d(np.asarray([float(v) for v in np.atleast_1d(value)], dtype=float))
-    return values if values.size == count and np.isfinite(values).all() else None
+    return values if values.size == count and (not finite or np.isfinite(values).all()) else None
+
+
+def _rescale(ds) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) as stored (absent: 1, 0); checked when the series is stacked."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    return (1.0 if slope in (None, "") else float(slope), 0.0 if intercept in (None, "") else float(intercept))
 
 
 def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
@@ -175,7 +209,7 @@ def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if rows == 0 or columns == 0:
             return ds, None  # SR, RTSTRUCT, presentation states ...: no pixels
-        spacing = _floats(ds.get("PixelSpacing"), 2)
+        spacing = _floats(ds.get("PixelSpacing"), 2, finite=False)  # checked, and named, when stacked
         image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
         slice_ = DicomSlice(
             path=path,
@@ -184,7 +218,8 @@ def _read_header(path: Path, certainly_dicom: bool, shown_name: str):
             pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
             rows=rows, columns=columns, frames=int(ds.get("NumberOfFrames", 1) or 1),
             is_localizer="LOCALIZER" in image_type,
-            rescale=(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)))
+            rescale=_rescale(ds),
+            modality=str(ds.get("Modality", "") or "").upper())
     except InvalidDicomError:
         if certainly_dicom:
             raise CTLoadError(f"{shown_name} is not a valid DICOM file (no DICOM header). Remove it from the "
@@ -237,6 +272,9 @@ def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
                 info.slices.append(slice_)
     if ignored:
         log.debug("ignored %d non-DICOM file(s) in the folder: %s", len(ignored), ", ".join(ignored[:5]))
+    for info in groups.values():  # the series' modality is its slices' majority, not its first file's
+        if info.slices:
+            info.modality = Counter(s.modality for s in info.slices).most_common(1)[0][0]
     series = sorted(groups.values(), key=lambda s: (s.series_number is None, s.series_number or 0, s.key))
     for index, info in enumerate(series, start=1):
         info.index, info.total = index, len(series)
@@ -262,6 +300,15 @@ def _pick_series(series: list[SeriesInfo], folder: Path, series_uid: str | None)
                           "(Modality CT, axial images with position and orientation).")
     step = {s.key: abs(s.slice_step_mm or np.inf) for s in candidates}
     chosen = min(candidates, key=lambda s: (-len(s.slices), step[s.key], s.index))
+    tied = [s for s in candidates if len(s.slices) == len(chosen.slices)
+            and (step[s.key] == step[chosen.key] or abs(step[s.key] - step[chosen.key]) < STEP_TIE_MM)]
+    if len(tied) > 1:
+        listing = "; ".join(f"{s.describe()}, slice step {step[s.key]:.3g} mm, UID {_short_uid(s.uid)}" for s in tied)
+        raise CTLoadError(
+            f"{folder} holds {len(tied)} CT series that tie under the rule that picks one (most slices, then the "
+            f"thinnest slice step): {listing}. MedLoRA does not guess between them (they may be different "
+            "reconstructions of one scan). Choose one by its key or SeriesInstanceUID: --series-uid on the "
+            f"command line, the series_uid column of a manifest (e.g. --series-uid {chosen.key}).")
     others = [s.describe() for s in series if s is not chosen]
     if others:
         log.info("%s holds %d series; using %s (the CT series with the most slices). Others: %s. "
@@ -290,10 +337,64 @@ def _orthonormal_axes(orientation: np.ndarray, where: str) -> np.ndarray:
     return np.column_stack([row, col, np.cross(row, col)])
 
 
-def _stack_geometry(info: SeriesInfo) -> tuple[list[DicomSlice], Geometry]:
+_FIX_VOLUME = "correct the spacing (e.g. in 3D Slicer's Volumes module) and save the volume again"
+_FIX_DICOM = "export the series again from the scanner or PACS, or load a converted NRRD/NIfTI with correct spacing"
+
+
+def check_spacing(spacing_mm, where: str, what: str = "voxel spacing", fix: str = _FIX_VOLUME) -> None:
+    """Refuse a spacing that is not a plausible CT voxel size (zero, negative, NaN/inf, 1e30, metres)."""
+    values = [float(v) for v in spacing_mm]
+    for value in values:
+        if not np.isfinite(value):
+            reason = "is not a finite number"
+        elif value <= 0:
+            reason = "must be positive"
+        elif not MIN_SPACING_MM <= value <= MAX_SPACING_MM:
+            reason = f"is outside the {MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm of any CT"
+        else:
+            continue
+        shown = " × ".join(f"{v:g}" for v in values)
+        raise CTLoadError(f"{where}: {what} {shown} mm is invalid ({value:g} {reason}). The header is corrupt or "
+                          f"in another unit; {fix}.")
+
+
+def _check_origin(origin_lps, where: str) -> None:
+    values = np.asarray(origin_lps, dtype=float)
+    if not (np.isfinite(values).all() and np.abs(values).max() <= MAX_ORIGIN_MM):
+        raise CTLoadError(f"{where}: origin {values.tolist()} mm is not finite or lies over {MAX_ORIGIN_MM:g} mm "
+                          "from the scanner's origin; the header is corrupt. Correct the origin and save it again.")
+
+
+def _check_one_modality(info: SeriesInfo, folder: Path) -> None:
+    """Refuse a series that mixes modalities: the odd slices would be stacked into the CT."""
+    odd = info.odd_modality_slices
+    if odd:
+        names = ", ".join(_shown(s.path, folder) for s in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        kinds = "/".join(sorted({s.modality or "no Modality" for s in odd}))
+        raise CTLoadError(f"{info.describe()} mixes modalities: {len(odd)} of its {len(info.slices)} slices are "
+                          f"{kinds} ({names}), the others {info.modality}. They would be stacked into one volume. "
+                          "Remove the stray file(s) (they belong to another scan) or export the series again.")
+
+
+def _shown(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return path.name
+
+
+def _stack_geometry(info: SeriesInfo, folder: Path | None = None) -> tuple[list[DicomSlice], Geometry]:
     """Sort the slices along the normal and refuse stacks that would be read wrongly."""
     where = info.describe()
     slices = info.slices
+    for s in slices:
+        shown = f"{where}, file {_shown(s.path, folder) if folder else s.path.name}"
+        check_spacing(s.pixel_spacing, shown, "PixelSpacing", _FIX_DICOM)
+        slope, intercept = s.rescale
+        if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+            # GDCM would silently read such a file as slope 1: HU values that the header does not support
+            raise CTLoadError(f"{shown}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} cannot turn stored "
+                              f"pixels into Hounsfield units (the slope must be a non-zero number); {_FIX_DICOM}.")
     multi = [s for s in slices if s.frames > 1]
     if multi:
         raise CTLoadError(f"{where} is stored as multi-frame (enhanced) DICOM, which MedLoRA does not read. "
@@ -358,6 +459,8 @@ def _stack_geometry(info: SeriesInfo) -> tuple[list[DicomSlice], Geometry]:
             "sheared volumes instead of resampling them. Resample once — e.g. in 3D Slicer with "
             "'acquisition geometry regularization' enabled in the DICOM settings — save as NRRD, and load that.")
     row_mm, col_mm = slices[0].pixel_spacing  # PixelSpacing = (between rows, between columns)
+    check_spacing([nominal], where, "slice step", _FIX_DICOM)
+    _check_origin(positions[0], f"{where}, file {slices[0].path.name}")
     geometry = Geometry(size=(slices[0].columns, slices[0].rows, len(slices)),
                         spacing=(col_mm, row_mm, span / (len(slices) - 1)),
                         origin_lps=tuple(positions[0]), direction=direction)
@@ -367,22 +470,78 @@ def _stack_geometry(info: SeriesInfo) -> tuple[list[DicomSlice], Geometry]:
 # --------------------------------------------------------------------------------------------
 # Pixels
 # --------------------------------------------------------------------------------------------
-def compact_hu(voxels: np.ndarray) -> np.ndarray:
+def compact_hu(voxels: np.ndarray, name: str = "the volume") -> np.ndarray:
     """A new int16 array when every value is an integer that fits, else float32 (exact below 2**24).
 
     Always returns a fresh array, so ``voxels`` may be a view into a SimpleITK image's buffer.
+    NaN or infinite voxels are refused (``name`` says which file), never passed on.
     """
     if voxels.dtype == np.int16 or voxels.size == 0:
         return np.array(voxels, dtype=np.int16)
     lo, hi = voxels.min(), voxels.max()
     fits = -32768 <= lo and hi <= 32767
-    if np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_:
-        return voxels.astype(np.int16 if fits else np.float32)
+    if (np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_) and fits:
+        return voxels.astype(np.int16)
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise CTLoadError("the volume contains NaN or infinite voxel values; it is not a valid CT.")
+        raise _non_finite_error(name, int(np.count_nonzero(np.isnan(voxels))),
+                                int(np.count_nonzero(np.isinf(voxels))), voxels.size)
+    if max(abs(float(lo)), abs(float(hi))) > MAX_ABS_HU:
+        raise CTLoadError(f"{name} holds voxel values from {float(lo):.4g} to {float(hi):.4g}: not Hounsfield units "
+                          "(a CT spans about -1024 to 30000 HU). The file stores another quantity, or its rescale "
+                          "slope/intercept is wrong; convert it to HU and load it again.")
     if fits and np.array_equal(voxels, np.round(voxels)):
         return voxels.astype(np.int16)
     return voxels.astype(np.float32)
+
+
+def _non_finite_error(name: str, nan: int, inf: int, total: int) -> CTLoadError:
+    return CTLoadError(f"{name} holds {nan + inf} non-finite voxel value(s) ({nan} NaN, {inf} infinite) out of "
+                       f"{total}: a CT has a finite HU value in every voxel, and MedLoRA does not guess one. "
+                       "Replace them (e.g. with -1024 HU where there is no data) and save the volume again.")
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of real float voxels
+_COUNT_CHUNK = 1 << 24
+
+
+def _nifti_non_finite(path: Path) -> tuple[int, int, int] | None:
+    """(NaN, infinite, voxels) of a float NIfTI file, counted in the file itself; None if not float NIfTI-1/2.
+
+    ITK's NIfTI reader (nifti1_io's ``nifti_read_buffer``) silently turns NaN and infinite voxels
+    into 0, so the file is scanned before its voxels could be scored as zeros.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+        order = next((o for o in "<>" if len(head) >= 4 and struct.unpack_from(o + "i", head)[0] in (348, 540)), None)
+        if order is None:
+            return None
+        if struct.unpack_from(order + "i", head)[0] == 348:
+            datatype, dims = struct.unpack_from(order + "h", head, 70)[0], struct.unpack_from(order + "8h", head, 40)
+            offset = int(struct.unpack_from(order + "f", head, 108)[0])
+        else:
+            datatype, dims = struct.unpack_from(order + "h", head, 12)[0], struct.unpack_from(order + "8q", head, 16)
+            offset = int(struct.unpack_from(order + "q", head, 168)[0])
+        if datatype not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+            return None
+        dtype = np.dtype(order + _NIFTI_FLOATS[datatype])
+        total = int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]]))
+        needed = total * dtype.itemsize
+        buffer = head[offset:offset + needed]
+        if offset >= len(head):
+            fh.seek(offset)
+        got, nan, inf = len(buffer), 0, 0
+        while True:
+            usable = len(buffer) - len(buffer) % dtype.itemsize
+            values = np.frombuffer(buffer[:usable], dtype=dtype)
+            nan += int(np.count_nonzero(np.isnan(values)))
+            inf += int(np.count_nonzero(np.isinf(values)))
+            buffer = buffer[usable:]
+            more = fh.read(min(_COUNT_CHUNK, needed - got)) if got < needed else b""
+            if not more:
+                return nan, inf, total
+            got += len(more)
+            buffer += more
 
 
 def _sitk_message(exc: RuntimeError) -> str:
@@ -408,7 +567,7 @@ def _read_dicom_pixels(slices: list[DicomSlice], info: SeriesInfo, folder: Path)
                           f"({_sitk_message(exc)}). Replace it with an intact copy.") from exc
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTLoadError(f"{info.describe()} holds colour images, not CT Hounsfield units.")
-    return compact_hu(sitk.GetArrayViewFromImage(image))
+    return compact_hu(sitk.GetArrayViewFromImage(image), info.describe())
 
 
 def _find_unreadable(slices: list[DicomSlice]) -> Path | None:
@@ -434,7 +593,8 @@ def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         raise CTLoadError(f"no DICOM files in {root}. Point to the folder that holds the .dcm files of the series, "
                           f"or to a volume file ({', '.join(VOLUME_SUFFIXES)}).")
     info = _pick_series(series, root, series_uid)
-    slices, geometry = _stack_geometry(info)
+    _check_one_modality(info, root)
+    slices, geometry = _stack_geometry(info, root)
     voxels = _read_dicom_pixels(slices, info, root)
     if voxels.shape != tuple(reversed(geometry.size)):
         raise CTLoadError(f"{info.describe()}: decoded pixels {voxels.shape} do not match the headers "
@@ -457,11 +617,13 @@ def ct_from_sitk(image: sitk.Image, ids: StudyIds | None = None, source: str = "
         raise CTLoadError(f"{name} is a 2D image (one slice); MedLoRA needs a 3D CT volume.")
     if dimension != 3:
         raise CTLoadError(f"{name} has {dimension} dimensions of sizes {image.GetSize()}; MedLoRA needs a 3D CT volume.")
+    check_spacing(image.GetSpacing(), name)
+    _check_origin(image.GetOrigin(), name)
     try:
         geometry = Geometry.from_sitk(image)
     except ValueError as exc:
         raise CTLoadError(f"{name} has an invalid grid: {exc}.") from exc
-    return CTImage(voxels_hu=compact_hu(sitk.GetArrayViewFromImage(image)), geometry=geometry,
+    return CTImage(voxels_hu=compact_hu(sitk.GetArrayViewFromImage(image), name), geometry=geometry,
                    ids=ids or StudyIds(), source=source)
 
 
@@ -476,8 +638,16 @@ def load_volume_file(path: str | os.PathLike) -> CTImage:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise CTLoadError(f"cannot read {path.name}: {_sitk_message(exc)}. The file is corrupt or not a "
+        detail = _sitk_message(exc)
+        if "spacing" in detail.lower() or "space vector" in detail.lower():
+            raise CTLoadError(f"cannot read {path.name}: its voxel spacing is zero or not a number ({detail}). "
+                              "Correct the spacing in the header and save the volume again.") from exc
+        raise CTLoadError(f"cannot read {path.name}: {detail}. The file is corrupt or not a "
                           f"supported volume ({', '.join(VOLUME_SUFFIXES)}).") from exc
+    if _suffix(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        counts = _nifti_non_finite(path)
+        if counts is not None and counts[0] + counts[1]:
+            raise _non_finite_error(path.name, *counts)
     image_ct = ct_from_sitk(image, source=str(path), name=path.name)
     log.info("read %s: %d×%d×%d voxels, spacing %.3f×%.3f×%.3f mm", path.name, *image_ct.geometry.size,
              *image_ct.geometry.spacing)

@@ -12,6 +12,8 @@ import io
 import os
 import sys
 
+from ..serve import DEFAULT_MAX_REQUEST_BYTES, EngineServer, read_requests
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default: auto, "
@@ -22,6 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="adapter store folder (default: the user's data folder)")
     parser.add_argument("--max-batch-images", type=int, default=288,
                         help="images per forward pass (patches x planes x TTA variants)")
+    parser.add_argument("--max-request-bytes", type=_positive_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
+                        metavar="BYTES", help="longest request line accepted; a longer one is skipped unread and "
+                        f"answered with an error (default {DEFAULT_MAX_REQUEST_BYTES} = 256 MiB: a 9-view batch "
+                        "of 64 nodules at 224 px in base64 needs 147 MiB)")
+
+
+def _positive_bytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1024 bytes, got {value}")
+    return value
 
 
 def _protocol_stream() -> io.TextIOBase:
@@ -38,15 +54,13 @@ def run(args: argparse.Namespace) -> int:
     protocol = _protocol_stream()
     from ..adapters.store import AdapterStore
     from ..engine import ScoringEngine
-    from ..serve import EngineServer
 
     engine = ScoringEngine(device=args.device, max_batch_images=args.max_batch_images,
                            store=AdapterStore(args.store) if args.store else None)
     for adapter in args.adapter:
         engine.attach_adapter(adapter, weights=args.weights)
     server = EngineServer(engine, protocol.write)
-    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    try:
-        return server.run(iter(stdin.readline, ""))
+    try:  # bytes split on b"\n" only: a raw \r inside a request must not cut it in two
+        return server.run(read_requests(sys.stdin.buffer, args.max_request_bytes))
     except BrokenPipeError:  # the client went away: nothing left to answer
         return 0
