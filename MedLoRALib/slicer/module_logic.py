@@ -226,8 +226,8 @@ class ModuleLogic:
         if not points:
             raise MedLoRAError(f"'{markups.GetName()}' has no placed points: click on a nodule first.")
         if table is not None and row is not None and row >= 0:
-            pointId = rowPointId(table, row)
-            found = next((p for p in points if p.point_id == pointId), None)
+            volumeName, pointId = rowPoint(table, row)  # point IDs are unique per point list only
+            found = next((p for p in points if p.point_id == pointId), None) if volumeName == volume.GetName() else None
             if found is None:
                 raise MedLoRAError(f"row {row + 1} of '{table.GetName()}' is not a point of '{markups.GetName()}' "
                                    "(another study, or a warning row): select a row of this point list.")
@@ -281,14 +281,14 @@ class ModuleLogic:
                                              config, store=self.session.store, resume=resume))
 
 
-def rowPointId(table, row: int) -> str:
-    """The control point ID in a results-table row ('' for rows without a point)."""
-    column = table.GetTable().GetColumnByName("Point ID")
-    if column is None:
-        raise MedLoRAError(f"table '{table.GetName()}' is not a MedLoRA results table (no 'Point ID' column).")
+def rowPoint(table, row: int) -> tuple[str, str]:
+    """(volume name, control point ID) of a results-table row (ID '' for rows without a point)."""
+    columns = [table.GetTable().GetColumnByName(name) for name in ("Volume", "Point ID")]
+    if any(column is None for column in columns):
+        raise MedLoRAError(f"table '{table.GetName()}' is not a MedLoRA results table (no Volume/Point ID column).")
     if not 0 <= row < table.GetNumberOfRows():
         raise MedLoRAError(f"row {row + 1} is not in '{table.GetName()}'.")
-    return str(column.GetValue(row))
+    return str(columns[0].GetValue(row)), str(columns[1].GetValue(row))
 
 
 def _poll_quietly(job: Job) -> bool:

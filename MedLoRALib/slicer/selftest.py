@@ -28,10 +28,17 @@ from .training_set import TrainingSetWriter
 ENGINE_MODULES = ("torch", "timm", "peft", "safetensors")
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a blocked or broken package counts as missing
+        return False
+
+
 def engine_missing(python: str | None = None) -> list[str]:
     """The packages the engine needs that ``python`` (default: this interpreter) lacks."""
     if python is None:
-        return [name for name in ENGINE_MODULES if importlib.util.find_spec(name) is None]
+        return [name for name in ENGINE_MODULES if not _importable(name)]
     code = ("import importlib.util, sys; print(','.join(m for m in sys.argv[1:] "
             "if importlib.util.find_spec(m) is None))")
     out = subprocess.run([python, "-c", code, *ENGINE_MODULES], capture_output=True, text=True, timeout=60)
