@@ -235,12 +235,18 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _chosenPoint(self):
         """The point the label and crop buttons act on: the selected results row, else the point number."""
         p = self._parameterNode
-        row = self.ui.resultsTableView.currentIndex().row() if p.resultsTable else -1
+        row = self._tableRow(self.ui.resultsTableView.currentIndex()) if p.resultsTable else -1
         pointNumber = self.ui.pointSpinBox.value
         if pointNumber > 0:
             row = -1
         return self._run(_("Point"), self.ops.selectedPoint, p.inputVolume, p.inputMarkups, p.resultsTable, row,
                          pointNumber - 1)
+
+    def _tableRow(self, index):
+        """The results-table row of a view index (the view may be sorted: map through its proxy model)."""
+        if not index.isValid():
+            return -1
+        return self.ui.resultsTableView.sortFilterProxyModel().mapToSource(index).row()
 
     # --- scoring -----------------------------------------------------------------------
     def onAdapterChanged(self, name):
@@ -279,7 +285,8 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onResultClicked(self, index):
         """Centre the slice views on the nodule of the clicked row."""
         self.ui.pointSpinBox.value = 0  # the buttons now act on this row
-        position = self._run(_("Results"), result_position_ras, self._parameterNode.resultsTable, index.row())
+        position = self._run(_("Results"), result_position_ras, self._parameterNode.resultsTable,
+                             self._tableRow(index))
         if position is not None:  # rows without a point (warnings, studies without points) have no position
             slicer.modules.markups.logic().JumpSlicesToLocation(*position, True)
 

@@ -16,7 +16,6 @@ from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.patches import PatchSpec, extract_patches
 from MedLoRALib.phantom import PhantomConfig, make_phantom
 from MedLoRALib.slicer import crops, mrml
-from MedLoRALib.slicer.scoring import ScoringSession
 
 pytest.importorskip("slicer")
 

@@ -84,7 +84,7 @@ def expected(adapter_paths):
 def scene():
     headless = mrml.create_headless_scene()
     pairs = selftest.build_scene(headless.scene, cases=2)
-    for volume, markups in pairs:
+    for _volume, markups in pairs:
         markups.AddControlPointWorld(900.0, 900.0, 900.0, "far")  # outside every volume
     return headless, pairs
 

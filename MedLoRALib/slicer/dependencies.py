@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import MedLoRAError
+from .process import CREATION_FLAGS
 
 # import name -> requirement, for Slicer's own process and for the engine/trainer process.
 SLICER_PROCESS = {"scipy": "scipy>=1.10", "psutil": "psutil>=5.9", "PIL": "Pillow>=9"}
@@ -43,7 +44,8 @@ def _missing_in(python: str, modules: list[str]) -> list[str]:
     code = ("import importlib.util, json, sys; "
             "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
     try:
-        out = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60, check=True)
+        out = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60, check=True,
+                             creationflags=CREATION_FLAGS)
     except (OSError, subprocess.SubprocessError) as exc:
         raise MedLoRAError(f"cannot run the engine's Python {python!r}: {exc}. Set a working interpreter in "
                            "the MedLoRA module's settings.") from exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from ..adapters.store import AdapterStore, default_store_root
@@ -65,11 +66,19 @@ class ModuleLogic:
         self.job: Job | None = None
         self.ending: list[Job] = []  # cancelled jobs still winding down (processes stopping)
         self._observations: list[tuple[object, int]] = []
-        self._observe(scene, scene.StartCloseEvent, self.onSceneStartClose)
+        self._observe(scene, scene.StartCloseEvent, "onSceneStartClose")
 
     # --- observers and the scene's life -----------------------------------------------------
-    def _observe(self, obj, event, callback) -> None:
-        self._observations.append((obj, obj.AddObserver(event, lambda caller, name: callback())))
+    def _observe(self, obj, event, method_name: str) -> None:
+        """Observe ``obj`` without a reference cycle (the observer holds this logic weakly)."""
+        this = weakref.ref(self)
+
+        def callback(caller, event_name):
+            logic = this()
+            if logic is not None:
+                getattr(logic, method_name)()
+
+        self._observations.append((obj, obj.AddObserver(event, callback)))
 
     def observerCount(self) -> int:
         return len(self._observations)

@@ -194,9 +194,15 @@ class StoppableHandle:
     def cancel(self, grace_s: float = 10.0) -> int | None:
         """Stop and wait until the whole tree has ended (scripts, tests; the GUI uses ``stop``)."""
         self.stop(grace_s)
+        tree = list(self._stop_descendants or [])
         while self.poll() is None:
             time.sleep(0.02)
-        return self.wait(timeout=grace_s + 5.0)
+        code = self.wait(timeout=grace_s + 5.0)
+        if tree:
+            import psutil
+
+            psutil.wait_procs(tree, timeout=5.0)
+        return code
 
 
 class SubprocessHandle(StoppableHandle):

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..adapters.store import AdapterStore
 from ..phantom import PhantomConfig, make_phantom
 from .mrml import add_markups_node, add_volume_node, link_markups, markups_to_points, set_training_label
+from .process import CREATION_FLAGS
 from .results import read_table
 from .scoring import ScoringSession
 from .training import TrainingConfig, start_training
@@ -41,7 +42,8 @@ def engine_missing(python: str | None = None) -> list[str]:
         return [name for name in ENGINE_MODULES if not _importable(name)]
     code = ("import importlib.util, sys; print(','.join(m for m in sys.argv[1:] "
             "if importlib.util.find_spec(m) is None))")
-    out = subprocess.run([python, "-c", code, *ENGINE_MODULES], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([python, "-c", code, *ENGINE_MODULES], capture_output=True, text=True, timeout=60,
+                         creationflags=CREATION_FLAGS)
     return [name for name in out.stdout.strip().split(",") if name] if out.returncode == 0 else list(ENGINE_MODULES)
 
 
