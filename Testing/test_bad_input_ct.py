@@ -20,7 +20,7 @@ from MedLoRALib.ctio import list_series, load_ct, series_key
 from MedLoRALib.errors import CTLoadError
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
-from MedLoRALib.phantom import write_dicom_series
+from MedLoRALib.synthetic import write_dicom_series
 
 SIZE = (24, 20, 8)  # i, j, k: small enough that writing a series takes milliseconds
 

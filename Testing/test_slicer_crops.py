@@ -15,7 +15,6 @@ from MedLoRALib.ctio import save_volume
 from MedLoRALib.errors import MedLoRAError
 from MedLoRALib.patches import PatchSpec, extract_patches
 from MedLoRALib.slicer import crops, mrml
-from MedLoRALib.slicer.logic import SceneLogic
 from MedLoRALib.synthetic import PhantomConfig, make_phantom
 
 pytest.importorskip("slicer")
@@ -68,7 +67,7 @@ def test_cube_volume_node_lies_exactly_where_it_was_cut(scene, oblique_case):
     image, nodules = oblique_case
     headless, volume, markups = scene
     point = mrml.markups_to_points(markups, "oblique")[0]
-    cube_node = SceneLogic(headless.scene).cube_to_volume(volume, point, SPEC)
+    cube_node = crops.cube_to_volume(headless.scene, volume, point, SPEC)
 
     assert cube_node.GetName() == f"{point.name} cube"
     cube = mrml.volume_to_ct_image(cube_node)
@@ -137,23 +136,24 @@ def test_module_logic_crops_with_the_adapters_patch_spec(scene, tmp_path, tiny_a
     spec = PatchSpec(views="multiview9", fov_mm=30.0, pixels=16)
     store = AdapterStore(tmp_path / "store")
     folder = tiny_adapter("nine", spec, scale=0.0, manifest={"threshold": 0.4, "label_names": ["follow-up", "biopsy"]})
-    logic = MedLoRA.MedLoRALogic(scene=headless.scene, store=store, workDir=str(tmp_path / "work"))
+    logic = MedLoRA.MedLoRALogic(scene=headless.scene, store=store, workDir=str(tmp_path / "work")).moduleLogic
     assert logic.importAdapter(str(folder / "manifest.json")) == "nine"  # the file dialog picks the manifest
     assert logic.adapterNames() == ["nine"]
     info = logic.adapterInfo("nine")
     assert "RANDOM INIT" in info and "multiview9 patches of 30 mm at 16 px" in info
     assert "biopsy at probability ≥ 0.40, else follow-up" in info
 
-    markups.GetDisplayNode().SetActiveControlPoint(2)
-    assert logic.activePoint(volume, markups).index == 2
-    png = logic.cropPreview(volume, markups, "nine", tmp_path / "thumb.png")
+    markups.GetDisplayNode().SetActiveControlPoint(-1)  # as it is once a button in the module panel is clicked
+    point = logic.selectedPoint(volume, markups, pointIndex=2)
+    assert point.index == 2
+    png = logic.cropPreview(volume, point, "nine", tmp_path / "thumb.png")
     from PIL import Image
 
     assert Image.open(png).size == (48, 48)  # nine 16-px views, three per row
-    cube = logic.showCube(volume, markups, "nine")
+    cube = logic.showCube(volume, point, "nine")
     assert cube.GetImageData().GetDimensions() == (16, 16, 16)
     export = logic.exportCrops(tmp_path / "crops", "nine", volume, markups)  # the selected, unlinked pair
     assert export.written == 3 and len(list((tmp_path / "crops").glob("*.png"))) == 3
     with pytest.raises(MedLoRAError, match="choose an adapter"):
-        logic.showCube(volume, markups, "")
-    assert logic.sceneLogic.engine.starts == 0  # cropping never needs the engine
+        logic.showCube(volume, point, "")
+    assert logic.session.engine.starts == 0  # cropping never needs the engine

@@ -23,7 +23,7 @@ from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.slicer import mrml, results, selftest
 from MedLoRALib.slicer.engine_client import EngineConfig, EngineError
-from MedLoRALib.slicer.logic import SceneLogic, cut_patches
+from MedLoRALib.slicer.scoring import ScoringSession, cut_patches
 
 pytest.importorskip("slicer")
 pytestmark = pytest.mark.slow  # every test here needs the engine, whose start takes ~10 s on 2 busy cores
@@ -71,7 +71,7 @@ def expected(adapter_paths):
 def scene():
     headless = mrml.create_headless_scene()
     pairs = selftest.build_scene(headless.scene, cases=2)
-    for volume, markups in pairs:
+    for _volume, markups in pairs:
         markups.AddControlPointWorld(900.0, 900.0, 900.0, "far")  # outside every volume
     return headless, pairs
 
@@ -81,14 +81,14 @@ def logic(scene, adapter_paths):
     headless, _ = scene
     config = EngineConfig(python=sys.executable, extra_args=["--device", "cpu"],
                           env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    scene_logic = SceneLogic(headless.scene, engine_config=config)
+    scene_logic = ScoringSession(headless.scene, engine_config=config)
     yield scene_logic
     scene_logic.close()
     assert not scene_logic.engine.is_running()
 
 
 @pytest.fixture(scope="module")
-def attached(logic, adapter_paths) -> SceneLogic:
+def attached(logic, adapter_paths) -> ScoringSession:
     for name, path in adapter_paths.items():
         assert logic.attach_adapter(str(path), name=name) == name
     return logic
@@ -177,8 +177,8 @@ def test_engine_killed_mid_request_gives_a_clear_error_and_the_next_request_rest
         time.sleep(0.02)
     started = time.perf_counter()
     job = attached.begin_score(volume, markups, adapter="site-a")
-    assert time.perf_counter() - started < 2.0  # the restart happens on a worker thread, not here
-    assert job.stage == "engine" and job.poll() is None
+    assert time.perf_counter() - started < 2.0  # the restart is launched, not waited for
+    assert job.stage == "engine" and job.poll() is False
     again = job.wait(timeout_s=120)
     assert job.stage == "done" and attached.engine.starts == starts + 2
     assert "SIGKILL" in attached.engine.restart_reason
@@ -197,11 +197,11 @@ def test_module_logic_scores_all_loaded_studies_and_cancels_between_them(scene, 
     for path in adapter_paths.values():
         store.import_(path)
     bare = mrml.add_volume_node(headless.scene, mrml.volume_to_ct_image(pairs[0][0]), name="no points")
-    module_logic = MedLoRA.MedLoRALogic(scene=headless.scene, engine=attached.engine, store=store)
+    module_logic = MedLoRA.MedLoRALogic(scene=headless.scene, engine=attached.engine, store=store).moduleLogic
     try:
         job = module_logic.beginScoreAll("site-b", device="cpu")
         assert [s.volume.GetName() for s in job.studies] == ["selftest-0", "selftest-1", "no points"]
-        while not module_logic.pollJob(job):
+        while module_logic.tick() is not job:
             time.sleep(0.02)
         assert module_logic.jobStatus(job) == "3/3 studies scored"
         assert [r.volume for r in job.rows] == ["selftest-0"] * 5 + ["selftest-1"] * 5 + ["no points"]
@@ -213,9 +213,11 @@ def test_module_logic_scores_all_loaded_studies_and_cancels_between_them(scene, 
         assert results.result_position_ras(job.table_node, 10) is None  # no point to centre on
 
         job = module_logic.beginScoreAll("site-a", device="cpu")
-        module_logic.pollJob(job)  # the first study's request is in flight
-        module_logic.cancelJob(job)
-        while not module_logic.pollJob(job):
+        module_logic.tick()  # the first study's request is in flight
+        module_logic.cancelJob()
+        assert module_logic.job is None and module_logic.ending == [job]  # winding down in the background
+        while module_logic.busy():
+            module_logic.tick()
             time.sleep(0.02)
         assert job.done == 1 and [r.volume for r in job.rows] == ["selftest-0"] * 5
         assert module_logic.jobStatus(job) == "1/3 studies scored (cancelled)"
@@ -226,12 +228,12 @@ def test_module_logic_scores_all_loaded_studies_and_cancels_between_them(scene, 
         volume, markups = pairs[1]
         job = module_logic.beginScore(volume, markups, "site-a", device="cpu")
         assert job.stage == "score" and module_logic.jobStatus(job) == "scoring…"
-        module_logic.cancelJob(job)
-        assert module_logic.pollJob(job) and module_logic.jobStatus(job) == "scoring cancelled"
-        assert module_logic.jobResultsTable(job) is None and not attached.engine.is_running()
+        module_logic.cancelJob()
+        assert job.finished and module_logic.jobStatus(job) == "scoring cancelled"
+        assert job.results_table is None and not attached.engine.is_running()
         job = module_logic.beginScore(volume, markups, "site-a", device="cpu")
         assert module_logic.jobStatus(job) == "starting the scoring engine…"
-        while not module_logic.pollJob(job):
+        while module_logic.tick() is not job:
             time.sleep(0.05)
         assert attached.engine.starts == starts + 1 and len(job.rows) == 5
         assert mrml.markups_for_volume(volume) is markups  # the scored pair is remembered for batch/training

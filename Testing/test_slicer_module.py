@@ -15,6 +15,9 @@ pytest.importorskip("slicer")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "MedLoRA" / "MedLoRA.py"
+#: Not in Slicer's Python (its SuperBuild bundles numpy, scipy, SimpleITK, pydicom, Pillow, requests...):
+#: none may be imported when the module loads.
+HEAVY = {"torch", "timm", "peft", "torchvision", "psutil", "matplotlib", "sklearn", "tqdm", "monai", "safetensors"}
 UI = ROOT / "Resources" / "UI" / "MedLoRA.ui"
 
 
@@ -60,15 +63,15 @@ import importlib.util, json, sys
 sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]
 sys.path.insert(0, {str(ROOT / 'MedLoRA')!r})
 import MedLoRA
-from MedLoRALib.slicer import (batch, crops, dependencies, engine_client, logic, module_logic, mrml, process,
-                               reload, render, results, selftest, training)
+from MedLoRALib.slicer import (batch, crops, dependencies, engine_client, jobs, module_logic, mrml, process,
+                               qt_process, reload, render, results, scoring, selftest, training, training_set)
 scene = mrml.create_headless_scene()
-module_logic = MedLoRA.MedLoRALogic(scene=scene.scene)
+logic = MedLoRA.MedLoRALogic(scene=scene.scene)
 print(json.dumps({{
-    "heavy": sorted(m for m in ("torch", "timm", "peft", "torchvision", "safetensors.torch") if m in sys.modules),
+    "heavy": sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules),
     "lib": MedLoRA.LIB_ROOT,
-    "logic": type(module_logic.sceneLogic).__name__,
-    "python": module_logic.sceneLogic.engine.config.command()[1:4],
+    "logic": type(logic.moduleLogic.session).__name__,
+    "python": logic.moduleLogic.session.engine.config.command()[1:4],
 }}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
@@ -76,7 +79,7 @@ print(json.dumps({{
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
     assert report["lib"] == str(ROOT)
-    assert report["logic"] == "SceneLogic"
+    assert report["logic"] == "ScoringSession"
     assert report["python"] == ["-m", "MedLoRALib", "serve"]
 
 
@@ -84,14 +87,14 @@ def test_reload_imports_fresh_consistent_library_modules_without_torch():
     code = """
 import json, sys
 import MedLoRALib.errors as errors_before
-import MedLoRALib.slicer.logic as logic_before
+import MedLoRALib.slicer.scoring as logic_before
 from MedLoRALib.slicer.reload import reload_library
 names = reload_library()
 import MedLoRALib.errors as errors_after
-import MedLoRALib.slicer.logic as logic_after
+import MedLoRALib.slicer.scoring as logic_after
 import MedLoRALib.slicer.results as results_after
 print(json.dumps({
-    "reloaded": "MedLoRALib.slicer.logic" in names and "MedLoRALib.errors" in names,
+    "reloaded": "MedLoRALib.slicer.scoring" in names and "MedLoRALib.errors" in names,
     "fresh": logic_after is not logic_before and errors_after is not errors_before,
     "consistent": logic_after.MedLoRAError is errors_after.MedLoRAError
                   and logic_after.write_table is results_after.write_table,

@@ -14,7 +14,7 @@ from MedLoRALib.geometry import Geometry, lps_to_ras, ras_to_lps
 from MedLoRALib.image import CTImage
 from MedLoRALib.patches import PatchSpec, extract_patches
 from MedLoRALib.slicer import mrml, results
-from MedLoRALib.slicer.logic import cut_patches
+from MedLoRALib.slicer.scoring import cut_patches
 
 pytest.importorskip("slicer")
 
@@ -214,7 +214,7 @@ def test_scene_with_results_saves_as_mrb_and_reloads(headless, oblique_ct, tmp_p
 
 
 def test_engine_results_join_points_in_order_with_the_adapters_own_label_names(headless, oblique_ct):
-    from MedLoRALib.slicer.logic import rows_from_results
+    from MedLoRALib.slicer.scoring import rows_from_results
 
     node = mrml.add_volume_node(headless.scene, oblique_ct, name="ct")
     markups = headless.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "nodules")

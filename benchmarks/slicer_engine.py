@@ -4,7 +4,7 @@ On one synthetic study with N nodule points in an MRML scene (slicer-core), time
 
 * ``cut_patches``: patches cut in the calling process (Slicer's), torch-free;
 * ``set_adapter``: one round trip switching the warm engine's active adapter;
-* ``warm_score``: ``SceneLogic.score`` with the active adapter (cut, send, score, table, colours);
+* ``warm_score``: ``ScoringSession.score`` with the active adapter (cut, send, score, table, colours);
 * ``warm_switch_and_score``: switch to the other adapter, then score — what the user waits for
   after choosing another adapter in the module;
 * ``cold_score``: start a new ``medlora serve``, attach the adapter, score, shut down — what
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from MedLoRALib.patches import PatchSpec
     from MedLoRALib.slicer import mrml
     from MedLoRALib.slicer.engine_client import EngineConfig
-    from MedLoRALib.slicer.logic import SceneLogic, cut_patches
+    from MedLoRALib.slicer.scoring import ScoringSession, cut_patches
     from MedLoRALib.synthetic import PhantomConfig, make_phantom
 
     spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = _adapters(Path(folder), spec)
         results: dict[str, float] = {"cut_patches_s": _median(lambda: cut_patches(volume, markups, spec), args.repeats)}
 
-        warm = SceneLogic(headless.scene, engine_config=config)
+        warm = ScoringSession(headless.scene, engine_config=config)
         try:
             start = time.perf_counter()
             warm.engine.start()
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             warm.close()
 
         def cold():
-            logic = SceneLogic(headless.scene, engine_config=config)
+            logic = ScoringSession(headless.scene, engine_config=config)
             try:
                 logic.attach_adapter(str(paths["site-b"]), name="site-b")
                 logic.score(volume, markups, table_node=table)

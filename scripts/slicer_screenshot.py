@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from MedLoRALib.geometry import lps_to_ras
     from MedLoRALib.slicer import mrml, render
     from MedLoRALib.slicer.engine_client import EngineConfig
-    from MedLoRALib.slicer.logic import SceneLogic
+    from MedLoRALib.slicer.scoring import ScoringSession
 
     adapter = train_adapter(args.work, args.weights, args.cases, args.epochs)
     series = next(p.parent for p in sorted(args.lidc.rglob("*.dcm")))
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     headless = mrml.create_headless_scene()
     volume = mrml.add_volume_node(headless.scene, image, name=args.lidc.name)
     markups = mrml.add_markups_node(headless.scene, nodules, name="nodules")
-    logic = SceneLogic(headless.scene, engine_config=EngineConfig(python=sys.executable))
+    logic = ScoringSession(headless.scene, engine_config=EngineConfig(python=sys.executable))
     try:
         logic.attach_adapter(str(adapter), name=ADAPTER, weights=str(args.weights))
         _, rows = logic.score(volume, markups)

@@ -1,10 +1,12 @@
-"""Score every marked nodule in every loaded study, into one table.
+"""Batch scoring: every marked nodule in every loaded study, into one table (a ``jobs.Job``).
 
 Which markups belong to which volume: the volume's ``MedLoRA.markups`` node reference,
 else the only point list or ROI in the same subject-hierarchy study, else the caller
 is asked (the widget shows a dialog; scripts pass a function or get the volume
-skipped with a reason). Studies are scored one after another so the user can cancel
-between them; a study that fails is reported in its rows and the others go on.
+skipped with a reason). The chooser returns ``None`` when the user cancels: that volume is
+then skipped, and ``BatchScoring`` scores nothing for it. Studies are scored one after
+another so the user can cancel between them; a study that fails is reported in its rows
+and the others go on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..errors import MedLoRAError
 from .mrml import markups_for_volume
 from .results import ScoreRow, write_table
 
+#: (volume node, candidate markups nodes) -> the chosen one, or ``None`` (cancelled: skip the volume).
 AskMarkups = Callable[[object, list], object]
 
 
@@ -62,9 +65,14 @@ def find_studies(scene, ask: AskMarkups | None = None) -> list[Study]:
             studies.append(Study(volume, in_study[0], "subject hierarchy"))
             continue
         candidates = in_study or _markups_nodes(scene)
-        chosen = ask(volume, candidates) if ask is not None and candidates else None
-        studies.append(Study(volume, chosen, "asked") if chosen is not None else
-                       Study(volume, None, "no markups linked to this volume (set them in the MedLoRA module)"))
+        if ask is not None and candidates:
+            chosen = ask(volume, candidates)
+            if chosen is not None and all(chosen is not c for c in candidates):
+                raise MedLoRAError(f"the chooser returned '{chosen.GetName()}', which is not one of the candidates.")
+            studies.append(Study(volume, chosen, "asked") if chosen is not None else
+                           Study(volume, None, "skipped: no point list chosen for this volume"))
+        else:
+            studies.append(Study(volume, None, "no markups linked to this volume (set them in the MedLoRA module)"))
     return studies
 
 
@@ -82,18 +90,18 @@ class BatchScoring:
     other. A study that fails (no points, engine died, ...) gets one error row.
 
     Args:
-        logic: the ``SceneLogic`` that scores one volume.
+        session: the ``ScoringSession`` that scores one volume.
         studies: from ``find_studies``.
         adapter: adapter name (default: the active one).
         tta: test-time augmentation.
-        progress: called with (studies done, studies in all, volume name) after each study.
+        on_study: called with (studies done, studies in all, volume name) after each study.
     """
 
-    logic: object
+    session: object
     studies: list[Study]
     adapter: str | None = None
     tta: bool = True
-    progress: Callable[[int, int, str], None] | None = None
+    on_study: Callable[[int, int, str], None] | None = None
     rows: list[ScoreRow] = field(default_factory=list)
     done: int = 0
     cancelled: bool = False
@@ -104,27 +112,39 @@ class BatchScoring:
     def finished(self) -> bool:
         return self._job is None and (self.cancelled or self.done >= len(self.studies))
 
+    @property
+    def progress(self) -> float:
+        return self.done / max(1, len(self.studies))
+
+    @property
+    def status(self) -> str:
+        return f"{self.done}/{len(self.studies)} studies scored" + (" (cancelled)" if self.cancelled else "")
+
+    @property
+    def results_table(self):
+        return self.table_node
+
     def cancel(self) -> None:
         """Send no further study; the one in flight still lands in the table."""
         self.cancelled = True
 
-    def step(self) -> bool:
-        """Advance without waiting; returns False when there is nothing left to do."""
+    def poll(self) -> bool:
+        """Advance without waiting; True once finished."""
         if self._job is None:
             if self.finished:
-                return False
+                return True
             self._begin(self.studies[self.done])
         if self._job is not None:
             name = self._job.batch.volume_name
             try:
-                rows = self._job.poll()
+                done = self._job.poll()
             except MedLoRAError as exc:
-                rows = [_study_error(name, str(exc))]
-            if rows is None:
-                return True
-            self._job = None
+                done, self._job.rows = True, [_study_error(name, str(exc))]
+            if not done:
+                return False
+            rows, self._job = self._job.rows, None
             self._study_done(name, rows)
-        return not self.finished
+        return self.finished
 
     def _begin(self, study: Study) -> None:
         name = study.volume.GetName()
@@ -132,7 +152,7 @@ class BatchScoring:
             self._study_done(name, [_study_error(name, study.found_by)])
             return
         try:
-            self._job = self.logic.begin_score(study.volume, study.markups, adapter=self.adapter, tta=self.tta,
+            self._job = self.session.begin_score(study.volume, study.markups, adapter=self.adapter, tta=self.tta,
                                                write_results_table=False)
         except MedLoRAError as exc:
             self._study_done(name, [_study_error(name, str(exc))])
@@ -140,12 +160,12 @@ class BatchScoring:
     def _study_done(self, name: str, rows: list[ScoreRow]) -> None:
         self.rows.extend(rows)
         self.done += 1
-        self.table_node = write_table(self.logic.scene, self.rows, self.table_node, name="MedLoRA batch results")
-        if self.progress is not None:
-            self.progress(self.done, len(self.studies), name)
+        self.table_node = write_table(self.session.scene, self.rows, self.table_node, name="MedLoRA batch results")
+        if self.on_study is not None:
+            self.on_study(self.done, len(self.studies), name)
 
     def run(self, poll_s: float = 0.02) -> list[ScoreRow]:
         """Score every study, waiting (scripts and tests)."""
-        while self.step():
+        while not self.poll():
             time.sleep(poll_s)
         return self.rows

@@ -1,9 +1,11 @@
-"""Nodule crops from the scene: a thumbnail of one nodule's views, and every nodule exported.
+"""Crops from the scene: a thumbnail of one nodule's views, its cube as a volume node, every nodule exported.
 
 Both cut with the torch-free patch code in Slicer's process, with the adapter's view
 set, field of view and size, so the user sees what the model sees. The export writes
 exactly what ``medlora crop`` writes (the same files, names and ``index.csv``), so
 crops from Slicer and from the command line can be mixed.
+
+This is the one module of the Slicer layer that imports the crop library.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import numpy as np
 
 from ..cli.crop import CropJob, crop_study, montage, write_index
 from ..errors import MedLoRAError
+from ..image import CTImage
 from ..nodule import centres_lps
-from ..patches import PatchSpec, extract_patches
-from .mrml import ScenePoint, markups_to_points, volume_to_ct_image
+from ..patches import PatchSpec, cube_geometry, extract_patches
+from .mrml import ScenePoint, add_volume_node, markups_to_points, volume_to_ct_image
 
 LUNG_WINDOW_HU = (-1000.0, 400.0)
 
@@ -52,6 +55,19 @@ def save_thumbnail(volume_node, point: ScenePoint, spec: PatchSpec, path: str | 
     Image.fromarray(thumbnail(volume_node, point, spec)).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def cube_to_volume(scene, volume_node, point: ScenePoint, spec: PatchSpec, name: str | None = None):
+    """The ``cube`` patch around a point as a new volume node in HU, placed exactly where it was cut.
+
+    It has the adapter's field of view and size whatever its view set, so it overlays
+    the CT in the slice views and its values read as Hounsfield units.
+    """
+    spec = PatchSpec(views="cube", fov_mm=spec.fov_mm, pixels=spec.pixels, window_hu=None, normalisation="none")
+    image = volume_to_ct_image(volume_node)
+    cube = extract_patches(image, np.array([point.nodule.centre_lps]), spec)[0]
+    geometry = cube_geometry(np.asarray(point.nodule.centre_lps), spec)
+    return add_volume_node(scene, CTImage(voxels_hu=cube, geometry=geometry), name or f"{point.name} cube")
 
 
 def crop_job_for(spec: PatchSpec) -> CropJob:

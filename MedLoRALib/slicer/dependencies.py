@@ -3,22 +3,29 @@
 Nothing is installed at import time. torch comes only from the PyTorch extension
 (``PyTorchUtils``), so pip never replaces Slicer's torch; Slicer's own numpy, SimpleITK,
 pydicom and requests are never touched. The rest is installed with
-Slicer's ``pip_ensure`` (``slicer.pydeps``, Slicer ≥ 5.11), skipping the packages above in
-the dependency tree, or ``slicer.util.pip_install`` (older).
+``slicer.packaging.pip_ensure`` (Slicer ≥ 5.12: ``Base/Python/slicer/packaging.py`` at v5.12.0
+and main), skipping the packages above and pinning them with a constraints file, or before
+5.12 with ``slicer.util.pip_install`` (``Base/Python/slicer/util.py``, v5.4.0: a list is passed
+to ``pip install`` as arguments), given ``-c constraints.txt`` that pins every one of those
+packages to the version Slicer already has — so pip cannot upgrade them, torch included
+(installed first, by PyTorchUtils).
 When the engine runs in a separate Python (set in the module), MedLoRA does not install
 into it but says what is missing there.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import MedLoRAError
+from .process import CREATION_FLAGS
 
 # import name -> requirement, for Slicer's own process and for the engine/trainer process.
 SLICER_PROCESS = {"scipy": "scipy>=1.10", "psutil": "psutil>=5.9", "PIL": "Pillow>=9"}
@@ -37,7 +44,8 @@ def _missing_in(python: str, modules: list[str]) -> list[str]:
     code = ("import importlib.util, json, sys; "
             "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
     try:
-        out = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60, check=True)
+        out = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60, check=True,
+                             creationflags=CREATION_FLAGS)
     except (OSError, subprocess.SubprocessError) as exc:
         raise MedLoRAError(f"cannot run the engine's Python {python!r}: {exc}. Set a working interpreter in "
                            "the MedLoRA module's settings.") from exc
@@ -76,17 +84,45 @@ def ensure(engine_python: str | None, confirm: Callable[[str], bool]) -> bool:
         _install_torch()
     if needed["pip"]:
         pip_ensure = _slicer_pip_ensure()
-        try:
-            if pip_ensure is not None:
-                pip_ensure(pip_requirements(needed["pip"]), skip_packages=list(NEVER_PIP), prompt_install=False,
-                           requester="MedLoRA")
-            else:
-                slicer.util.pip_install(needed["pip"])  # one argument per requirement: no quoting needed
-        except (subprocess.CalledProcessError, OSError) as exc:
-            raise MedLoRAError(f"installing {', '.join(needed['pip'])} failed ({exc}). If this computer is "
-                               "offline, install them from a local wheel folder with PythonSlicer -m pip install "
-                               "--no-index --find-links FOLDER ...") from exc
+        with tempfile.TemporaryDirectory(prefix="medlora-pip-") as folder:
+            constraints = write_constraints(Path(folder) / "constraints.txt")
+            try:
+                if pip_ensure is not None:
+                    pip_ensure(pip_requirements(needed["pip"]), constraints=str(constraints),
+                               skip_packages=list(NEVER_PIP), prompt_install=False, requester="MedLoRA")
+                else:  # one argument per item: no quoting needed
+                    slicer.util.pip_install(["-c", str(constraints), *needed["pip"]])
+            except (subprocess.CalledProcessError, OSError) as exc:
+                raise MedLoRAError(f"installing {', '.join(needed['pip'])} failed ({exc}). If this computer is "
+                                   "offline, install them from a local wheel folder with PythonSlicer -m pip "
+                                   "install --no-index --find-links FOLDER ...") from exc
     return True
+
+
+def pinned_versions() -> dict[str, str]:
+    """The installed version of every package pip must not touch (those present here)."""
+    found = {}
+    for name in NEVER_PIP:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_constraints(path: Path) -> Path:
+    """A pip constraints file pinning Slicer's own packages (torch, numpy, SimpleITK, ...) as installed.
+
+    torch is installed by PyTorchUtils before pip runs, so it is pinned too; if it is
+    somehow absent, ``torch`` is constrained to an impossible version, so that pip fails
+    with a clear message instead of downloading a torch of its choice.
+    """
+    pins = pinned_versions()
+    lines = [f"{name}=={version}" for name, version in sorted(pins.items())]
+    if "torch" not in pins:
+        lines.append("torch==0+medlora.installs.torch.through.pytorchutils")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def pip_requirements(specs: list[str]) -> list:
@@ -97,15 +133,12 @@ def pip_requirements(specs: list[str]) -> list:
 
 
 def _slicer_pip_ensure() -> Callable | None:
-    """Slicer's ``pip_ensure`` (``slicer.pydeps`` since 5.11; earlier previews had it elsewhere), if any."""
-    for name in ("slicer.pydeps", "slicer.packaging", "slicer.util"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if callable(getattr(module, "pip_ensure", None)):
-            return module.pip_ensure
-    return None
+    """``slicer.packaging.pip_ensure`` (new in Slicer 5.12), or ``None`` before 5.12."""
+    try:
+        module = importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+    return getattr(module, "pip_ensure", None)
 
 
 def _install_torch() -> None:
@@ -125,4 +158,5 @@ def requirements_file() -> Path:
     return here / "Resources" / "requirements.txt"
 
 
-__all__ = ["ENGINE_PROCESS", "NEVER_PIP", "SLICER_PROCESS", "ensure", "missing", "requirements_file"]
+__all__ = ["ENGINE_PROCESS", "NEVER_PIP", "SLICER_PROCESS", "ensure", "missing", "pinned_versions",
+           "requirements_file", "write_constraints"]

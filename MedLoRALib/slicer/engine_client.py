@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,27 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MedLoRAError
-from .process import ProcessHandle, ProcessRunner, SubprocessRunner
+from .process import ProcessHandle, ProcessRunner, SubprocessRunner, describe_exit
 
 log = logging.getLogger(__name__)
 
 
 class EngineError(MedLoRAError):
     """The engine could not be started, died, timed out or refused a request."""
-
-
-def describe_exit(code: int | None) -> str:
-    """An exit status in words: a signal's name (SIGKILL often means out of memory)."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = ", e.g. by the system when memory ran out" if name == "SIGKILL" else ""
-        return f"killed by {name}{hint}"
-    return f"exit code {code}"
 
 
 def default_python() -> str:
@@ -94,6 +79,7 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._responses: dict[int, dict] = {}
         self._pending: dict[int, tuple[str, float]] = {}
+        self._ignored: set[int] = set()
         self.ready_info: dict = {}
         self.starts = 0
         self.restart_reason: str | None = None  # why the last engine stopped unasked, if it did
@@ -106,56 +92,96 @@ class EngineClient:
     def is_running(self) -> bool:
         return self.pid is not None
 
-    def start(self) -> dict:
-        """Start the engine if it is not running; return its ``ready`` line."""
+    _start_deadline = 0.0
+    _exited_at: float | None = None
+
+    def launch(self) -> None:
+        """Start the engine process if none runs, without waiting for it (see ``ready``)."""
         if self.is_running():
-            return self.ready_info
+            return
         if self._handle is not None:  # it died between requests: say why once, then start afresh
             self.restart_reason = str(self._died("between requests"))
             log.warning("%s", self.restart_reason)
         self._handle = self.runner.start(self.config.command(), env=self.config.env)
         self.starts += 1
+        self._exited_at = None
+        self.ready_info = {}
         self._responses.clear()
         self._pending.clear()
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while time.monotonic() < deadline:
-            for line in self._handle.read_lines(timeout=0.1):
-                message = _parse(line)
-                if message.get("event") == "ready":
-                    self.ready_info = message
-                    return message
-            if self._handle.poll() is not None and not self._handle.read_lines():
-                raise self._died("while starting")
-        handle, self._handle = self._handle, None
-        handle.cancel(grace_s=2.0)
-        raise EngineError(f"the scoring engine did not start within {self.config.start_timeout_s:.0f} s "
-                          f"(command: {' '.join(self.config.command())}). Its last messages:\n"
-                          f"{handle.stderr_tail()}")
+        self._start_deadline = time.monotonic() + self.config.start_timeout_s
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """True once the engine has said ``ready``; never waits longer than ``timeout``.
+
+        Raises ``EngineError`` if it died or did not start in time.
+        """
+        if self.ready_info and self.is_running():
+            return True
+        if self._handle is None:
+            raise EngineError("the scoring engine is not running; it starts with the next request.")
+        for line in self._handle.read_lines(timeout=timeout):
+            message = _parse(line)
+            if message.get("event") == "ready":
+                self.ready_info = message
+                return True
+        if self._handle.poll() is not None:
+            raise self._died("while starting")
+        if time.monotonic() > self._start_deadline:
+            handle, self._handle = self._handle, None
+            handle.stop(grace_s=0.0)
+            handle.poll()
+            raise EngineError(f"the scoring engine did not start within {self.config.start_timeout_s:.0f} s "
+                              f"(command: {' '.join(self.config.command())}). Its last messages:\n"
+                              f"{handle.stderr_tail()}")
+        return False
+
+    def start(self) -> dict:
+        """Start the engine if it is not running and wait for its ``ready`` line (scripts)."""
+        self.launch()
+        while not self.ready(timeout=0.1):
+            pass
+        return self.ready_info
 
     def _died(self, when: str) -> EngineError:
         handle, self._handle = self._handle, None
-        code = handle.wait(timeout=5.0)
+        code = handle.poll()
+        if code is None or not handle.drained():
+            code = handle.wait(timeout=0.5)  # it has exited or is about to: its last lines
         tail = handle.stderr_tail().strip() or "(no output)"
         return EngineError(f"the scoring engine stopped {when} ({describe_exit(code)}); it will be restarted on "
                            f"the next request. Its last messages:\n{tail}")
 
-    def close(self) -> None:
-        """Ask the engine to shut down; end its process tree if it does not."""
-        if not self.is_running():
-            return
-        try:
-            self.request("shutdown", timeout_s=10.0)
-        except EngineError:
-            pass  # it is being ended below in any case
-        if self._handle is not None:
-            self._handle.cancel(grace_s=5.0)
-        self._handle = None
+    def detach(self, grace_s: float = 5.0) -> ProcessHandle | None:
+        """Ask the engine to shut down and let go of it without waiting; returns its handle.
 
-    def kill(self) -> None:
-        """End the engine's process tree now (cancel)."""
-        if self._handle is not None:
-            self._handle.cancel(grace_s=0.0)
-        self._handle = None
+        The caller polls the handle (``process.Reaper``) until it has ended; the next request
+        starts a new engine.
+        """
+        handle, self._handle = self._handle, None
+        self.ready_info = {}
+        if handle is None or handle.poll() is not None:
+            return None
+        try:
+            handle.send(json.dumps({"id": next(self._ids), "op": "shutdown"}))
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # it is being ended in any case
+        handle.stop(grace_s)
+        return handle
+
+    def close(self) -> None:
+        """Shut the engine down and wait for its whole tree to end (scripts, tests)."""
+        handle = self.detach()
+        if handle is not None:
+            handle.cancel(grace_s=5.0)
+
+    def kill(self) -> ProcessHandle | None:
+        """End the engine's process tree now (cancel), without waiting; returns its handle to reap."""
+        handle, self._handle = self._handle, None
+        self.ready_info = {}
+        if handle is not None:
+            handle.stop(grace_s=0.0)
+            handle.poll()
+        return handle
 
     # --- requests --------------------------------------------------------------------
     def submit(self, op: str, **params) -> int:
@@ -174,7 +200,9 @@ class EngineClient:
         """The result of a finished request, ``None`` while it runs; raises its error."""
         self._drain()
         if request_id not in self._responses and self._handle is not None and self._handle.poll() is not None:
-            self._handle.wait(timeout=5.0)  # let the reader threads deliver the last lines
+            self._exited_at = self._exited_at or time.monotonic()
+            if not self._handle.drained() and time.monotonic() - self._exited_at < 2.0:
+                return None  # its last lines are still on their way
             self._drain()
         if request_id in self._responses:
             op = self._pending.pop(request_id, ("request", 0.0))[0]
@@ -187,13 +215,23 @@ class EngineClient:
             raise self._died(f"while answering '{op}'")
         return None
 
+    def notify(self, op: str, **params) -> None:
+        """Send a request to the running engine and ignore its answer (never waits)."""
+        if self.ready_info and self.is_running():
+            self._ignored.add(self.submit(op, **params))
+
     def _drain(self, timeout: float = 0.0) -> None:
         if self._handle is None:
             return
         for line in self._handle.read_lines(timeout=timeout):
             message = _parse(line)
-            if isinstance(message.get("id"), int):
-                self._responses[message["id"]] = message
+            request_id = message.get("id")
+            if isinstance(request_id, int):
+                if request_id in self._ignored:
+                    self._ignored.discard(request_id)
+                    self._pending.pop(request_id, None)
+                else:
+                    self._responses[request_id] = message
 
     def request(self, op: str, timeout_s: float | None = None, **params) -> dict:
         """Send a request and wait for its result."""

@@ -22,6 +22,7 @@ from .results import base_label
 #: Node attribute naming the markups (fiducial or ROI) node that belongs to a volume.
 MARKUPS_REFERENCE_ROLE = "MedLoRA.markups"
 _LABEL_WORDS = {"benign": 0, "malignant": 1}
+POSITION_DEFINED = 2  # vtkMRMLMarkupsNode::PositionDefined
 
 
 @dataclass
@@ -254,8 +255,8 @@ def markups_to_points(markups_node, case_id: str = "") -> list[ScenePoint]:
     widget_labels = training_labels_attribute(markups_node)
     points = []
     for index in range(markups_node.GetNumberOfControlPoints()):
-        if not markups_node.GetNthControlPointPositionStatus(index):
-            continue  # a point still waiting to be placed has no position
+        if markups_node.GetNthControlPointPositionStatus(index) != POSITION_DEFINED:
+            continue  # no position: reported by ``unplaced_points``
         position_ras = np.zeros(3)
         markups_node.GetNthControlPointPositionWorld(index, position_ras)
         point_id = markups_node.GetNthControlPointID(index)
@@ -267,6 +268,41 @@ def markups_to_points(markups_node, case_id: str = "") -> list[ScenePoint]:
                                  position_ras=tuple(float(v) for v in position_ras),
                                  nodule=nodule, training_label=label))
     return points
+
+
+@dataclass(frozen=True)
+class UnplacedPoint:
+    """A control point without a position (not placed yet, being placed, or marked missing)."""
+
+    index: int
+    point_id: str
+    name: str
+    reason: str
+
+
+_STATUS_WORDS = {0: "is not placed yet", 1: "is still being placed", 3: "is marked missing (skipped)"}
+
+
+def unplaced_points(markups_node) -> list[UnplacedPoint]:
+    """The control points ``markups_to_points`` leaves out, each with why: never dropped silently.
+
+    Slicer's position status (``vtkMRMLMarkupsNode``: 0 undefined, 1 preview, 2 defined,
+    3 missing) says whether a point has a position; only defined ones are scored.
+    """
+    if markups_node is None or markups_node.IsA("vtkMRMLMarkupsROINode"):
+        return []
+    found = []
+    for index in range(markups_node.GetNumberOfControlPoints()):
+        status = markups_node.GetNthControlPointPositionStatus(index)
+        if status == POSITION_DEFINED:
+            continue
+        name = base_label(markups_node.GetNthControlPointLabel(index)) or f"{markups_node.GetName()}-{index + 1}"
+        found.append(UnplacedPoint(
+            index=index, point_id=markups_node.GetNthControlPointID(index), name=name,
+            reason=(f"warning: point '{name}' of '{markups_node.GetName()}' "
+                    f"{_STATUS_WORDS.get(status, f'has no position (status {status})')}: place it on the nodule "
+                    "(Markups module) or delete it; it was not scored")))
+    return found
 
 
 def _roi_point(roi_node, case_id: str) -> ScenePoint:

@@ -89,7 +89,8 @@ def write_table(scene, rows: list[ScoreRow], table_node=None, name: str = "MedLo
             value = _cell(row, field_name)
             column.SetValue(index, value if kind == "double" else str(value))
         table.AddColumn(column)
-    table_node.SetUseColumnTitleAsColumnHeader(True)
+    if hasattr(table_node, "SetUseColumnTitleAsColumnHeader"):  # Slicer >= 5.6.1; 5.4 shows the names
+        table_node.SetUseColumnTitleAsColumnHeader(True)
     table_node.SetAttribute("MedLoRA.results", "1")
     table_node.Modified()
     table_node.EndModify(was_modifying)
@@ -107,7 +108,7 @@ def read_table(table_node) -> list[ScoreRow]:
     rows = []
     for index in range(table.GetNumberOfRows()):
         values = {}
-        for title, field_name, kind in COLUMNS:
+        for title, field_name, _kind in COLUMNS:
             raw = table.GetColumnByName(title).GetValue(index)
             values[field_name] = _from_cell(field_name, raw)
         rows.append(ScoreRow(**values))

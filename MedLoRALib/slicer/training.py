@@ -1,29 +1,35 @@
-"""Training an adapter from labelled points in the scene, in a background process.
+"""A training job: an adapter trained from labelled points in the scene, in a background process.
 
 Labelled control points (benign/malignant, from the widget or the point description)
-on one or many volumes → each volume written once to a work folder → a training
-manifest (the project's points-CSV format, LPS) → ``medlora train --progress json``.
-Its JSON lines drive the status, a progress fraction and a live plot of loss and
-validation AUC (a table node + plot chart node). Cancel asks the trainer to stop (stop
-file, then SIGTERM) so it saves a resumable checkpoint, then ends the whole tree.
+on one or many volumes → the volumes written to a work folder a few slices per ``poll``
+(``training_set.py``; the GUI never waits for the disk) → a training manifest (the
+project's points-CSV format, LPS) → ``medlora train --progress json``. Its JSON lines
+drive the status, a progress fraction and a live plot of loss and validation AUC (a table
+node + plot chart node). Cancel asks the trainer to stop (stop file, then SIGTERM) so it
+saves a resumable checkpoint; ``poll`` ends the whole tree after the grace period. The
+job follows ``jobs.Job``.
+
+``TrainingConfig`` is the one place the Slicer side keeps training options.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_path
-from ..errors import DatasetError, MedLoRAError
-from .mrml import markups_to_points, volume_to_ct_image
-from .process import ProcessHandle, ProcessRunner
+from ..errors import MedLoRAError
+from .process import ProcessHandle, ProcessRunner, describe_exit
+from .training_set import TrainingSetWriter, write_training_set
+
+__all__ = ["TrainingConfig", "TrainingJob", "TrainingState", "start_training", "train_command",
+           "write_training_set"]
 
 PLOT_COLUMNS = ("epoch", "train_loss", "val_auc")
+DRAIN_WAIT_S = 2.0  # after the exit, how long to wait for its last lines (grandchildren may hold the pipe)
 
 
 @dataclass
@@ -46,51 +52,6 @@ class TrainingConfig:
     python: str | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "volume"
-
-
-def write_training_set(pairs: list[tuple[object, object]], folder: str | os.PathLike) -> Path:
-    """Write the labelled points and their volumes as a training manifest; returns its path.
-
-    Args:
-        pairs: (volume node, markups node) for every study to learn from.
-        folder: work folder (volumes go to ``images/``, the manifest to ``manifest.csv``).
-    """
-    from ..ctio import save_volume
-
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rows, unlabelled = [], 0
-    for volume, markups in pairs:
-        points = markups_to_points(markups, case_id=volume.GetName())
-        labelled = [p for p in points if p.training_label is not None]
-        unlabelled += len(points) - len(labelled)
-        if not labelled:
-            continue
-        image_path = folder / "images" / f"{_safe_name(volume.GetName())}-{_safe_name(volume.GetID())}.nrrd"
-        image = volume_to_ct_image(volume)
-        save_volume(image, image_path)
-        for point in labelled:
-            x, y, z = point.nodule.centre_lps
-            rows.append({"x": f"{x:.4f}", "y": f"{y:.4f}", "z": f"{z:.4f}", "coordinate_system": "LPS",
-                         "nodule_id": point.name, "label": point.training_label,
-                         "patient_id": image.ids.patient_id or volume.GetName(),
-                         "image": f"images/{image_path.name}"})
-    labels = {row["label"] for row in rows}
-    if labels != {0, 1}:
-        have = ", ".join(f"{sum(r['label'] == v for r in rows)} {n}" for v, n in ((0, "benign"), (1, "malignant")))
-        raise DatasetError(f"training needs benign and malignant points; the scene has {have} labelled "
-                           f"({unlabelled} unlabelled). Label points in the MedLoRA module or write "
-                           "'benign'/'malignant' in their description.")
-    manifest = folder / "manifest.csv"
-    with atomic_path(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
 
 
 def train_command(config: TrainingConfig, manifest: Path, out_dir: Path, stop_file: Path,
@@ -124,25 +85,103 @@ class TrainingState:
 
 
 class TrainingJob:
-    """A running ``medlora train``; ``poll`` applies its new events (call it from a timer).
+    """A training run: first the training set is written, then ``medlora train`` runs; ``poll`` advances both.
 
     Args:
         scene: where the plot goes.
-        handle: the running process (from the logic's runner).
+        runner: starts the trainer process.
         config: the run's settings.
-        out_dir: the adapter folder the trainer writes (its checkpoint goes beside it).
+        work_dir: the run's folder (training set, adapter, checkpoint, stop file).
+        writer: the planned training set (``None`` to resume from the one already written).
         store: adapter store to register the finished adapter in (or ``None``).
+        resume: continue from the checkpoint in ``work_dir``.
     """
 
-    def __init__(self, scene, handle: ProcessHandle, config: TrainingConfig, out_dir: Path, store=None) -> None:
+    def __init__(self, scene, runner: ProcessRunner, config: TrainingConfig, work_dir: str | os.PathLike,
+                 writer: TrainingSetWriter | None = None, store=None, resume: bool = False,
+                 cancel_grace_s: float = 30.0) -> None:
         self.scene = scene
-        self.handle = handle
+        self.runner = runner
         self.config = config
-        self.out_dir = Path(out_dir)
+        self.work_dir = Path(work_dir)
+        self.out_dir = self.work_dir / "adapter"
+        self.stop_file = self.work_dir / "STOP"
+        self.writer = writer
         self.store = store
-        self.state = TrainingState()
+        self.resume = resume
+        self.cancel_grace_s = cancel_grace_s
+        self.handle: ProcessHandle | None = None
+        self.cancelled = False
+        self._exited_at: float | None = None
+        self.state = TrainingState(status="writing the training set" if writer is not None else "starting")
         self.stored_adapter = None
         self.table_node, self.chart_node = self._create_plot()
+
+    # --- the job interface (jobs.Job) ------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.state.exit_code is not None
+
+    @property
+    def running(self) -> bool:
+        return not self.finished
+
+    @property
+    def progress(self) -> float:
+        if self.writer is not None and not self.writer.done:
+            return 0.05 * self.writer.written_bytes / max(1, self.writer.total_bytes)
+        return 0.05 + 0.95 * self.state.fraction
+
+    @property
+    def status(self) -> str:
+        return self.state.status
+
+    @property
+    def results_table(self):
+        return None
+
+    def poll(self) -> bool:
+        """Write a few more slices, or start the trainer, or apply its new events; True once finished."""
+        if self.finished:
+            return True
+        if self.handle is None:
+            if self.cancelled:
+                self._finish(None, "cancelled before training started")
+                return True
+            if self.writer is not None and not self.writer.step():
+                self.state.status = (f"writing the training set ({self.writer.written_bytes // 2**20} of "
+                                     f"{self.writer.total_bytes // 2**20} MB)")
+                return False
+            self._launch()
+            return False
+        self._read_events()
+        code = self.handle.poll()
+        if code is not None:
+            self._exited_at = self._exited_at or time.monotonic()
+            if self.handle.drained() or time.monotonic() - self._exited_at > DRAIN_WAIT_S:
+                self._read_events()
+                self._finish(code)
+        return self.finished
+
+    def _launch(self) -> None:
+        manifest = self.work_dir / "manifest.csv"
+        if not manifest.exists():
+            raise MedLoRAError(f"nothing to resume in {self.work_dir}: no manifest.csv there.")
+        self.stop_file.unlink(missing_ok=True)
+        self.handle = self.runner.start(train_command(self.config, manifest, self.out_dir, self.stop_file,
+                                                      self.resume),
+                                        cwd=str(self.work_dir), env=self.config.env, stop_file=str(self.stop_file))
+        self.state.status = "starting"
+
+    def cancel(self) -> None:
+        """Ask the trainer to stop and keep its resumable checkpoint; never waits (keep polling)."""
+        self.cancelled = True
+        if self.handle is None:
+            if self.writer is not None:
+                self.writer.abort()
+        else:
+            self.handle.stop(grace_s=self.cancel_grace_s)
+            self.state.status = "stopping: saving a resumable checkpoint…"
 
     def _create_plot(self):
         import vtk
@@ -173,19 +212,6 @@ class TrainingJob:
             table.SetValue(row, index, float("nan") if value is None else float(value))
         table.Modified()
         self.table_node.Modified()
-
-    @property
-    def running(self) -> bool:
-        return self.state.exit_code is None
-
-    def poll(self) -> list[dict]:
-        """Apply the events that arrived since the last call; returns them."""
-        events = self._read_events()
-        if self.state.exit_code is None and self.handle.poll() is not None:
-            self.handle.wait(timeout=5.0)  # let the reader threads deliver the last lines
-            events += self._read_events()
-            self._finish(self.handle.poll())
-        return events
 
     def _read_events(self) -> list[dict]:
         events = []
@@ -231,8 +257,11 @@ class TrainingJob:
         elif kind == "error":
             state.error = event.get("message", "training failed")
 
-    def _finish(self, code: int | None) -> None:
+    def _finish(self, code: int | None, reason: str = "") -> None:
         state = self.state
+        if code is None:  # never started
+            state.exit_code, state.status = -1, reason
+            return
         state.exit_code = code
         if code == 0 and state.adapter_path:
             state.fraction = 1.0
@@ -245,38 +274,38 @@ class TrainingJob:
             if not state.error:
                 tail = self.handle.stderr_tail().strip().splitlines()
                 state.error = tail[-1] if tail else "no message"
-            state.status = f"failed (exit code {code}): {state.error}"
-
-    def cancel(self, grace_s: float = 30.0) -> None:
-        """Stop training, keeping its resumable checkpoint; ends the whole process tree."""
-        self.handle.cancel(grace_s=grace_s)
-        self.poll()
-        if self.state.exit_code is None:
-            self._finish(self.handle.poll())
+            state.status = f"failed ({describe_exit(code)}): {state.error}"
 
     def wait(self, timeout_s: float) -> TrainingState:
-        import time
+        """Poll until the run has ended (scripts, tests)."""
+        from .jobs import run_to_end
 
-        deadline = time.monotonic() + timeout_s
-        while self.running:
-            self.poll()
-            if time.monotonic() > deadline:
-                raise MedLoRAError(f"training did not finish within {timeout_s:.0f} s")
-            time.sleep(0.1)
+        run_to_end(self, timeout_s, poll_s=0.1)
         return self.state
+
+
+def plot_view_node(scene, chart_node, view_node=None):
+    """A plot view node showing ``chart_node``, for ``qMRMLPlotWidget.setMRMLPlotViewNode``.
+
+    ``qMRMLPlotWidget`` shows a ``vtkMRMLPlotViewNode`` (``setMRMLPlotViewNode``,
+    ``Libs/MRML/Widgets/qMRMLPlotWidget.h`` v5.4.0), which points at the chart
+    (``vtkMRMLPlotViewNode::SetPlotChartNodeID``). One view node is reused across runs.
+    """
+    if view_node is None or view_node.GetScene() is not scene:
+        view_node = scene.AddNewNodeByClass("vtkMRMLPlotViewNode", "MedLoRA training plot")
+        view_node.SetLayoutLabel("MedLoRA")
+    view_node.SetPlotChartNodeID(chart_node.GetID() if chart_node is not None else None)
+    return view_node
 
 
 def start_training(scene, runner: ProcessRunner, pairs: list[tuple[object, object]], work_dir: str | os.PathLike,
                    config: TrainingConfig | None = None, store=None, resume: bool = False) -> TrainingJob:
-    """Write the training set from the scene and launch ``medlora train`` in the background."""
+    """Plan the training set from the scene and return the job (which writes it, then trains); never waits.
+
+    Labels are checked here, so a set without both classes fails at once with a clear message.
+    """
     config = config or TrainingConfig()
-    work_dir = Path(work_dir)
-    manifest = work_dir / "manifest.csv" if resume else write_training_set(pairs, work_dir)
-    if not manifest.exists():
+    writer = None if resume else TrainingSetWriter.plan(pairs, work_dir)
+    if resume and not (Path(work_dir) / "manifest.csv").exists():
         raise MedLoRAError(f"nothing to resume in {work_dir}: no manifest.csv there.")
-    out_dir = work_dir / "adapter"
-    stop_file = work_dir / "STOP"
-    stop_file.unlink(missing_ok=True)
-    handle = runner.start(train_command(config, manifest, out_dir, stop_file, resume), cwd=str(work_dir),
-                          env=config.env, stop_file=str(stop_file))
-    return TrainingJob(scene, handle, config, out_dir, store=store)
+    return TrainingJob(scene, runner, config, work_dir, writer=writer, store=store, resume=resume)
