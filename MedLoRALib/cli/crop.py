@@ -19,7 +19,6 @@ from ..crops import (
     CropJob,
     crop_folder,
     crop_study,
-    montage,  # noqa: F401  (slicer/crops.py imports it from here until repointed at ..crops)
     write_index,
 )
 from ..errors import AnnotationError, MedLoRAError

@@ -15,21 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..crops import Study
 from ..errors import MedLoRAError
 from .mrml import markups_for_volume
 from .results import ScoreRow, write_table
 
 #: (volume node, candidate markups nodes) -> the chosen one, or ``None`` (cancelled: skip the volume).
 AskMarkups = Callable[[object, list], object]
-
-
-@dataclass
-class Study:
-    """One volume with the markups to score on it (``None`` when none was found)."""
-
-    volume: object
-    markups: object | None
-    found_by: str  # "reference", "subject hierarchy", "asked" or why it is missing
 
 
 def _markups_nodes(scene) -> list:
@@ -58,21 +50,22 @@ def find_studies(scene, ask: AskMarkups | None = None) -> list[Study]:
             continue
         referenced = markups_for_volume(volume)
         if referenced is not None:
-            studies.append(Study(volume, referenced, "reference"))
+            studies.append(Study(volume.GetName(), volume, referenced, "reference"))
             continue
         in_study = _study_markups(scene, volume)
         if len(in_study) == 1:
-            studies.append(Study(volume, in_study[0], "subject hierarchy"))
+            studies.append(Study(volume.GetName(), volume, in_study[0], "subject hierarchy"))
             continue
         candidates = in_study or _markups_nodes(scene)
         if ask is not None and candidates:
             chosen = ask(volume, candidates)
             if chosen is not None and all(chosen is not c for c in candidates):
                 raise MedLoRAError(f"the chooser returned '{chosen.GetName()}', which is not one of the candidates.")
-            studies.append(Study(volume, chosen, "asked") if chosen is not None else
-                           Study(volume, None, "skipped: no point list chosen for this volume"))
+            studies.append(Study(volume.GetName(), volume, chosen, "asked") if chosen is not None else
+                           Study(volume.GetName(), volume, None, "skipped: no point list chosen for this volume"))
         else:
-            studies.append(Study(volume, None, "no markups linked to this volume (set them in the MedLoRA module)"))
+            studies.append(Study(volume.GetName(), volume, None,
+                                 "no markups linked to this volume (set them in the MedLoRA module)"))
     return studies
 
 

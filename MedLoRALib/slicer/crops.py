@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli.crop import CropJob, crop_study, montage, write_index
+from ..crops import CropJob, crop_folder, crop_study, montage, write_index
 from ..errors import MedLoRAError
 from ..image import CTImage
 from ..nodule import centres_lps
@@ -87,28 +87,30 @@ class CropExport:
     skipped: list[str] = field(default_factory=list)
 
 
-def export_crops(pairs: list[tuple[object, object]], out: str | os.PathLike, job: CropJob) -> CropExport:
+def export_crops(pairs: list[tuple[object, object]], out: str | os.PathLike, job: CropJob,
+                 overwrite: bool = False) -> CropExport:
     """Every control point of every (volume, markups) pair, as ``medlora crop`` would write them.
 
     Points outside their volume are left out (listed in ``skipped``); the others of that
-    volume are still written.
+    volume are still written. The folder follows ``medlora crop``'s rules: it is written
+    whole and atomically, never into a folder holding files crop did not write, and an
+    earlier export is replaced only with ``overwrite``.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     skipped: list[str] = []
-    for volume, markups in pairs:
-        image = volume_to_ct_image(volume)
-        points = markups_to_points(markups, case_id=volume.GetName())
-        inside = image.geometry.contains_lps(centres_lps([p.nodule for p in points])) if points else []
-        skipped += [f"{volume.GetName()}: '{p.name}' lies outside the volume" for p, ok in zip(points, inside)
-                    if not ok]
-        nodules = [p.nodule for p, ok in zip(points, inside) if ok]
-        if nodules:
-            rows += crop_study(image, nodules, job, out, volume.GetName(), len(rows) + 1)
-    if not rows:
-        raise MedLoRAError("no point to export: place points on the nodules of a loaded volume first"
-                           + (f" ({'; '.join(skipped)})" if skipped else "."))
-    index = out / "index.csv"
-    write_index(rows, index)
-    return CropExport(index=index, written=len(rows), skipped=skipped)
+    with crop_folder(out, overwrite) as staging:
+        for volume, markups in pairs:
+            image = volume_to_ct_image(volume)
+            points = markups_to_points(markups, case_id=volume.GetName())
+            inside = image.geometry.contains_lps(centres_lps([p.nodule for p in points])) if points else []
+            skipped += [f"{volume.GetName()}: '{p.name}' lies outside the volume" for p, ok in zip(points, inside)
+                        if not ok]
+            nodules = [p.nodule for p, ok in zip(points, inside) if ok]
+            if nodules:
+                rows += crop_study(image, nodules, job, staging, volume.GetName(), len(rows) + 1)
+        if not rows:
+            raise MedLoRAError("no point to export: place points on the nodules of a loaded volume first"
+                               + (f" ({'; '.join(skipped)})" if skipped else "."))
+        write_index(rows, staging / "index.csv")
+    return CropExport(index=out / "index.csv", written=len(rows), skipped=skipped)

@@ -193,8 +193,10 @@ class ModuleLogic:
             path = os.path.dirname(str(path))
         return self.session.store.import_(path)
 
-    def exportAdapter(self, name, path):
-        return self.session.store.export(name, path)
+    def exportAdapter(self, name, path, overwrite=True):
+        """Export to ``path``. The save dialog has already asked before replacing a file, so an
+        earlier export is replaced by default; anything that is not a MedLoRA adapter never is."""
+        return self.session.store.export(name, path, overwrite=overwrite)
 
     def deleteAdapter(self, name):
         """Unload it from the engine (a message, not waited for) and delete it from the store."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from ..crops import safe_name
 from ..errors import DatasetError
 from ..image import CTImage
 from .mrml import markups_to_points, volume_to_ct_image
@@ -33,10 +33,6 @@ STEP_BUDGET_S = 0.04
 _NRRD_TYPES = {np.dtype(np.int8): "int8", np.dtype(np.uint8): "uint8", np.dtype(np.int16): "short",
                np.dtype(np.uint16): "ushort", np.dtype(np.int32): "int", np.dtype(np.uint32): "uint",
                np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "volume"
 
 
 def nrrd_header(image: CTImage) -> bytes:
@@ -90,7 +86,7 @@ class TrainingSetWriter:
             if not labelled:
                 continue
             image = volume_to_ct_image(volume)
-            path = folder / "images" / f"{_safe_name(volume.GetName())}-{_safe_name(volume.GetID())}.nrrd"
+            path = folder / "images" / f"{safe_name(volume.GetName(), 'volume')}-{safe_name(volume.GetID(), 'volume')}.nrrd"
             writer.images.append(_ImageWrite(image=image, path=path))
             for point in labelled:
                 x, y, z = point.nodule.centre_lps
