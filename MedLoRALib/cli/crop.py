@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 from pathlib import Path
 
 from ..crops import (
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             write_index(rows, staging / INDEX_NAME)
     except OSError as exc:
         full = " The disk is full: free space or name a folder on another disk." if exc.errno == errno.ENOSPC else ""
-        raise MedLoRAError(f"could not write the crops to {out}: {exc.strerror or exc}.{full} "
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # OutputError carries errno, not strerror
+        raise MedLoRAError(f"could not write the crops to {out}: {reason}.{full} "
                            f"Nothing in {out} was changed.") from exc
     print(f"wrote {len(rows)} patch(es) ({job.views}, {job.file_format}) and {INDEX_NAME} to {out}")
     return 0
