@@ -12,9 +12,10 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .. import __version__
-from ..errors import MedLoRAError
+from ..errors import MedLoRAError, disk_problem, explain_os_error
 
 # subcommand -> (module in this package, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -58,11 +59,50 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(_load(args._module).run(args) or 0)
-    except MedLoRAError as exc:
-        if args.verbose:
-            raise
-        print(f"medlora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"medlora {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MedLoRAError, OSError, RuntimeError) as exc:
+        message = _user_message(exc, args)
+        if args.verbose or message is None:
+            raise
+        print(f"medlora {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# argparse destinations that name where a command writes, and the option the user typed
+OUTPUT_OPTIONS = {"out": "--out", "dest": "DEST", "store": "--store"}
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    return [(Path(value).expanduser(), option) for dest, option in OUTPUT_OPTIONS.items()
+            if isinstance((value := getattr(args, dest, None)), (str, os.PathLike))]
+
+
+def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line a user sees for ``exc``, or None for a bug (shown as a traceback).
+
+    An OSError (disk full, read-only folder, a file where a folder is needed, ...) is
+    explained by its errno. Libraries that lose the errno (SimpleITK, torch raise
+    RuntimeError) are explained by looking at the output's disk: full, read-only, or a
+    file-size limit. A MedLoRAError keeps its message, with that diagnosis appended when a
+    lower-level failure caused it.
+    """
+    outputs = _outputs(args)
+    if isinstance(exc, OSError):
+        path = exc.filename if exc.filename is not None else (outputs[0][0] if outputs else None)
+        option = next((opt for out, opt in outputs if path is not None and _within(Path(path), out)), "")
+        return str(explain_os_error(exc, path, option, writing=bool(option)))
+    if isinstance(exc, MedLoRAError) and not isinstance(exc.__cause__, (OSError, RuntimeError)):
+        return str(exc)
+    diagnosis = disk_problem([out for out, _ in outputs])
+    if isinstance(exc, MedLoRAError):
+        return f"{exc} ({diagnosis})" if diagnosis else str(exc)
+    return f"{exc} ({diagnosis})" if diagnosis else None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+    except (OSError, RuntimeError):
+        return False
