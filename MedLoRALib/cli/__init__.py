@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medlora {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (MedLoRAError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # one line when it is the user's to fix, else re-raised (a bug)
         message = _user_message(exc, args)
         if args.verbose or message is None:
             raise
@@ -79,26 +79,27 @@ def _outputs(args: argparse.Namespace) -> list[tuple[Path, str]]:
             if isinstance((value := getattr(args, dest, None)), (str, os.PathLike))]
 
 
-def _user_message(exc: BaseException, args: argparse.Namespace) -> str | None:
+def _user_message(exc: Exception, args: argparse.Namespace) -> str | None:
     """The one line a user sees for ``exc``, or None for a bug (shown as a traceback).
 
     An OSError (disk full, read-only folder, a file where a folder is needed, ...) is
-    explained by its errno. Libraries that lose the errno (SimpleITK, torch raise
-    RuntimeError) are explained by looking at the output's disk: full, read-only, or a
-    file-size limit. A MedLoRAError keeps its message, with that diagnosis appended when a
-    lower-level failure caused it.
+    explained by its errno. Libraries that lose the errno (SimpleITK and torch raise
+    RuntimeError, safetensors its own SafetensorError) are explained by looking at the
+    output's disk: full, read-only, or a file-size limit; any other exception is a bug.
+    A MedLoRAError keeps its message, with that diagnosis appended when a lower-level
+    failure caused it.
     """
     outputs = _outputs(args)
     if isinstance(exc, OSError):
         path = exc.filename if exc.filename is not None else (outputs[0][0] if outputs else None)
         option = next((opt for out, opt in outputs if path is not None and _within(Path(path), out)), "")
         return str(explain_os_error(exc, path, option, writing=bool(option)))
-    if isinstance(exc, MedLoRAError) and not isinstance(exc.__cause__, (OSError, RuntimeError)):
+    if isinstance(exc, MedLoRAError) and (exc.__cause__ is None or isinstance(exc.__cause__, MedLoRAError)):
         return str(exc)
     diagnosis = disk_problem([out for out, _ in outputs])
     if isinstance(exc, MedLoRAError):
         return f"{exc} ({diagnosis})" if diagnosis else str(exc)
-    return f"{exc} ({diagnosis})" if diagnosis else None
+    return f"{diagnosis} ({type(exc).__name__}: {exc})" if diagnosis else None
 
 
 def _within(path: Path, folder: Path) -> bool:
