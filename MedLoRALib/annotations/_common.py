@@ -51,10 +51,14 @@ def read_text(path: Path, what: str, error: type[MedLoRAError] = AnnotationError
                     "save it as UTF-8 CSV/JSON/XML") from None
 
 
-def show(value, limit: int = 80) -> str:
-    """``repr`` of a value from a file, shortened so one bad cell cannot flood a message."""
-    text = repr(value)
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` shortened to ``limit`` characters, so one bad cell cannot flood a message."""
     return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
+def show(value, limit: int = 80) -> str:
+    """``repr`` of a value from a file, shortened."""
+    return clip(repr(value), limit)
 
 
 def parse_json(text: str, path: Path, what: str, error: type[MedLoRAError] = AnnotationError):
@@ -70,7 +74,7 @@ def parse_json(text: str, path: Path, what: str, error: type[MedLoRAError] = Ann
         raise error(f"{what} file {path} holds a value that cannot be read: {exc}") from None
 
 
-def _fits(values: list[str], header: list[str]) -> bool:
+def fits_header(values: list[str], header: list[str]) -> bool:
     """A row fits its header when the cell counts match, apart from empty trailing cells or
     unnamed trailing columns (spreadsheets write both)."""
     if len(values) > len(header):
@@ -78,14 +82,15 @@ def _fits(values: list[str], header: list[str]) -> bool:
     return not any(header[len(values):])
 
 
-def _shape_problem(path: Path, line: int, values: list[str], header: list[str]) -> str:
-    """Why a row with another number of cells than the header cannot be read safely."""
-    quote = " (an unclosed quote?)" if any("\n" in v or '"' in v for v in values) else ""
+def shape_problem(where: str, values: list[str], header: list[str], last_line: int) -> str:
+    """Why a row with another number of cells than the header cannot be read safely;
+    ``where`` is "FILE line N" and ``last_line`` the line the row ended on."""
+    quote = f" (an unclosed quote? the row runs on to line {last_line})" if any("\n" in v for v in values) else ""
     if len(values) > len(header):
-        return (f"{path} line {line}: {len(values)} cells but the header has {len(header)} columns "
+        return (f"{where}: {len(values)} cells but the header has {len(header)} columns "
                 f"(a stray delimiter, or a comma inside an unquoted value?){quote}")
-    missing = ", ".join(header[len(values):])
-    return (f"{path} line {line}: {len(values)} cell(s) but the header has {len(header)} columns, so it has no "
+    missing = clip(", ".join(header[len(values):]), 160)
+    return (f"{where}: {len(values)} cell(s) but the header has {len(header)} columns, so it has no "
             f"value for {missing}{quote}; add the missing cells (empty cells need their delimiters too)")
 
 
@@ -99,7 +104,7 @@ def read_csv(path: Path, what: str, required: tuple[str, ...]) -> tuple[list[str
     text = read_text(path, what)
     if not text.strip():
         raise AnnotationError(f"{what} file {path} is empty: expected a header line and one row per nodule")
-    lines = text.splitlines()
+    lines = text.splitlines(keepends=True)  # line ends kept: a quoted cell may hold one
     try:
         dialect = csv.Sniffer().sniff(lines[0][:4096], delimiters=",;\t")
     except csv.Error:
@@ -118,8 +123,8 @@ def read_csv(path: Path, what: str, required: tuple[str, ...]) -> tuple[list[str
                 continue
             if not any(v.strip() for v in values):
                 continue
-            if not _fits(values, header):
-                raise AnnotationError(_shape_problem(path, start, values, header))
+            if not fits_header(values, header):
+                raise AnnotationError(shape_problem(f"{path} line {start}", values, header, reader.line_num))
             rows.append(CsvRow(start, dict(zip(header, values))))
     except csv.Error as exc:
         raise AnnotationError(f"{path} line {reader.line_num}: {exc} (an unclosed quote?)") from None

@@ -358,8 +358,9 @@ def load_lidc_xml(path: str | Path, image: CTImage, *, min_readers: int = 1, inc
     if not sessions:
         raise AnnotationError(f"{path} has no <readingSession>: no reads to import")
     if min_readers > len(sessions):
-        raise AnnotationError(f"min_readers {min_readers} is more than the {len(sessions)} reader(s) in {path}: "
-                              f"no nodule can have been marked by {min_readers}; use at most {len(sessions)}")
+        raise AnnotationError(f"min_readers (--min-readers) {min_readers} is more than the {len(sessions)} "
+                              f"reader(s) in {path}: no nodule can have been marked by {min_readers}; use at most "
+                              f"{len(sessions)}")
     marks, small = [], 0
     for index, session in enumerate(sessions, start=1):
         reader = _text(session, "servicingRadiologistID") or f"reader{index}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotations._common import parse_json, read_text, show
+from ..annotations._common import fits_header, parse_json, read_text, shape_problem, show
 from ..errors import AnnotationError, DatasetError, MedLoRAError
 from ..geometry import Geometry, to_lps
 from ..image import CTImage
@@ -158,8 +158,7 @@ def _read_records(path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
 
 
 def _csv_records(text: str, path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
-    lines = text.splitlines()
-    reader = csv.reader(lines)
+    reader = csv.reader(text.splitlines(keepends=True))
     records, problems, last = {}, [], 1
     try:
         header = next(reader, None)
@@ -171,16 +170,10 @@ def _csv_records(text: str, path: Path) -> tuple[dict[str, dict[str, str]], list
             where, last = f"line {last + 1}", reader.line_num
             if not any(v.strip() for v in values):
                 continue
-            extra = values[len(header):]
-            if len(values) < len(header) and any(header[len(values):]):
-                problems.append(f"{where}: {len(values)} cell(s) but the header has {len(header)} columns, so it "
-                                f"has no value for {show(', '.join(header[len(values):]), 120)}; add the missing "
-                                "cells (empty cells need their delimiters too)")
-            elif any(v.strip() for v in extra):
-                problems.append(f"{where}: {len(values)} cells but the header has {len(header)} columns (a stray "
-                                "comma, or a comma inside an unquoted value?)")
-            else:
+            if fits_header(values, header):
                 records[where] = _normalise_keys(dict(zip(header, values)))
+            else:
+                problems.append(shape_problem(where, values, header, reader.line_num))
     except csv.Error as exc:
         raise DatasetError(f"manifest {path} line {reader.line_num}: {exc} (an unclosed quote?)") from None
     return records, problems
