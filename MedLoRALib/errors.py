@@ -71,7 +71,8 @@ def explain_os_error(exc: OSError, path: object = None, option: str = "", writin
     ``writing`` says whether the path is known to be an output.
     """
     name = errno.errorcode.get(exc.errno or 0, "")
-    where = Path(exc.filename if exc.filename is not None else (path if path is not None else "?"))
+    known = exc.filename if exc.filename is not None else path
+    where = Path(os.fsdecode(known) if isinstance(known, (str, bytes, os.PathLike)) else "")
     if name in _DISK_ERRNOS and where.name.startswith("."):
         where = where.parent  # a temporary file beside the output: name its folder
     what, todo = _WRITE_PROBLEMS.get(name, (exc.strerror or str(exc), "check the path and the disk"))
@@ -86,7 +87,8 @@ def explain_os_error(exc: OSError, path: object = None, option: str = "", writin
     if option and name != "EFBIG":
         todo = f"{todo} ({option})"
     verb = "write" if writing or name in _WRITE_ONLY else "use"
-    return OutputError(f"cannot {verb} {where}: {what}; {todo}")
+    target = str(where) if str(where) not in ("", ".") or known is not None else "its output"
+    return OutputError(f"cannot {verb} {target}: {what}; {todo}")
 
 
 def disk_problem(paths) -> str:

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medlora {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `medlora adapters list | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     except Exception as exc:  # one line when it is the user's to fix, else re-raised (a bug)
         message = _user_message(exc, args)
         if args.verbose or message is None:
