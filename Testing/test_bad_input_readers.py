@@ -344,3 +344,24 @@ def test_crop_with_a_points_row_missing_columns(tmp_path, capsys):
     assert "points.csv line 3: 3 cell(s) but the header has 5 columns, so it has no value for z, coordinate_system" \
         in err
     assert tree_digest(tmp_path) == before
+
+
+# --- docs/reliability.md stays true -------------------------------------------------------------------
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """Every ``Testing/<file>.py::<test>`` in docs/reliability.md is a test function in that file,
+    and every table row names at least one: a renamed or deleted test cannot leave a stale row."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| input class")]
+    assert rows, "the reliability table has no rows"
+    for row in rows:
+        assert re.search(r"Testing/\w+\.py::test_\w+", row), f"a row without a test: {row}"
+    for file, name in set(re.findall(r"(Testing/\w+\.py)::(test_\w+)", doc)):
+        source = root / file
+        assert source.is_file(), f"docs/reliability.md names {file}, which does not exist"
+        assert re.search(rf"^def {name}\(", source.read_text(encoding="utf-8"), re.M), \
+            f"docs/reliability.md names {file}::{name}, which is not a test there"
