@@ -58,6 +58,8 @@ class SmallDisk:
 def small_disk(tmp_path):
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root; test_file_size_limit_* cover the unprivileged case")
+    if not (shutil.which("mount") and shutil.which("umount")):
+        pytest.skip("no mount/umount program here")
     root = tmp_path / "disk"
     root.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], capture_output=True,
@@ -211,28 +213,25 @@ def test_read_only_disk_refuses_every_writer_in_one_line(small_disk, case, store
     assert tree_digest(small_disk.root) == before
 
 
-def test_verbose_still_shows_the_traceback(small_disk, case):
-    out = small_disk.root / "patches"
-    small_disk.make_read_only()
-    result = _medlora(["-v", *crop_args(case, out)])
-    assert result.returncode not in (0, 2) and "Traceback" in result.stderr and "Read-only file system" in result.stderr
-
-
 # --- file-size limit (no root needed) -------------------------------------------------------------
 
 
-def _medlora(argv: list[str], file_size_limit: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m MedLoRALib ARGV`` in a child, optionally under RLIMIT_FSIZE with SIGXFSZ
-    ignored (so a write past the limit fails with EFBIG instead of killing the process)."""
-    def limit() -> None:
-        import resource
+# the child sets its own limit (no preexec_fn: this test process may run threads), ignores SIGXFSZ
+# so a write past the limit fails with EFBIG instead of killing it, then runs `medlora`
+_CHILD = ("import resource, runpy, signal, sys\n"
+          "limit = int(sys.argv.pop(1))\n"
+          "if limit:\n"
+          "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+          "    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
+          "sys.argv[0] = 'medlora'\n"
+          "runpy.run_module('MedLoRALib', run_name='__main__')\n")
 
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
+def _medlora(argv: list[str], file_size_limit: int = 0) -> subprocess.CompletedProcess:
+    """``medlora ARGV`` in a child process, under RLIMIT_FSIZE when ``file_size_limit`` is set."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "MedLoRALib", *argv], capture_output=True, text=True, env=env,
-                          timeout=120, preexec_fn=limit if file_size_limit else None)
+    return subprocess.run([sys.executable, "-c", _CHILD, str(file_size_limit), *argv], capture_output=True,
+                          text=True, env=env, timeout=120)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE and SIGXFSZ are POSIX only")
@@ -246,6 +245,11 @@ def test_file_size_limit_is_one_line_and_keeps_the_previous_patches(tmp_path, ca
     assert "Traceback" not in result.stderr
     assert "at most 2000 bytes" in result.stderr or "file-size limit" in result.stderr, result.stderr
     assert tree_digest(out) == before
+
+
+def test_verbose_still_shows_the_traceback(tmp_path, case):
+    result = _medlora(["-v", *crop_args(case, tmp_path / "patches")], file_size_limit=2000)
+    assert result.returncode not in (0, 2) and "Traceback" in result.stderr and "File too large" in result.stderr
 
 
 # --- a file where a folder is needed (no root needed) ---------------------------------------------
