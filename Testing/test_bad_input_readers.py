@@ -176,6 +176,14 @@ def test_points_csv_other_encodings(tmp_path, data, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("text", ['"' + "a" * 200_000 + "\n", "a" * 200_000 + ",x\n1,2\n"])
+def test_format_detection_on_a_first_line_beyond_the_csv_field_limit(tmp_path, text):
+    path = tmp_path / "huge.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(AnnotationError, match="cannot tell the format of .*huge.csv: its first line is not a CSV header"):
+        load_nodules(path)
+
+
 def test_points_csv_image_paths_that_cannot_be_paths(tmp_path):
     path = tmp_path / "points.csv"
     path.write_text("x,y,z,coordinate_system,image\n1,2,3,LPS,~no-such-user-medlora/ct.nrrd\n", encoding="utf-8")

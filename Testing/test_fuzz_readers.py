@@ -138,7 +138,9 @@ def test_markups_raw_number_tokens(folder, tokens, status):
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=400), st.text(max_size=200).map(lambda t: t.encode("utf-8", "replace"))))
+@given(data=st.one_of(st.binary(max_size=400), st.text(max_size=200).map(lambda t: t.encode("utf-8", "replace")),
+                      st.sampled_from([b'"' + b"a" * 200_000, b"a" * 200_000 + b",x\n1,2\n", b"\xff\xfe" + b"x" * 9,
+                                       b"<" * 50_000, b"{" * 50_000, b"\x00" * 1000])))
 def test_every_reader_on_random_bytes(folder, data):
     only_medlora_errors(load_markups, folder / "bytes.mrk.json", data)
     only_medlora_errors(load_points_csv, folder / "bytes.csv", data)
