@@ -219,6 +219,11 @@ def _lidc(tmp_path: Path, text: str) -> Path:
     (lidc_xml([[(5.0, "s", square(10, 10, 5), True)]]).replace("<malignancy>4", "<malignancy>high"),
      "malignancy 'high' is not an integer"),
     ('<LidcReadMessage xmlns="http://www.nih.gov"><ResponseHeader/></LidcReadMessage>', "no <readingSession>"),
+    ('<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a0 "aaaaaaaaaa">'
+     + "".join(f'<!ENTITY a{i + 1} "{f"&a{i};" * 10}">' for i in range(9))
+     + "]><LidcReadMessage>&a9;</LidcReadMessage>", "declares a DTD or entities"),       # "billion laughs"
+    ('<?xml version="1.0"?><!DOCTYPE r [<!ENTITY e SYSTEM "file:///etc/passwd">]><LidcReadMessage>&e;'
+     "</LidcReadMessage>", "declares a DTD or entities"),                               # external entity
 ])
 def test_lidc_malformed_reads(tmp_path, text, words):
     path = _lidc(tmp_path, text)

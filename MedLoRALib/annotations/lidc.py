@@ -100,6 +100,9 @@ def _parse_xml(path: Path) -> ET.Element:
     text = read_text(path, "LIDC XML")
     if not text.strip():
         raise AnnotationError(f"LIDC XML file {path} is empty")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:  # entity expansion ("billion laughs") needs a DTD
+        raise AnnotationError(f"LIDC XML file {path} declares a DTD or entities, which LIDC reads never do; "
+                              "refusing to expand them. Is this the LIDC XML of the case?")
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
