@@ -87,15 +87,16 @@ def explain_os_error(exc: OSError, path: object = None, option: str = "", writin
     if option and name != "EFBIG":
         todo = f"{todo} ({option})"
     verb = "write" if writing or name in _WRITE_ONLY else "use"
-    target = str(where) if str(where) not in ("", ".") or known is not None else "its output"
+    target = str(where) if str(where) not in ("", ".") else "its output"
     return OutputError(f"cannot {verb} {target}: {what}; {todo}")
 
 
-def disk_problem(paths) -> str:
+def disk_problem(paths, size_limit: bool = True) -> str:
     """Why writing under any of ``paths`` may have failed for lack of space or permission, or "".
 
     For failures whose errno is lost (SimpleITK and torch raise RuntimeError): looks at the
-    file system holding each path (read-only? nearly full?) and at a file-size limit.
+    file system holding each path (read-only? nearly full?) and, with ``size_limit``, at a
+    file-size limit (``ulimit -f``) set on this process.
     """
     for path in paths:
         existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), None)
@@ -114,7 +115,7 @@ def disk_problem(paths) -> str:
     try:
         import resource
 
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if size_limit else resource.RLIM_INFINITY
     except (ImportError, OSError, ValueError):
         return ""
     if limit != resource.RLIM_INFINITY:

@@ -309,3 +309,18 @@ def test_disk_problem_is_silent_on_a_healthy_disk(tmp_path):
     if shutil.disk_usage(tmp_path).free < 64 << 20:
         pytest.skip("the temporary folder's disk is nearly full")
     assert disk_problem([tmp_path / "not-yet" / "out.csv"]) == ""
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("boom"), ValueError("boom"), KeyError("boom")])
+def test_a_bug_on_a_healthy_disk_keeps_its_traceback(tmp_path, monkeypatch, bug):
+    """Only the user's problems become one line: an unexplained exception still propagates."""
+    import MedLoRALib.cli.phantom as phantom_cli
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(phantom_cli, "run", broken)
+    if shutil.disk_usage(tmp_path).free < 64 << 20:
+        pytest.skip("the temporary folder's disk is nearly full")
+    with pytest.raises(type(bug)):
+        main(["phantom", "--out", str(tmp_path / "cohort")])

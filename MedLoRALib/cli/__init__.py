@@ -99,7 +99,8 @@ def _user_message(exc: Exception, args: argparse.Namespace) -> str | None:
         return str(explain_os_error(exc, path, option, writing=bool(option)))
     if isinstance(exc, MedLoRAError) and (exc.__cause__ is None or isinstance(exc.__cause__, MedLoRAError)):
         return str(exc)
-    diagnosis = disk_problem([out for out, _ in outputs])
+    text = str(exc).lower()  # a file-size limit is named only for an error about writing
+    diagnosis = disk_problem([out for out, _ in outputs], size_limit="writ" in text or "too large" in text)
     if isinstance(exc, MedLoRAError):
         return f"{exc} ({diagnosis})" if diagnosis else str(exc)
     return f"{diagnosis} ({type(exc).__name__}: {exc})" if diagnosis else None
