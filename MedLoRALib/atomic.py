@@ -28,18 +28,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import OutputError, explain_os_error
 
 _CHUNK = 1 << 20
-_REASONS = {
-    errno.ENOSPC: ("the disk is full", "Free space on that disk or write somewhere else."),
-    errno.EDQUOT: ("the disk quota is exceeded", "Free space or write somewhere else."),
-    errno.EFBIG: ("the file is larger than allowed (file size limit, or the disk is full)",
-                  "Free space or write somewhere else."),
-    errno.EROFS: ("the file system is read-only", "Choose a writable output location."),
-    errno.EACCES: ("permission denied", "Choose a folder you can write to."),
-    errno.EPERM: ("operation not permitted", "Choose a folder you can write to."),
-}
 # Hidden staging names: .<target>.<kind>-<pid>-<token>
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|deleted)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -65,9 +56,8 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     """A user-facing error for a failed write of ``path``; the previous content is untouched."""
     if isinstance(exc, OutputError):
         return exc
-    reason, hint = _REASONS.get(exc.errno, (exc.strerror or str(exc), "Check the output location."))
-    error = OutputError(f"cannot write {path}: {reason}. {hint} Nothing was replaced: "
-                        "any previous file there is unchanged.")
+    error = explain_os_error(exc, path)
+    error.args = (f"{error}. Nothing was replaced: any previous file there is unchanged.",)
     error.errno = exc.errno  # for code that tests it; str(error) stays the message
     return error
 

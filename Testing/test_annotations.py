@@ -130,8 +130,10 @@ def test_lidc_sop_and_z_lookups_agree(lidc_0003, ct_0003):
 def test_lidc_needs_the_ct_and_the_right_series(lidc_0001, lidc_0003, ct_0003):
     with pytest.raises(AnnotationError, match="pass the image"):
         load_nodules(_xml(lidc_0001))
-    with pytest.raises(AnnotationError, match="another series"):
+    with pytest.raises(AnnotationError, match="holds reads of series") as info:
         load_nodules(_xml(lidc_0001), image=ct_0003)
+    # both series named: the user sees which series the XML wants and which one was loaded
+    assert ct_0003.ids.series_uid in str(info.value) and "179049373636438705059720603192" in str(info.value)
 
 
 # --- LIDC on synthetic grids (direction matrices, exclusions) -------------------------------

@@ -46,7 +46,11 @@ def detect_format(path: str | Path) -> str:
     if head.startswith("{"):
         return "markups"
     first_line = head.splitlines()[0]
-    header = [normalise_column(c) for c in next(csv.reader([first_line.replace(";", ",").replace("\t", ",")]))]
+    try:
+        header = [normalise_column(c) for c in next(csv.reader([first_line.replace(";", ",").replace("\t", ",")]))]
+    except csv.Error as exc:  # e.g. a first "cell" beyond the csv module's field limit
+        raise AnnotationError(f"cannot tell the format of {path}: its first line is not a CSV header ({exc}); "
+                              "expected a LIDC XML, a Slicer .mrk.json or a CSV with a header line") from None
     for fmt, matches in (("nlstx", is_nlstx_header), ("luna16", is_luna16_header), ("points", is_points_header)):
         if matches(header):
             return fmt

@@ -3,14 +3,16 @@ that name the file, line and column, so a user can fix the file without a traceb
 
 from __future__ import annotations
 
+import codecs
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import AnnotationError
+from ..errors import AnnotationError, MedLoRAError
 
 
 @dataclass(frozen=True)
@@ -29,50 +31,103 @@ def normalise_column(name: str) -> str:
     return name.replace("\ufeff", "").strip().lower()
 
 
-def read_text(path: Path, what: str) -> str:
-    """Read a text file, turning OS and encoding problems into AnnotationErrors."""
+def read_text(path: Path, what: str, error: type[MedLoRAError] = AnnotationError) -> str:
+    """Read a UTF-8 text file, turning OS and encoding problems into ``error``."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise AnnotationError(f"{what} file not found: {path}") from None
+        raise error(f"{what} file not found: {path}") from None
     except IsADirectoryError:
-        raise AnnotationError(f"{what} path is a folder, not a file: {path}") from None
-    except OSError as exc:
-        raise AnnotationError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+        raise error(f"{what} path is a folder, not a file: {path}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
+        raise error(f"cannot read {what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        raise error(f"{what} file {path} is not UTF-8: it starts with a UTF-16 byte-order mark (as Excel's "
+                    "'Unicode Text' writes); save it as UTF-8 (Excel: 'CSV UTF-8')")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise AnnotationError(f"{what} file {path} is not UTF-8 text (byte {exc.start} is not valid); "
-                              "save it as UTF-8 CSV/JSON/XML") from None
+        raise error(f"{what} file {path} is not UTF-8 text (byte {exc.start} is not valid); "
+                    "save it as UTF-8 CSV/JSON/XML") from None
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` shortened to ``limit`` characters, so one bad cell cannot flood a message."""
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
+def show(value, limit: int = 80) -> str:
+    """``repr`` of a value from a file, shortened."""
+    return clip(repr(value), limit)
+
+
+def parse_json(text: str, path: Path, what: str, error: type[MedLoRAError] = AnnotationError):
+    """``json.loads`` whose every failure (syntax, nesting, a 5000-digit number) is ``error``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; "
+                    "is the file complete?") from None
+    except RecursionError:
+        raise error(f"{what} file {path} is nested too deeply to be a {what} file") from None
+    except ValueError as exc:  # an integer longer than Python's 4300-digit limit
+        raise error(f"{what} file {path} holds a value that cannot be read: {exc}") from None
+
+
+def fits_header(values: list[str], header: list[str]) -> bool:
+    """A row fits its header when the cell counts match, apart from empty trailing cells or
+    unnamed trailing columns (spreadsheets write both)."""
+    if len(values) > len(header):
+        return not any(v.strip() for v in values[len(header):])
+    return not any(header[len(values):])
+
+
+def shape_problem(where: str, values: list[str], header: list[str], last_line: int) -> str:
+    """Why a row with another number of cells than the header cannot be read safely;
+    ``where`` is "FILE line N" and ``last_line`` the line the row ended on."""
+    quote = f" (an unclosed quote? the row runs on to line {last_line})" if any("\n" in v for v in values) else ""
+    if len(values) > len(header):
+        return (f"{where}: {len(values)} cells but the header has {len(header)} columns "
+                f"(a stray delimiter, or a comma inside an unquoted value?){quote}")
+    missing = clip(", ".join(header[len(values):]), 160)
+    return (f"{where}: {len(values)} cell(s) but the header has {len(header)} columns, so it has no "
+            f"value for {missing}{quote}; add the missing cells (empty cells need their delimiters too)")
 
 
 def read_csv(path: Path, what: str, required: tuple[str, ...]) -> tuple[list[str], list[CsvRow]]:
     """Rows of a CSV with a header; blank lines are skipped.
 
     Raises AnnotationError when the file is empty, has no data rows, lacks a required
-    column (all names normalised), or a row has more cells than the header.
+    column (all names normalised), or a row has more or fewer cells than the header
+    (which would shift or drop values silently).
     """
     text = read_text(path, what)
     if not text.strip():
         raise AnnotationError(f"{what} file {path} is empty: expected a header line and one row per nodule")
+    lines = text.splitlines(keepends=True)  # line ends kept: a quoted cell may hold one
     try:
-        dialect = csv.Sniffer().sniff(text.splitlines()[0], delimiters=",;\t")
+        dialect = csv.Sniffer().sniff(lines[0][:4096], delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    reader = csv.reader(text.splitlines(), dialect)
-    header = [normalise_column(c) for c in next(reader)]
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise AnnotationError(f"{what} file {path} lacks column(s) {', '.join(missing)}; "
-                              f"its header is: {', '.join(header)}")
-    rows = []
-    for line, values in enumerate(reader, start=2):
-        if not any(v.strip() for v in values):
-            continue
-        if len(values) > len(header):
-            raise AnnotationError(f"{path} line {line}: {len(values)} cells but the header has "
-                                  f"{len(header)} columns (a stray delimiter?)")
-        rows.append(CsvRow(line, dict(zip(header, values))))
+    reader = csv.reader(lines, dialect)
+    rows, header, end = [], None, 0
+    try:
+        for values in reader:
+            start, end = end + 1, reader.line_num
+            if header is None:
+                header = [normalise_column(c) for c in values]
+                missing = [c for c in required if c not in header]
+                if missing:
+                    raise AnnotationError(f"{what} file {path} lacks column(s) {', '.join(missing)}; "
+                                          f"its header is: {show(', '.join(header), 300)}")
+                continue
+            if not any(v.strip() for v in values):
+                continue
+            if not fits_header(values, header):
+                raise AnnotationError(shape_problem(f"{path} line {start}", values, header, reader.line_num))
+            rows.append(CsvRow(start, dict(zip(header, values))))
+    except csv.Error as exc:
+        raise AnnotationError(f"{path} line {reader.line_num}: {exc} (an unclosed quote?)") from None
     if not rows:
         raise AnnotationError(f"{what} file {path} has a header but no rows: no nodules to read")
     return header, rows

@@ -30,6 +30,7 @@ diameter is the mean of the readers' longest in-plane diameters.
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from ..errors import AnnotationError
 from ..geometry import Geometry
 from ..image import CTImage
 from ..nodule import Nodule
-from ._common import dicom_positions_by, read_text
+from ._common import dicom_positions_by, read_text, show
 
 SMALL_NODULE_MM = 3.0
 # How far (in slices) a roi's position may sit from the nearest slice centre.
@@ -99,6 +100,9 @@ def _parse_xml(path: Path) -> ET.Element:
     text = read_text(path, "LIDC XML")
     if not text.strip():
         raise AnnotationError(f"LIDC XML file {path} is empty")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:  # entity expansion ("billion laughs") needs a DTD
+        raise AnnotationError(f"LIDC XML file {path} declares a DTD or entities, which LIDC reads never do; "
+                              "refusing to expand them. Is this the LIDC XML of the case?")
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
@@ -122,7 +126,10 @@ def _roi(element: ET.Element, path: Path, where: str) -> _Roi:
     try:
         z = float(z_text)
     except ValueError:
-        raise AnnotationError(f"{path}: {where} has no valid <imageZposition> (got {z_text!r})") from None
+        z = math.nan
+    if not math.isfinite(z):
+        raise AnnotationError(f"{path}: {where} has no valid <imageZposition> (got {show(z_text)}); "
+                              "is the XML complete?") from None
     points = []
     for edge in element.findall("edgeMap"):
         try:
@@ -216,12 +223,25 @@ def _longest_diameter_mm(rois: list[_Roi], spacing: tuple[float, float, float]) 
     return longest
 
 
+def _check_in_slice(rois: list[_Roi], geometry: Geometry, path: Path, where: str) -> None:
+    """Edge-map pixels must lie in the CT's slices (a 10⁹ coordinate would also ask for a
+    10⁹-pixel region mask)."""
+    columns, rows = geometry.size[0], geometry.size[1]
+    for roi in rois:
+        outside = (roi.cols_rows < 0).any(axis=1) | (roi.cols_rows[:, 0] >= columns) | (roi.cols_rows[:, 1] >= rows)
+        if outside.any():
+            x, y = roi.cols_rows[np.argmax(outside)].astype(int)
+            raise AnnotationError(f"{path}: {where}: edge-map point (x {x}, y {y}) at z {roi.z_position:g} lies "
+                                  f"outside the CT's {columns}×{rows}-pixel slices; is the XML for this series?")
+
+
 def _reader_mark(reader: str, nodule: ET.Element, path: Path, locator: SliceLocator) -> ReaderMark:
     nodule_id = _text(nodule, "noduleID") or "?"
-    where = f"reader {reader}, nodule {nodule_id!r}"
+    where = f"reader {reader}, nodule {show(nodule_id, 60)}"
     rois = [_roi(r, path, where) for r in nodule.findall("roi")]
     if not rois:
         raise AnnotationError(f"{path}: {where} has no <roi>")
+    _check_in_slice(rois, locator.geometry, path, where)
     by_slice: dict[int, list[_Roi]] = {}
     for roi in rois:
         by_slice.setdefault(locator.slice_index(roi, path, where), []).append(roi)
@@ -295,6 +315,17 @@ def _consensus(group: list[ReaderMark], nodule_id: str, case_id: str, series_uid
         ratings=ratings, reader_count=len(group), source=source)
 
 
+def _no_nodule_reason(path: Path, readers: int, groups: list[list[ReaderMark]], small: int, min_readers: int) -> str:
+    """Why a LIDC XML yields no nodule, in the terms of the options that decide it."""
+    if groups:
+        most = max(len(g) for g in groups)
+        return (f"{path}: none of its {len(groups)} nodule(s) was marked by at least {min_readers} of the "
+                f"{readers} readers (the most any nodule has is {most}); lower min_readers (--min-readers) "
+                f"to {most} or less")
+    skipped = f"; {small} nodule(s) < 3 mm were skipped (include_small=True keeps them)" if small else ""
+    return f"{path}: its {readers} reader(s) marked no nodule ≥ 3 mm{skipped}"
+
+
 # --- entry point ----------------------------------------------------------------------
 def load_lidc_xml(path: str | Path, image: CTImage, *, min_readers: int = 1, include_small: bool = False,
                   group_distance_mm: float = 5.0,
@@ -311,31 +342,41 @@ def load_lidc_xml(path: str | Path, image: CTImage, *, min_readers: int = 1, inc
             folder the CT was loaded from when not given.
     """
     path = Path(path)
-    if not 1 <= int(min_readers):
-        raise AnnotationError(f"min_readers must be at least 1, got {min_readers}")
+    if isinstance(min_readers, bool) or not isinstance(min_readers, int) or min_readers < 1:
+        raise AnnotationError(f"min_readers must be at least 1, got {show(min_readers)}")
     if image is None:
         raise AnnotationError(f"{path}: LIDC XML outlines are in pixel coordinates; pass the CT "
                               "series they were drawn on (image=...) to place them")
     root = _parse_xml(path)
     series_uid = _text(root, "ResponseHeader/SeriesInstanceUid")
     if series_uid and image.ids.series_uid and series_uid != image.ids.series_uid:
-        raise AnnotationError(f"{path} holds reads of another series than this CT (the XML names "
-                              "SeriesInstanceUid different from the CT's); pick the matching XML")
+        raise AnnotationError(
+            f"{path} holds reads of series {show(series_uid, 90)}, but the CT loaded is series "
+            f"{show(image.ids.series_uid, 90)}: the outlines would land on the wrong slices. Load the series the "
+            "XML names (e.g. --series-uid with a folder holding several series), or use this series' own XML")
     if sop_positions_lps is None and image.source and Path(image.source).is_dir():
         sop_positions_lps = dicom_slice_positions(Path(image.source))
     locator = SliceLocator(image.geometry, sop_positions_lps)
     sessions = root.findall("readingSession")
     if not sessions:
         raise AnnotationError(f"{path} has no <readingSession>: no reads to import")
-    marks = []
+    if min_readers > len(sessions):
+        raise AnnotationError(f"min_readers (--min-readers) {min_readers} is more than the {len(sessions)} "
+                              f"reader(s) in {path}: no nodule can have been marked by {min_readers}; use at most "
+                              f"{len(sessions)}")
+    marks, small = [], 0
     for index, session in enumerate(sessions, start=1):
         reader = _text(session, "servicingRadiologistID") or f"reader{index}"
         reader = f"{index}:{reader}"  # IDs can repeat or be blank across sessions
         for nodule in session.findall("unblindedReadNodule"):
             if _is_small(nodule) and not include_small:
+                small += 1
                 continue
             marks.append(_reader_mark(reader, nodule, path, locator))
-    groups = [g for g in group_marks(marks, group_distance_mm) if len(g) >= min_readers]
+    all_groups = group_marks(marks, group_distance_mm)
+    groups = [g for g in all_groups if len(g) >= min_readers]
+    if not groups:
+        raise AnnotationError(_no_nodule_reason(path, len(sessions), all_groups, small, min_readers))
     groups.sort(key=lambda g: (-len(g), -float(np.mean([m.centre_lps[2] for m in g]))))
     case_id = image.ids.patient_id or path.stem
     source = f"lidc-xml:{path.name}"

@@ -18,7 +18,7 @@ from ..errors import AnnotationError
 from ..geometry import to_lps
 from ..image import CTImage
 from ..nodule import Nodule
-from ._common import CsvRow, parse_float, parse_label, read_csv
+from ._common import CsvRow, parse_float, parse_label, read_csv, show
 
 REQUIRED = ("x", "y", "z", "coordinate_system")
 
@@ -27,9 +27,12 @@ def is_points_header(header: list[str]) -> bool:
     return all(c in header for c in ("x", "y", "z"))
 
 
-def _resolve(value: str, folder: Path) -> Path:
-    path = Path(value).expanduser()
-    return (path if path.is_absolute() else folder / path).resolve()
+def _resolve(value: str, folder: Path, where: str) -> Path:
+    try:
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else folder / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # ~nobody, a symlink loop, a NUL character
+        raise AnnotationError(f"{where}: image {show(value)} is not a usable path ({exc})") from None
 
 
 def _row_nodule(row: CsvRow, path: Path, header: list[str]) -> Nodule:
@@ -65,7 +68,8 @@ def load_points_csv(path: str | Path, image: CTImage | None = None) -> list[Nodu
     header, rows = read_csv(path, "points", REQUIRED)
     if image is not None and image.source and "image" in header:
         wanted = Path(image.source).expanduser().resolve()
-        rows = [r for r in rows if not r.get("image") or _resolve(r.get("image"), path.parent) == wanted]
+        rows = [r for r in rows
+                if not r.get("image") or _resolve(r.get("image"), path.parent, f"{path} line {r.line}") == wanted]
     for row in rows:
         if "annotations" in header and row.get("annotations") and not row.get("x"):
             raise AnnotationError(f"{path} line {row.line} refers to an annotation file instead of a point; "

@@ -14,7 +14,6 @@ training starts, so a researcher fixes the manifest in one pass instead of one e
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..annotations._common import fits_header, parse_json, read_text, shape_problem, show
 from ..errors import AnnotationError, DatasetError, MedLoRAError
 from ..geometry import Geometry, to_lps
 from ..image import CTImage
@@ -117,17 +117,17 @@ def read_rows(path: str | Path) -> tuple[list[ManifestRow], list[str]]:
     not CSV/JSON, no image column): per-row problems are collected instead.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"manifest not found: {path}")
-    records = _read_records(path)
-    if not records:
+    records, problems = _read_records(path)
+    if not records and not problems:
         raise DatasetError(f"manifest {path} has no rows")
     columns = {k for r in records.values() for k in r}
-    if "image" not in columns:
-        raise DatasetError(f"manifest {path} has no 'image' column; columns found: {sorted(columns)}. "
+    if records and "image" not in columns:
+        raise DatasetError(f"manifest {path} has no 'image' column; columns found: {show(sorted(columns), 300)}. "
                            "Each row needs image (DICOM folder or volume file), x, y, z, "
                            "coordinate_system, label and patient_id — or image + annotations.")
-    rows, problems = [], []
+    rows = []
     for where, record in records.items():
         try:
             rows.append(_parse_row(where, record, path.parent))
@@ -136,31 +136,52 @@ def read_rows(path: str | Path) -> tuple[list[ManifestRow], list[str]]:
     return rows, problems
 
 
-def _read_records(path: Path) -> dict[str, dict[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read manifest {path}: {exc}") from exc
+def _read_records(path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Rows by where they are (``line N`` / ``item N``), and the rows that cannot be read
+    (a CSV row with more or fewer cells than the header, a JSON value that is a list or object)."""
+    text = read_text(path, "manifest", DatasetError)
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"manifest {path} is not valid JSON: {exc}") from exc
+        data = parse_json(text, path, "manifest", DatasetError)
         items = data.get("nodules", data.get("rows")) if isinstance(data, dict) else data
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise DatasetError(f"manifest {path}: expected a list of row objects, or {{\"nodules\": [...]}}")
-        return {f"item {n}": _normalise_keys(item) for n, item in enumerate(items)}
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames:
-        raise DatasetError(f"manifest {path} has no header line")
-    # line numbers as a spreadsheet shows them: the header is line 1
-    return {f"line {n}": _normalise_keys(r) for n, r in enumerate(reader, start=2)
-            if any((v or "").strip() for v in r.values() if isinstance(v, str))}
+        records, problems = {}, []
+        for n, item in enumerate(items):
+            nested = sorted(str(k) for k, v in item.items() if isinstance(v, (dict, list)))
+            if nested:
+                problems.append(f"item {n}: {show(', '.join(nested), 120)} must be a number or text, not a list "
+                                "or object")
+            else:
+                records[f"item {n}"] = _normalise_keys(item)
+        return records, problems
+    return _csv_records(text, path)
+
+
+def _csv_records(text: str, path: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    reader = csv.reader(text.splitlines(keepends=True))
+    records, problems, last = {}, [], 1
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise DatasetError(f"manifest {path} has no header line")
+        header = [h.strip().lower() for h in header]
+        for values in reader:
+            # line numbers as a spreadsheet shows them: the header is line 1
+            where, last = f"line {last + 1}", reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            if fits_header(values, header):
+                records[where] = _normalise_keys(dict(zip(header, values)))
+            else:
+                problems.append(shape_problem(where, values, header, reader.line_num))
+    except csv.Error as exc:
+        raise DatasetError(f"manifest {path} line {reader.line_num}: {exc} (an unclosed quote?)") from None
+    return records, problems
 
 
 def _normalise_keys(record: dict) -> dict[str, str]:
     return {str(k).strip().lower(): ("" if v is None else str(v).strip())
-            for k, v in record.items() if k is not None}
+            for k, v in record.items() if k is not None and str(k).strip()}
 
 
 def _parse_row(where: str, r: dict[str, str], base: Path) -> ManifestRow:
@@ -169,14 +190,15 @@ def _parse_row(where: str, r: dict[str, str], base: Path) -> ManifestRow:
 
     if not r.get("image"):
         raise fail("no image path")
-    image = _resolve(r["image"], base)
-    annotations = _resolve(r["annotations"], base) if r.get("annotations") else None
+    image = _resolve(r["image"], base, fail)
+    annotations = _resolve(r["annotations"], base, fail) if r.get("annotations") else None
     centre_lps = None
     if any(r.get(axis) for axis in "xyz"):
         try:
             xyz = np.array([float(r[axis]) for axis in "xyz"])
         except (KeyError, ValueError):
-            raise fail(f"x, y, z must be numbers in mm, got ({r.get('x')!r}, {r.get('y')!r}, {r.get('z')!r})") from None
+            raise fail(f"x, y, z must be numbers in mm, got ({show(r.get('x'), 40)}, {show(r.get('y'), 40)}, "
+                       f"{show(r.get('z'), 40)})") from None
         if not np.isfinite(xyz).all():
             raise fail(f"x, y, z must be finite, got {xyz.tolist()}")
         system = r.get("coordinate_system", "")
@@ -195,7 +217,9 @@ def _parse_row(where: str, r: dict[str, str], base: Path) -> ManifestRow:
         try:
             diameter = float(r["diameter_mm"])
         except ValueError:
-            raise fail(f"diameter_mm must be a number, got {r['diameter_mm']!r}") from None
+            raise fail(f"diameter_mm must be a number, got {show(r['diameter_mm'])}") from None
+        if not 0 < diameter < np.inf:
+            raise fail(f"diameter_mm must be a positive finite number of mm, got {show(r['diameter_mm'])}")
     return ManifestRow(row=where, image=image, series_uid=r.get("series_uid", ""), annotations=annotations,
                        centre_lps=centre_lps, label=label, excluded=excluded,
                        patient_id=r.get("patient_id", ""), nodule_id=r.get("nodule_id", ""),
@@ -209,14 +233,14 @@ def _parse_label(r: dict[str, str], fail) -> tuple[int | None, str]:
             return 1, ""
         if text in _FALSE_LABELS:
             return 0, ""
-        raise fail(f"label {r['label']!r} is not 0/1 or benign/malignant")
+        raise fail(f"label {show(r['label'])} is not 0/1 or benign/malignant")
     if r.get("malignancy"):
         from ..annotations import lidc_label
 
         try:
             rating = float(r["malignancy"])
         except ValueError:
-            raise fail(f"malignancy must be a number 1–5, got {r['malignancy']!r}") from None
+            raise fail(f"malignancy must be a number 1–5, got {show(r['malignancy'])}") from None
         if not 1.0 <= rating <= 5.0:
             raise fail(f"malignancy must be between 1 and 5, got {rating:g}")
         label = lidc_label(rating)
@@ -226,8 +250,13 @@ def _parse_label(r: dict[str, str], fail) -> tuple[int | None, str]:
     return None, ""
 
 
-def _resolve(text: str, base: Path) -> Path:
-    p = Path(text).expanduser()
+def _resolve(text: str, base: Path, fail) -> Path:
+    if "\x00" in text:
+        raise fail(f"path {show(text)} holds a NUL character")
+    try:
+        p = Path(text).expanduser()
+    except RuntimeError as exc:  # ~someone who has no home folder here
+        raise fail(f"path {show(text)}: {exc}") from None
     return p if p.is_absolute() else (base / p)
 
 
