@@ -345,7 +345,6 @@ def test_a_failed_run_leaves_the_earlier_crops(tmp_path, ct_file, capsys):
 
 
 def test_unwritable_output_is_a_clear_error(tmp_path, ct_file, capsys):
-    import errno
     import os
     import resource
 
@@ -365,7 +364,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path, ct_file, capsys):
             finally:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
                 signal.signal(signal.SIGXFSZ, previous)
-            assert code == 2 and "could not write the crops" in err and os.strerror(errno.EFBIG) in err
+            assert code == 2 and "could not write the crops" in err and "file-size limit" in err
         else:
             code, err = run_cli(capsys, "--volume", ct_file[0], "--points", points, "--out", locked / "o")
             assert code == 2 and "could not write the crops" in err and "ermission denied" in err

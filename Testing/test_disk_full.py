@@ -110,7 +110,7 @@ def test_crop_on_a_full_disk_keeps_the_previous_patches(small_disk, case, capsys
     assert main(crop_args(case, out, *extra)) == 0
     before, inputs = tree_digest(out), tree_digest(*case)
     small_disk.fill()
-    assert main(crop_args(case, out, *extra)) == 2
+    assert main(crop_args(case, out, *extra, "--overwrite")) == 2
     message = one_line_error(capsys, "crop")
     assert "disk" in message and "full" in message and str(out) in message
     assert tree_digest(out) == before  # byte-identical, and no temporary file left beside them
@@ -203,7 +203,8 @@ def test_read_only_disk_refuses_every_writer_in_one_line(small_disk, case, store
     capsys.readouterr()
     before = tree_digest(small_disk.root)
     small_disk.make_read_only()
-    runs = {"crop": crop_args(case, patches), "phantom": ["phantom", "--out", str(cohort), *PHANTOM_ARGS],
+    runs = {"crop": crop_args(case, patches, "--overwrite"),
+            "phantom": ["phantom", "--out", str(cohort), *PHANTOM_ARGS, "--overwrite"],
             "score": score_args(case, store, results),
             "adapters": ["adapters", "--store", str(store), "export", "tiny", str(small_disk.root / "t.zip")]}
     for command, argv in runs.items():
@@ -240,7 +241,7 @@ def test_file_size_limit_is_one_line_and_keeps_the_previous_patches(tmp_path, ca
     out = tmp_path / "patches"
     assert main(crop_args(case, out, *extra)) == 0
     before = tree_digest(out)
-    result = _medlora(crop_args(case, out, *extra), file_size_limit=2000)  # index.csv fits, a patch does not
+    result = _medlora(crop_args(case, out, *extra, "--overwrite"), file_size_limit=2000)  # index.csv fits, a patch does not
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "at most 2000 bytes" in result.stderr or "file-size limit" in result.stderr, result.stderr
@@ -265,6 +266,7 @@ def test_a_file_where_the_output_folder_should_be(tmp_path, case, capsys):
         assert main(argv) == 2, argv
         message = one_line_error(capsys, command)
         assert f"{blocker} is a file where a folder is needed" in message or (
+            f"--out {blocker} is a file;" in message and "folder" in message) or (
             "exists as a file where a folder is needed" in message and str(blocker) in message), message
     assert tree_digest(tmp_path) == before
 

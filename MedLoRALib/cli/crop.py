@@ -8,9 +8,7 @@ holding anything crop did not write is refused. Torch-free.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import os
 from pathlib import Path
 
 from ..crops import (
@@ -22,7 +20,7 @@ from ..crops import (
     crop_study,
     write_index,
 )
-from ..errors import AnnotationError, MedLoRAError
+from ..errors import AnnotationError, MedLoRAError, explain_os_error
 from .inputs import add_input_arguments, read_inputs
 
 log = logging.getLogger(__name__)
@@ -99,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
             rows = _crop_all(args, inputs, job, options, staging)
             write_index(rows, staging / INDEX_NAME)
     except OSError as exc:
-        full = " The disk is full: free space or name a folder on another disk." if exc.errno == errno.ENOSPC else ""
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # OutputError carries errno, not strerror
-        raise MedLoRAError(f"could not write the crops to {out}: {reason}.{full} "
+        raise MedLoRAError(f"could not write the crops: {explain_os_error(exc, exc.filename or out, '--out')}. "
                            f"Nothing in {out} was changed.") from exc
     print(f"wrote {len(rows)} patch(es) ({job.views}, {job.file_format}) and {INDEX_NAME} to {out}")
     return 0
