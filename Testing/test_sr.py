@@ -20,8 +20,15 @@ from MedLoRALib.annotations import load_nodules
 from MedLoRALib.ctio import load_ct, save_volume
 from MedLoRALib.nodule import Nodule
 from MedLoRALib.patches import PatchSpec
-from MedLoRALib.report.sr import (COMPREHENSIVE_3D_SR, LABEL_CONCEPT, RANDOM_INIT_PARAMETER, SRError, algorithm_parameters,
-                                  manifest_sha256, write_score_sr)
+from MedLoRALib.report.sr import (
+    COMPREHENSIVE_3D_SR,
+    LABEL_CONCEPT,
+    RANDOM_INIT_PARAMETER,
+    SRError,
+    algorithm_parameters,
+    manifest_sha256,
+    write_score_sr,
+)
 
 hd = pytest.importorskip("highdicom")
 SPEC = PatchSpec(views="ortho3", fov_mm=50.0, pixels=32)

@@ -14,7 +14,7 @@ of the scored CT series as evidence. It holds one TID 1410 measurement group per
   (30807003) / Malignant (21594007), other class names as codes of MedLoRA's own scheme
   ``99MEDLORA`` (declared in the Coding Scheme Identification Sequence);
 * the algorithm as TID 4019 Algorithm Identification: name (the adapter's name), version (the
-  adapter's content id, ``AdapterManifest.version_id``), manufacturer "MedLoRA", and parameters
+  adapter's content id, ``AdapterManifest.version_id``) and parameters
   naming the backbone, its weights' SHA-256, the manifest's SHA-256 (``manifest_sha256``), the
   threshold, temperature, view set and test-time augmentation.
 
@@ -245,9 +245,16 @@ def _private_scheme_item():
 def _measurement_group(nodule: Nodule, index: int, probability: float, label: str, frame_uid: str,
                        algorithm, tracking_seed: Sequence[str]):
     import numpy as np
-    from highdicom.sr import (CodedConcept, FindingSite, GraphicTypeValues3D, ImageRegion3D, Measurement,
-                              PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
-                              TrackingIdentifier)
+    from highdicom.sr import (
+        CodedConcept,
+        FindingSite,
+        GraphicTypeValues3D,
+        ImageRegion3D,
+        Measurement,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        TrackingIdentifier,
+    )
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -284,8 +291,14 @@ def build_score_sr(ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dic
         settings: series number and description.
     """
     from highdicom import UID
-    from highdicom.sr import (AlgorithmIdentification, Comprehensive3DSR, DeviceObserverIdentifyingAttributes,
-                              MeasurementReport, ObservationContext, ObserverContext)
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        Comprehensive3DSR,
+        DeviceObserverIdentifyingAttributes,
+        MeasurementReport,
+        ObservationContext,
+        ObserverContext,
+    )
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -302,7 +315,7 @@ def build_score_sr(ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dic
     frame_uid = str(first.FrameOfReferenceUID)
 
     algorithm = AlgorithmIdentification(name=manifest.name, version=manifest.version_id,
-                                        parameters=algorithm_parameters(manifest, tta), manufacturer=MANUFACTURER)
+                                        parameters=algorithm_parameters(manifest, tta))
     device = DeviceObserverIdentifyingAttributes(
         uid=generate_uid(prefix=None, entropy_srcs=["MedLoRA", manifest.name, manifest.version_id]),
         name=f"MedLoRA {__version__}", manufacturer_name=MANUFACTURER, model_name=manifest.name)
