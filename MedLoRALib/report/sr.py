@@ -130,6 +130,15 @@ def _series_files(ct: CTImage, dicom_files: Sequence[str | os.PathLike] | None) 
     return [s.path for s in found[0].slices]
 
 
+def require_dicom_origin(ct: CTImage) -> None:
+    """Refuse a CT that was not read from DICOM (cheap: call it before scoring)."""
+    if not ct.ids.series_uid:
+        raise SRError(f"a DICOM SR refers to the CT's DICOM series (study, series, image and frame-of-reference "
+                      f"UIDs), but {_volume_name(ct)} was not read from DICOM and has none. Load the CT from its "
+                      "DICOM series folder (e.g. --volume DICOM_FOLDER) to write an SR; NRRD and NIfTI volumes "
+                      "cannot be referenced.")
+
+
 def read_series_headers(ct: CTImage, dicom_files: Sequence[str | os.PathLike] | None = None) -> list:
     """Headers (no pixels) of every image of the CT's DICOM series, checked to belong to it.
 
@@ -144,11 +153,7 @@ def read_series_headers(ct: CTImage, dicom_files: Sequence[str | os.PathLike] | 
 
     from ..ctio import series_key
 
-    if not ct.ids.series_uid:
-        raise SRError(f"a DICOM SR refers to the CT's DICOM series (study, series, image and frame-of-reference "
-                      f"UIDs), but {_volume_name(ct)} was not read from DICOM and has none. Load the CT from its "
-                      "DICOM series folder (e.g. --volume DICOM_FOLDER) to write an SR; NRRD and NIfTI volumes "
-                      "cannot be referenced.")
+    require_dicom_origin(ct)
     key = series_key(ct.ids.series_uid)
     headers = []
     for path in _series_files(ct, dicom_files):
@@ -338,8 +343,10 @@ def build_score_sr(ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dic
     return sr
 
 
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """Refuse to replace anything but a MedLoRA SR, and that only with ``overwrite``."""
+def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to replace anything but a MedLoRA SR, and that only with ``overwrite`` (cheap: call it
+    before scoring)."""
+    out = Path(out)
     if out.is_dir():
         raise SRError(f"{out} is a folder; name the SR file to write (e.g. {out / 'medlora-sr.dcm'}).")
     if not out.exists():
@@ -382,7 +389,7 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage, nodules: Sequence[Nodule
         ``out`` as a Path.
     """
     out = Path(out)
-    _check_replaceable(out, overwrite)
+    check_sr_output(out, overwrite)
     _checked_results(nodules, results, _manifest(manifest))  # before the headers: bad results fail fast
     headers = read_series_headers(ct, dicom_files)
     sr = build_score_sr(ct, nodules, results, manifest, headers, tta=tta, settings=settings)
