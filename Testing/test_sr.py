@@ -7,13 +7,15 @@ volume without DICOM origin.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import shutil
 import subprocess
 
 import numpy as np
 import pydicom
 import pytest
-from helpers import tree_digest
+from helpers import assert_imports_without, tree_digest
 
 from MedLoRALib.adapters import AdapterManifest
 from MedLoRALib.annotations import load_nodules
@@ -189,3 +191,44 @@ def test_random_init_is_a_parameter_of_the_algorithm_and_only_then():
     # the manifest hash follows every field, and not the way the manifest was read
     assert manifest_sha256(trained) == manifest_sha256(AdapterManifest.from_dict(trained.to_dict()))
     assert manifest_sha256(trained) != manifest_sha256(AdapterManifest(**{**trained.to_dict(), "threshold": 0.4}))
+
+
+def _score_has_sr_flag() -> bool:
+    from MedLoRALib.cli import score
+
+    parser = argparse.ArgumentParser()
+    score.add_arguments(parser)
+    return any("--sr" in action.option_strings for action in parser._actions)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _score_has_sr_flag(), reason="medlora score has no --sr flag yet (cli/score.py integration)")
+def test_score_cli_writes_the_sr_and_refuses_it_for_nrrd(lidc_0001, tiny_adapter, tmp_path, capsys):
+    from MedLoRALib.cli import main
+
+    adapter = tiny_adapter("tiny-sr", SPEC, manifest={"threshold": 0.5})
+    xml = next(lidc_0001.glob("*.xml"))
+    table, out = tmp_path / "scores.csv", tmp_path / "scores.dcm"
+    common = ["--adapter", str(adapter), "--device", "cpu", "--no-tta"]
+    assert main(["score", "--volume", str(lidc_0001), "--points", str(xml), *common, "--out", str(table),
+                 "--sr", str(out)]) == 0
+    (row,) = list(csv.DictReader(table.open(newline="")))
+    (group,) = _groups(out)[1]
+    assert np.allclose(group.roi.value, [[float(row["x_lps"]), float(row["y_lps"]), float(row["z_lps"])]], atol=0.01)
+    (probability,) = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.ProbabilityOfCancer)
+    assert probability.value == pytest.approx(float(row["probability"]), abs=1e-9)
+    before = out.read_bytes()
+    assert main(["score", "--volume", str(lidc_0001), "--points", str(xml), *common, "--sr", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+
+    nrrd = save_volume(load_ct(lidc_0001), tmp_path / "ct.nrrd")
+    points = tmp_path / "points.csv"
+    points.write_text("x,y,z,coordinate_system\n" + ",".join(row[k] for k in ("x_lps", "y_lps", "z_lps")) + ",LPS\n")
+    assert main(["score", "--volume", str(nrrd), "--points", str(points), *common,
+                 "--sr", str(tmp_path / "nrrd.dcm")]) == 2
+    assert "not read from DICOM" in capsys.readouterr().err and not (tmp_path / "nrrd.dcm").exists()
+
+
+def test_the_sr_module_loads_without_torch_or_highdicom():
+    """3D Slicer before 5.12 has no highdicom: the module must still import there (it checks inputs)."""
+    assert_imports_without("MedLoRALib.report.sr", forbidden=("torch", "timm", "peft", "highdicom"))

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,6 +283,18 @@ def _measurement_group(nodule: Nodule, index: int, probability: float, label: st
         geometric_purpose=codes.DCM.Center)
 
 
+@contextmanager
+def _quiet_highdicom() -> Iterator[None]:
+    """highdicom logs every module it copies at INFO; the CLI's log would drown in it."""
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_score_sr(ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dict],
                    manifest: AdapterManifest | dict, headers: Sequence, *, tta: bool | None = None,
                    settings: SRSettings | None = None):
@@ -392,7 +406,8 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage, nodules: Sequence[Nodule
     check_sr_output(out, overwrite)
     _checked_results(nodules, results, _manifest(manifest))  # before the headers: bad results fail fast
     headers = read_series_headers(ct, dicom_files)
-    sr = build_score_sr(ct, nodules, results, manifest, headers, tta=tta, settings=settings)
+    with _quiet_highdicom():
+        sr = build_score_sr(ct, nodules, results, manifest, headers, tta=tta, settings=settings)
     with atomic_path(out) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     return out
