@@ -181,6 +181,33 @@ def test_sr_for_a_volume_without_dicom_origin_says_it_needs_the_series(scored, t
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_sr_child_process_for_slicer_before_5_12(scored, lidc_0001, tmp_path):
+    """``python -m MedLoRALib.report`` writes the same SR from a JSON request, and answers bad ones in one line."""
+    import json
+    import sys
+
+    ct, nodules, results, manifest, out = scored
+    request = {"out": str(tmp_path / "child.dcm"), "series_uid": ct.ids.series_uid, "study_uid": ct.ids.study_uid,
+               "dicom_files": [str(p) for p in sorted(lidc_0001.glob("*.dcm"))],
+               "nodules": [{"nodule_id": n.nodule_id, "centre_lps": list(n.centre_lps)} for n in nodules],
+               "results": results, "manifest": manifest.to_dict(), "tta": False}
+
+    def run(payload):
+        done = subprocess.run([sys.executable, "-m", "MedLoRALib.report", "-"], input=json.dumps(payload),
+                              capture_output=True, text=True, timeout=120)
+        return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run(request) == (0, {"event": "done", "path": request["out"]})
+    child, parent = _groups(request["out"])[1], _groups(out)[1]
+    assert [g.roi.value.tolist() for g in child] == [g.roi.value.tolist() for g in parent]
+    code, event = run({**request, "series_uid": "", "out": str(tmp_path / "none.dcm")})
+    assert code == 2 and event["event"] == "error" and "not read from DICOM" in event["message"]
+    code, event = run({**request, "results": "0.5", "out": str(tmp_path / "none.dcm")})
+    assert code == 2 and "results must be a list" in event["message"]
+    assert not (tmp_path / "none.dcm").exists()
+
+
 def test_random_init_is_a_parameter_of_the_algorithm_and_only_then():
     random = AdapterManifest(name="a", backbone="medlora_tiny", backbone_sha256="random-init", random_init=True,
                              lora={"rank": 4})
@@ -232,3 +259,16 @@ def test_score_cli_writes_the_sr_and_refuses_it_for_nrrd(lidc_0001, tiny_adapter
 def test_the_sr_module_loads_without_torch_or_highdicom():
     """3D Slicer before 5.12 has no highdicom: the module must still import there (it checks inputs)."""
     assert_imports_without("MedLoRALib.report.sr", forbidden=("torch", "timm", "peft", "highdicom"))
+    # where highdicom is missing, writing says so and names the way out (no ImportError traceback)
+    assert_imports_without("MedLoRALib.report.sr", forbidden=("torch", "highdicom"), then="\n".join([
+        "sys.modules['highdicom'] = None  # as in 3D Slicer 5.4-5.10",
+        "from MedLoRALib.report.sr import SRError, SeriesRef, sr_available, write_score_sr",
+        "from MedLoRALib.image import StudyIds",
+        "assert not sr_available()",
+        "try:",
+        "    write_score_sr('x.dcm', SeriesRef(StudyIds(series_uid='1.2')), [], [], {})",
+        "except SRError as exc:",
+        "    assert 'highdicom' in str(exc) and 'python -m MedLoRALib.report' in str(exc), exc",
+        "else:",
+        "    raise AssertionError('no SRError')",
+        "del sys.modules['highdicom']"]))

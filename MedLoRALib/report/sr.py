@@ -47,7 +47,7 @@ from .. import __version__
 from ..adapters.manifest import AdapterManifest
 from ..atomic import atomic_path
 from ..errors import MedLoRAError
-from ..image import CTImage
+from ..image import CTImage, StudyIds
 from ..nodule import Nodule
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -67,6 +67,18 @@ _SNOMED_LABELS = {"benign": ("30807003", "Benign"), "malignant": ("21594007", "M
 
 class SRError(MedLoRAError):
     """A DICOM SR cannot be written as asked (no DICOM series, results that do not fit, ...)."""
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """What an SR needs of the scored CT: its DICOM identifiers and where its files are.
+
+    A ``CTImage`` read from DICOM serves as one (``ids``, ``source`` = its folder); this stands in
+    where no voxels are at hand (the SR child process of 3D Slicer before 5.12).
+    """
+
+    ids: StudyIds
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,11 +122,11 @@ def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> 
 # --------------------------------------------------------------------------------------------
 # The CT series' headers
 # --------------------------------------------------------------------------------------------
-def _volume_name(ct: CTImage) -> str:
+def _volume_name(ct: CTImage | SeriesRef) -> str:
     return Path(ct.source).name if ct.source else "the volume"
 
 
-def _series_files(ct: CTImage, dicom_files: Sequence[str | os.PathLike] | None) -> list[Path]:
+def _series_files(ct: CTImage | SeriesRef, dicom_files: Sequence[str | os.PathLike] | None) -> list[Path]:
     """The files of the CT's series: those given, or the slices ctio read from ``ct.source``."""
     if dicom_files is not None:
         return [Path(f) for f in dicom_files]
@@ -132,7 +144,23 @@ def _series_files(ct: CTImage, dicom_files: Sequence[str | os.PathLike] | None) 
     return [s.path for s in found[0].slices]
 
 
-def require_dicom_origin(ct: CTImage) -> None:
+def sr_available() -> bool:
+    """Whether this Python can write an SR (has highdicom): 3D Slicer 5.12+ and MedLoRA's own environment."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_highdicom() -> None:
+    if not sr_available():
+        raise SRError("writing a DICOM SR needs the highdicom package, which this Python lacks (3D Slicer bundles it "
+                      "from 5.12 on). Write the SR with MedLoRA's own environment instead: `medlora score ... --sr "
+                      "OUT.dcm`, or `python -m MedLoRALib.report REQUEST.json`.")
+
+
+def require_dicom_origin(ct: CTImage | SeriesRef) -> None:
     """Refuse a CT that was not read from DICOM (cheap: call it before scoring)."""
     if not ct.ids.series_uid:
         raise SRError(f"a DICOM SR refers to the CT's DICOM series (study, series, image and frame-of-reference "
@@ -141,7 +169,7 @@ def require_dicom_origin(ct: CTImage) -> None:
                       "cannot be referenced.")
 
 
-def read_series_headers(ct: CTImage, dicom_files: Sequence[str | os.PathLike] | None = None) -> list:
+def read_series_headers(ct: CTImage | SeriesRef, dicom_files: Sequence[str | os.PathLike] | None = None) -> list:
     """Headers (no pixels) of every image of the CT's DICOM series, checked to belong to it.
 
     Args:
@@ -295,13 +323,11 @@ def _quiet_highdicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def build_score_sr(ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dict],
-                   manifest: AdapterManifest | dict, headers: Sequence, *, tta: bool | None = None,
-                   settings: SRSettings | None = None):
+def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest: AdapterManifest | dict,
+                   headers: Sequence, *, tta: bool | None = None, settings: SRSettings | None = None):
     """The SR as a ``highdicom.sr.Comprehensive3DSR`` (see the module docstring for its content).
 
     Args:
-        ct: the scored CT, read from DICOM.
         nodules: the scored nodules, centres in LPS mm.
         results: one ``ScoringEngine.score``/``score_patches`` result per nodule, same order.
         manifest: the adapter's manifest (object, or its dict as the engine returns it).
@@ -309,6 +335,7 @@ def build_score_sr(ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dic
         tta: whether test-time augmentation was used (recorded when given).
         settings: series number and description.
     """
+    require_highdicom()
     from highdicom import UID
     from highdicom.sr import (
         AlgorithmIdentification,
@@ -380,7 +407,7 @@ def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
                       "file name.")
 
 
-def write_score_sr(out: str | os.PathLike, ct: CTImage, nodules: Sequence[Nodule], results: Sequence[dict],
+def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Sequence[Nodule], results: Sequence[dict],
                    manifest: AdapterManifest | dict, *, tta: bool | None = None,
                    dicom_files: Sequence[str | os.PathLike] | None = None, overwrite: bool = False,
                    settings: SRSettings | None = None) -> Path:
@@ -403,11 +430,12 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage, nodules: Sequence[Nodule
         ``out`` as a Path.
     """
     out = Path(out)
+    require_highdicom()
     check_sr_output(out, overwrite)
     _checked_results(nodules, results, _manifest(manifest))  # before the headers: bad results fail fast
     headers = read_series_headers(ct, dicom_files)
     with _quiet_highdicom():
-        sr = build_score_sr(ct, nodules, results, manifest, headers, tta=tta, settings=settings)
+        sr = build_score_sr(nodules, results, manifest, headers, tta=tta, settings=settings)
     with atomic_path(out) as tmp:
         sr.save_as(tmp, enforce_file_format=True)
     return out
