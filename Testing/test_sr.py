@@ -25,6 +25,8 @@ from MedLoRALib.patches import PatchSpec
 from MedLoRALib.report.sr import (
     COMPREHENSIVE_3D_SR,
     LABEL_CONCEPT,
+    NOT_CLINICAL,
+    PRIVATE_SCHEME,
     RANDOM_INIT_PARAMETER,
     SRError,
     algorithm_parameters,
@@ -100,7 +102,7 @@ def test_sr_references_every_image_of_the_series_and_identifies_the_algorithm(sc
     assert referenced == expected and len(referenced) == ct.geometry.size[2]
     assert ds.PatientID == pydicom.dcmread(next(lidc_0001.glob("*.dcm")), stop_before_pixels=True).PatientID
     assert ds.PreliminaryFlag == "PRELIMINARY" and ds.VerificationFlag == "UNVERIFIED"
-    assert "NOT CLINICAL" in ds.SeriesDescription  # the tiny adapter's backbone is random-init
+    assert ds.SeriesDescription.startswith(NOT_CLINICAL)  # the tiny adapter's backbone is random-init
     group = hd.sr.srread(out).content.get_planar_roi_measurement_groups()[0]
     algorithm: dict[str, list[str]] = {}  # TID 4019 items of the measurement group, by concept name
     for item in group[0].ContentSequence:
@@ -169,6 +171,18 @@ def test_sr_refuses_results_that_do_not_fit_the_nodules(scored, tmp_path):
         with pytest.raises(SRError, match=message):
             write_score_sr(out, ct, some_nodules, some_results, manifest)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sr_codes_an_adapters_own_class_names_in_medloras_scheme(scored, tmp_path):
+    ct, nodules, results, manifest, _ = scored
+    renamed = AdapterManifest.from_dict({**manifest.to_dict(), "label_names": ["low risk", "high risk"]})
+    relabelled = [{**r, "label": "high risk" if r["label"] == "malignant" else "low risk"} for r in results]
+    out = write_score_sr(tmp_path / "renamed.dcm", ct, nodules, relabelled, renamed)
+    for group, result in zip(_groups(out)[1], relabelled):
+        (label,) = group.get_qualitative_evaluations(name=hd.sr.CodedConcept(*LABEL_CONCEPT))
+        assert label.value.meaning == result["label"] and label.value.scheme_designator == PRIVATE_SCHEME
+    assert pydicom.dcmread(out).CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
 
 
 @pytest.mark.slow

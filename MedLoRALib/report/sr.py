@@ -56,6 +56,7 @@ PRIVATE_SCHEME = "99MEDLORA"
 PROBABILITY_UNIT = "1"  # UCUM "no units": the probability is a fraction in [0, 1]
 RANDOM_INIT_PARAMETER = "random_init=true: backbone randomly initialised; NOT A CLINICAL RESULT"
 LABEL_CONCEPT = ("LABEL", PRIVATE_SCHEME, "Malignancy label at adapter threshold")  # (value, scheme, meaning)
+NOT_CLINICAL = "NOT CLINICAL (random-init backbone)"
 COORDINATE_PARAMETER = "coordinates: DICOM patient coordinates (LPS) in mm"
 # Type 2 patient/study attributes highdicom copies from the first image; empty when the CT lacks them.
 _TYPE2_FROM_EVIDENCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
@@ -87,8 +88,8 @@ class SRSettings:
 
     Args:
         series_number: SeriesNumber of the new SR series.
-        series_description: SeriesDescription; " — NOT CLINICAL (random-init backbone)" is added
-            for adapters trained on a randomly initialised backbone.
+        series_description: SeriesDescription; ``NOT_CLINICAL`` goes before it for adapters
+            trained on a randomly initialised backbone (first, so the 64-character limit never cuts it).
         institution_name: InstitutionName, if it should be recorded.
     """
 
@@ -108,7 +109,7 @@ def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> 
     """The Algorithm Parameters (TID 4019) that identify how the scores were made."""
     params = [f"backbone={manifest.backbone}", f"backbone_sha256={manifest.backbone_sha256}",
               f"manifest_sha256={manifest_sha256(manifest)}", f"mode={manifest.mode}",
-              f"threshold={float(manifest.threshold):g}", f"temperature={float(manifest.temperature):g}",
+              f"threshold={float(manifest.threshold)!r}", f"temperature={float(manifest.temperature)!r}",
               f"views={manifest.spec.views}", f"fusion={manifest.fusion}"]
     if tta is not None:
         params.append(f"tta={str(bool(tta)).lower()}")
@@ -264,7 +265,8 @@ def _label_code(label: str):
     if label.lower() in _SNOMED_LABELS:
         value, meaning = _SNOMED_LABELS[label.lower()]
         return CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
-    return CodedConcept(value=f"class:{label}"[:16], scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
+    value = "C" + hashlib.sha1(label.encode("utf-8")).hexdigest()[:10]  # SH: at most 16 characters
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
 
 
 def _private_scheme_item():
@@ -374,7 +376,7 @@ def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest:
                                imaging_measurements=groups)
     description = settings.series_description
     if manifest.random_init:
-        description += " - NOT CLINICAL (random-init backbone)"
+        description = f"{NOT_CLINICAL} - {description}"
     sr = Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=UID(), series_number=settings.series_number,
         sop_instance_uid=UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False,
