@@ -199,22 +199,23 @@ def test_sr_for_a_volume_without_dicom_origin_says_it_needs_the_series(scored, t
 def test_sr_child_process_for_slicer_before_5_12(scored, lidc_0001, tmp_path):
     """``python -m MedLoRALib.report`` writes the same SR from a JSON request, and answers bad ones in one line."""
     import json
-    import sys
+
+    from MedLoRALib.report.request import child_command, sr_request
 
     ct, nodules, results, manifest, out = scored
-    request = {"out": str(tmp_path / "child.dcm"), "series_uid": ct.ids.series_uid, "study_uid": ct.ids.study_uid,
-               "dicom_files": [str(p) for p in sorted(lidc_0001.glob("*.dcm"))],
-               "nodules": [{"nodule_id": n.nodule_id, "centre_lps": list(n.centre_lps)} for n in nodules],
-               "results": results, "manifest": manifest.to_dict(), "tta": False}
+    files = sorted(lidc_0001.glob("*.dcm"))
+    request = sr_request(tmp_path / "child.dcm", ct.ids, nodules, results, manifest, dicom_files=files, tta=False)
 
     def run(payload):
-        done = subprocess.run([sys.executable, "-m", "MedLoRALib.report", "-"], input=json.dumps(payload),
+        done = subprocess.run(child_command(), input=json.dumps(payload),
                               capture_output=True, text=True, timeout=120)
         return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
 
     assert run(request) == (0, {"event": "done", "path": request["out"]})
     child, parent = _groups(request["out"])[1], _groups(out)[1]
     assert [g.roi.value.tolist() for g in child] == [g.roi.value.tolist() for g in parent]
+    probability = pydicom.sr.codedict.codes.DCM.ProbabilityOfCancer
+    assert [g.get_measurements(name=probability)[0].value for g in child] == [r["probability"] for r in results]
     code, event = run({**request, "series_uid": "", "out": str(tmp_path / "none.dcm")})
     assert code == 2 and event["event"] == "error" and "not read from DICOM" in event["message"]
     code, event = run({**request, "results": "0.5", "out": str(tmp_path / "none.dcm")})

@@ -1,17 +1,10 @@
-"""``python -m MedLoRALib.report REQUEST.json``: write a DICOM SR of scores in a child process.
+"""``python -m MedLoRALib.report REQUEST.json`` (or ``-`` for stdin): write a DICOM SR in a child process.
 
 For 3D Slicer before 5.12, whose Python has no highdicom (and a pydicom 2 that highdicom would
-replace): the module writes the request and runs this in MedLoRA's own environment, as it runs
-``medlora serve``. ``-`` reads the request from stdin. The request is one JSON object::
-
-    {"out": "scores.dcm", "series_uid": "1.2...", "study_uid": "1.2...",
-     "dicom_files": ["...dcm", ...]  or  "dicom_folder": "...",
-     "nodules": [{"nodule_id": "n1", "centre_lps": [x, y, z]}, ...],
-     "results": [{"probability": 0.8, "label": "malignant"}, ...],   # the engine's, same order
-     "manifest": {...},  "tta": true,  "overwrite": false}
-
-stdout gets one JSON line, ``{"event": "done", "path": ...}`` (exit 0) or ``{"event": "error",
-"message": ...}`` (exit 2: bad request or input; the message says what to do).
+replace): Slicer runs this with MedLoRA's own interpreter, as it runs ``medlora serve``. The request
+format is in ``report/request.py``. stdout gets one JSON line, ``{"event": "done", "path": ...}``
+(exit 0) or ``{"event": "error", "message": ...}`` (exit 2: bad request or input; the message says
+what to do).
 """
 
 from __future__ import annotations
@@ -21,32 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MedLoRAError
-from ..image import StudyIds
-from ..nodule import Nodule
-from .sr import SeriesRef, SRError, write_score_sr
-
-
-def write_from_request(request: dict) -> Path:
-    """Write the SR a request (see the module docstring) asks for."""
-    if not isinstance(request, dict):
-        raise SRError("the SR request must be a JSON object")
-    missing = [key for key in ("out", "series_uid", "nodules", "results", "manifest") if key not in request]
-    if missing:
-        raise SRError(f"the SR request lacks {', '.join(missing)}")
-    results = request["results"]
-    if not isinstance(results, list) or not all(isinstance(item, dict) for item in results):
-        raise SRError("the SR request's results must be a list of the engine's result objects")
-    try:
-        nodules = [Nodule(centre_lps=tuple(item["centre_lps"]), nodule_id=str(item.get("nodule_id", "")))
-                   for item in request["nodules"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SRError(f"the SR request's nodules must each have centre_lps [x, y, z] (LPS mm): {exc}") from exc
-    series = SeriesRef(ids=StudyIds(study_uid=str(request.get("study_uid", "")),
-                                    series_uid=str(request["series_uid"])),
-                       source=str(request.get("dicom_folder", "")))
-    return write_score_sr(request["out"], series, nodules, results, request["manifest"],
-                          tta=request.get("tta"), dicom_files=request.get("dicom_files"),
-                          overwrite=bool(request.get("overwrite", False)))
+from .request import write_from_request
 
 
 def main(argv: list[str] | None = None) -> int:
