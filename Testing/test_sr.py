@@ -190,7 +190,7 @@ def test_sr_for_a_volume_without_dicom_origin_says_it_needs_the_series(scored, t
     ct, nodules, results, manifest, _ = scored
     nrrd = load_ct(save_volume(ct, tmp_path / "ct.nrrd"))
     out = tmp_path / "scores.dcm"
-    with pytest.raises(SRError, match=r"ct\.nrrd was not read from DICOM.*DICOM series folder"):
+    with pytest.raises(SRError, match=r"ct\.nrrd was not read from DICOM.*--volume DICOM_FOLDER"):
         write_score_sr(out, nrrd, nodules, results, manifest)
     assert not out.exists()
 

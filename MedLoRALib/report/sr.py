@@ -166,8 +166,8 @@ def require_dicom_origin(ct: CTImage | SeriesRef) -> None:
     if not ct.ids.series_uid:
         raise SRError(f"a DICOM SR refers to the CT's DICOM series (study, series, image and frame-of-reference "
                       f"UIDs), but {_volume_name(ct)} was not read from DICOM and has none. Load the CT from its "
-                      "DICOM series folder (e.g. --volume DICOM_FOLDER) to write an SR; NRRD and NIfTI volumes "
-                      "cannot be referenced.")
+                      "DICOM series (--volume DICOM_FOLDER; in 3D Slicer, through the DICOM module) to write an SR; "
+                      "NRRD and NIfTI volumes cannot be referenced.")
 
 
 def read_series_headers(ct: CTImage | SeriesRef, dicom_files: Sequence[str | os.PathLike] | None = None) -> list:
