@@ -26,7 +26,7 @@ test-fast: $(VENV)/.installed system-deps
 # to its own off-screen rendering without it). Installed only where we may: as root.
 system-deps:
 	@command -v Xvfb >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && (apt-get update -qq && apt-get install -y -qq xvfb >/dev/null) \
+	  && (apt-get update -qq && apt-get install -y -qq xvfb dicom3tools >/dev/null) \
 	  || echo "note: Xvfb not installed; slice-view rendering uses VTK's off-screen fallback"; }
 
 clean:

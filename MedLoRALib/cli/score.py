@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
     parser.add_argument("--weights", help="backbone weights file (.safetensors), when not found otherwise")
     parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
+    parser.add_argument("--sr", metavar="OUT.dcm",
+                        help="also write the scores as a DICOM SR (TID 1500 measurement report); the CT must be a "
+                             "DICOM series. With a folder of studies: a folder that gets one STUDY.dcm per study")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --sr files that MedLoRA wrote earlier (other files are never replaced)")
 
 
 def result_rows(results: list[dict], study: str, threshold: float) -> list[dict]:
@@ -63,13 +68,19 @@ def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
     return buffer.getvalue()
 
 
-def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool) -> list[dict]:
+def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool,
+                 sr: Path | None = None) -> list[dict]:
     from ..annotations import load_nodules, validate_inside
 
     nodules = load_nodules(points, image=ct, fmt=fmt)
     if nodules:
         validate_inside(nodules, ct, check_body=not args.no_body_check)
-    return result_rows(engine.score(ct, nodules, tta=tta), study, engine.manifest().threshold)
+    results = engine.score(ct, nodules, tta=tta)
+    if sr is not None and results:
+        from ..report.sr import write_score_sr
+
+        write_score_sr(sr, ct, nodules, results, engine.manifest(), tta=tta, overwrite=args.overwrite)
+    return result_rows(results, study, engine.manifest().threshold)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +99,15 @@ def run(args: argparse.Namespace) -> int:
     volume, points, fmt, studies = inputs.volume, inputs.points, inputs.points_format, inputs.studies
 
     ct = load_ct(volume, series_uid=args.series_uid) if studies is None else None  # bad input fails before the model loads
+    sr = Path(args.sr) if args.sr else None
+    if sr is not None:
+        from ..report.sr import check_sr_output, require_dicom_origin
+
+        if studies is None:
+            require_dicom_origin(ct)
+            check_sr_output(sr, args.overwrite)
+        elif sr.exists() and not sr.is_dir():
+            raise MedLoRAError(f"--sr {sr}: with a folder of studies, --sr names a folder (one STUDY.dcm per study)")
     engine = ScoringEngine(device=args.device, store=AdapterStore(args.store) if args.store else None)
     manifest = engine.attach_adapter(args.adapter, weights=args.weights)
     if manifest.random_init:
@@ -96,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     tta = not args.no_tta
     rows: list[dict] = []
     if studies is None:
-        rows = _score_study(engine, ct, points, fmt, volume.name, args, tta)
+        rows = _score_study(engine, ct, points, fmt, volume.name, args, tta, sr)
         if not rows:
             raise AnnotationError(f"{points} has nodules, but none for this CT ({volume.name}): check that the "
                                   "file names this series or image")
@@ -106,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         for study in tqdm(studies, desc="studies", unit="study", disable=None, file=sys.stderr):
             try:
                 ct = load_ct(study.path, series_uid=args.series_uid)
-                rows += _score_study(engine, ct, points, fmt, study.name, args, tta)
+                rows += _score_study(engine, ct, points, fmt, study.name, args, tta,
+                                     sr / f"{study.name}.dcm" if sr is not None else None)
             except MedLoRAError as exc:
                 failed.append(f"{study.name}: {exc}")
         if failed:

@@ -1,0 +1,443 @@
+"""Malignancy scores as a DICOM Structured Report: a TID 1500 Measurement Report per study.
+
+The SR (Comprehensive 3D SR, written with highdicom) belongs to the CT's study and lists every image
+of the scored CT series as evidence. It holds one TID 1410 measurement group per nodule:
+
+* the nodule centre as an SCOORD3D ``POINT`` ("Image Region", geometric purpose "Center") in the
+  series' ``FrameOfReferenceUID``. DICOM's patient coordinate system *is* LPS millimetres (+x left,
+  +y posterior, +z superior), MedLoRA's internal frame, so ``centre_lps`` is written as it is — no
+  flip; a reader in RAS (3D Slicer) negates x and y;
+* the malignancy probability as a numeric measurement (DCM 111047 "Probability of cancer") in
+  UCUM ``1`` ("no units"): a fraction in [0, 1], the same number as the ``probability`` column of
+  ``medlora score``; stored with its full double precision (Floating Point Value);
+* the label at the adapter's threshold as a coded qualitative evaluation: SNOMED CT Benign
+  (30807003) / Malignant (21594007), other class names as codes of MedLoRA's own scheme
+  ``99MEDLORA`` (declared in the Coding Scheme Identification Sequence);
+* the algorithm as TID 4019 Algorithm Identification: name (the adapter's name), version (the
+  adapter's content id, ``AdapterManifest.version_id``) and parameters
+  naming the backbone, its weights' SHA-256, the manifest's SHA-256 (``manifest_sha256``), the
+  threshold, temperature, view set and test-time augmentation.
+
+An adapter trained on a randomly initialised backbone is never passed off as clinical: its
+Algorithm Identification carries the parameter ``RANDOM_INIT_PARAMETER``, the series description
+says "NOT CLINICAL", and the document is marked PRELIMINARY and UNVERIFIED (every MedLoRA SR is:
+no one has verified the machine's output).
+
+The study, series, image and frame-of-reference UIDs and the patient and study attributes come from
+the series' own headers (read without pixels), so a CT read from NRRD/NIfTI cannot get an SR.
+
+highdicom is imported only when an SR is built: 3D Slicer bundles it from 5.12 on (highdicom
+0.27.0 with pydicom 3.0.2, ``SuperBuild/External_python-dicom-requirements.cmake`` at v5.12.0);
+in older Slicer versions the SR is written by a MedLoRA child process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..adapters.manifest import AdapterManifest
+from ..atomic import atomic_path
+from ..errors import MedLoRAError
+from ..image import CTImage, StudyIds
+from ..nodule import Nodule
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+MANUFACTURER = "MedLoRA"
+PRIVATE_SCHEME = "99MEDLORA"
+PROBABILITY_UNIT = "1"  # UCUM "no units": the probability is a fraction in [0, 1]
+RANDOM_INIT_PARAMETER = "random_init=true: backbone randomly initialised; NOT A CLINICAL RESULT"
+LABEL_CONCEPT = ("LABEL", PRIVATE_SCHEME, "Malignancy label at adapter threshold")  # (value, scheme, meaning)
+NOT_CLINICAL = "NOT CLINICAL (random-init backbone)"
+COORDINATE_PARAMETER = "coordinates: DICOM patient coordinates (LPS) in mm"
+# Type 2 patient/study attributes highdicom copies from the first image; empty when the CT lacks them.
+_TYPE2_FROM_EVIDENCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                        "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+_REFERENCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+# SNOMED CT codes for MedLoRA's default class names; other names get a code of PRIVATE_SCHEME.
+_SNOMED_LABELS = {"benign": ("30807003", "Benign"), "malignant": ("21594007", "Malignant")}
+
+
+class SRError(MedLoRAError):
+    """A DICOM SR cannot be written as asked (no DICOM series, results that do not fit, ...)."""
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """What an SR needs of the scored CT: its DICOM identifiers and where its files are.
+
+    A ``CTImage`` read from DICOM serves as one (``ids``, ``source`` = its folder); this stands in
+    where no voxels are at hand (the SR child process of 3D Slicer before 5.12).
+    """
+
+    ids: StudyIds
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SRSettings:
+    """What the written SR says about itself.
+
+    Args:
+        series_number: SeriesNumber of the new SR series.
+        series_description: SeriesDescription; ``NOT_CLINICAL`` goes before it for adapters
+            trained on a randomly initialised backbone (first, so the 64-character limit never cuts it).
+        institution_name: InstitutionName, if it should be recorded.
+    """
+
+    series_number: int = 990
+    series_description: str = "MedLoRA nodule malignancy"
+    institution_name: str | None = None
+
+
+def manifest_sha256(manifest: AdapterManifest) -> str:
+    """SHA-256 of the manifest as canonical JSON (sorted keys, no spaces): the same manifest gives
+    the same hash whether it was read from a folder, a .zip or the engine's reply."""
+    text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> list[str]:
+    """The Algorithm Parameters (TID 4019) that identify how the scores were made."""
+    params = [f"backbone={manifest.backbone}", f"backbone_sha256={manifest.backbone_sha256}",
+              f"manifest_sha256={manifest_sha256(manifest)}", f"mode={manifest.mode}",
+              f"threshold={float(manifest.threshold)!r}", f"temperature={float(manifest.temperature)!r}",
+              f"views={manifest.spec.views}", f"fusion={manifest.fusion}"]
+    if tta is not None:
+        params.append(f"tta={str(bool(tta)).lower()}")
+    params.append(f"medlora_version={__version__}")
+    params.append(COORDINATE_PARAMETER)
+    if manifest.random_init:
+        params.append(RANDOM_INIT_PARAMETER)
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# The CT series' headers
+# --------------------------------------------------------------------------------------------
+def _volume_name(ct: CTImage | SeriesRef) -> str:
+    return Path(ct.source).name if ct.source else "the volume"
+
+
+def _series_files(ct: CTImage | SeriesRef, dicom_files: Sequence[str | os.PathLike] | None) -> list[Path]:
+    """The files of the CT's series: those given, or the slices ctio read from ``ct.source``."""
+    if dicom_files is not None:
+        return [Path(f) for f in dicom_files]
+    from ..ctio import list_series, series_key
+
+    folder = Path(ct.source) if ct.source else None
+    if folder is None or not folder.is_dir():
+        raise SRError(f"the DICOM series of this CT (key {series_key(ct.ids.series_uid)}) is no longer at "
+                      f"{ct.source or 'its recorded place'}: a DICOM SR needs its files' headers. Load the CT "
+                      "again from its DICOM folder, or pass the series' files.")
+    found = [s for s in list_series(folder) if s.uid == ct.ids.series_uid]
+    if not found or not found[0].slices:
+        raise SRError(f"{folder} no longer holds the CT's series (key {series_key(ct.ids.series_uid)}); "
+                      "load the CT again from its DICOM folder.")
+    return [s.path for s in found[0].slices]
+
+
+def sr_available() -> bool:
+    """Whether this Python can write an SR (has highdicom): 3D Slicer 5.12+ and MedLoRA's own environment."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_highdicom() -> None:
+    if not sr_available():
+        raise SRError("writing a DICOM SR needs the highdicom package, which this Python lacks (3D Slicer bundles it "
+                      "from 5.12 on). Write the SR with MedLoRA's own environment instead: `medlora score ... --sr "
+                      "OUT.dcm`, or `python -m MedLoRALib.report REQUEST.json`.")
+
+
+def require_dicom_origin(ct: CTImage | SeriesRef) -> None:
+    """Refuse a CT that was not read from DICOM (cheap: call it before scoring)."""
+    if not ct.ids.series_uid:
+        raise SRError(f"a DICOM SR refers to the CT's DICOM series (study, series, image and frame-of-reference "
+                      f"UIDs), but {_volume_name(ct)} was not read from DICOM and has none. Load the CT from its "
+                      "DICOM series (--volume DICOM_FOLDER; in 3D Slicer, through the DICOM module) to write an SR; "
+                      "NRRD and NIfTI volumes cannot be referenced.")
+
+
+def read_series_headers(ct: CTImage | SeriesRef, dicom_files: Sequence[str | os.PathLike] | None = None) -> list:
+    """Headers (no pixels) of every image of the CT's DICOM series, checked to belong to it.
+
+    Args:
+        ct: a CT read from DICOM (``ctio.load_ct`` on a DICOM folder or file).
+        dicom_files: the series' files, when ``ct.source`` is not its folder (e.g. 3D Slicer's
+            DICOM database: ``slicer.dicomDatabase.filesForSeries(uid)``); files of other series
+            are ignored.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from ..ctio import series_key
+
+    require_dicom_origin(ct)
+    key = series_key(ct.ids.series_uid)
+    headers = []
+    for path in _series_files(ct, dicom_files):
+        # the first image gives the patient and study modules; the others only their references
+        tags = None if not headers else list(_REFERENCE_TAGS)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        except InvalidDicomError:
+            continue  # not DICOM (a reader's XML beside the series, ...)
+        except Exception as exc:  # pydicom raises many types on corrupt headers
+            raise SRError(f"cannot read the DICOM header of {path.name} (series key {key}): "
+                          f"{type(exc).__name__}: {exc}") from exc
+        if str(ds.get("SeriesInstanceUID", "")) == ct.ids.series_uid:
+            headers.append(ds)
+    if not headers:
+        raise SRError(f"none of the given files belongs to the CT's series (key {key}); pass the series' files.")
+    problems = []
+    for name in _REFERENCE_TAGS:
+        if any(not str(ds.get(name, "") or "") for ds in headers):
+            problems.append(f"some images have no {name}")
+    frames = {str(ds.get("FrameOfReferenceUID", "")) for ds in headers}
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in headers}
+    if len(frames) > 1:
+        problems.append(f"its images lie in {len(frames)} frames of reference")
+    if len(studies) > 1 or (ct.ids.study_uid and studies != {ct.ids.study_uid}):
+        problems.append("its images do not all belong to the CT's study")
+    if len({str(ds.SOPInstanceUID) for ds in headers if "SOPInstanceUID" in ds}) != len(headers):
+        problems.append("two images share a SOPInstanceUID")
+    if problems:
+        raise SRError(f"the CT's DICOM series (key {key}) cannot be referenced by an SR: {'; '.join(problems)}.")
+    return headers
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+def _checked_results(nodules: Sequence[Nodule], results: Sequence[dict],
+                     manifest: AdapterManifest) -> list[tuple[Nodule, float, str]]:
+    """(nodule, probability, label) per nodule, refusing results that do not belong to the nodules."""
+    if not nodules:
+        raise SRError("no scored nodule to report: an SR needs at least one nodule with a probability.")
+    if len(results) != len(nodules):
+        raise SRError(f"{len(results)} results for {len(nodules)} nodules: pass one engine result per nodule, "
+                      "in the nodules' order.")
+    rows = []
+    for index, (nodule, result) in enumerate(zip(nodules, results), start=1):
+        name = nodule.nodule_id or f"nodule {index}"
+        if result.get("nodule_id") not in (None, "", nodule.nodule_id):
+            raise SRError(f"result {index} is for nodule {result['nodule_id']!r}, not {name!r}: results must "
+                          "follow the nodules' order.")
+        centre = result.get("centre_lps")
+        if centre is not None and max(abs(float(a) - b) for a, b in zip(centre, nodule.centre_lps)) > 1e-6:
+            raise SRError(f"result {index} was scored at {list(centre)} (LPS mm), but {name} is at "
+                          f"{list(nodule.centre_lps)}: results must follow the nodules' order.")
+        probability = result.get("probability")
+        if not isinstance(probability, (int, float)) or not math.isfinite(probability) or not 0 <= probability <= 1:
+            raise SRError(f"result {index} ({name}) has no probability in [0, 1] (got {probability!r}).")
+        label = str(result.get("label", ""))
+        if label not in manifest.label_names:
+            raise SRError(f"result {index} ({name}) has label {label!r}, not one of adapter "
+                          f"{manifest.name!r}'s classes {manifest.label_names}.")
+        rows.append((nodule, float(probability), label))
+    return rows
+
+
+def _manifest(manifest: AdapterManifest | dict) -> AdapterManifest:
+    if isinstance(manifest, AdapterManifest):
+        return manifest
+    return AdapterManifest.from_dict(manifest, "the adapter manifest given for the SR")
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+# --------------------------------------------------------------------------------------------
+def _label_code(label: str):
+    from highdicom.sr import CodedConcept
+
+    if label.lower() in _SNOMED_LABELS:
+        value, meaning = _SNOMED_LABELS[label.lower()]
+        return CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
+    value = "C" + hashlib.sha1(label.encode("utf-8")).hexdigest()[:10]  # SH: at most 16 characters
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=label[:64])
+
+
+def _private_scheme_item():
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "MedLoRA local codes"
+    item.CodingSchemeResponsibleOrganization = "MedLoRA"
+    return item
+
+
+def _measurement_group(nodule: Nodule, index: int, probability: float, label: str, frame_uid: str,
+                       algorithm, tracking_seed: Sequence[str]):
+    import numpy as np
+    from highdicom.sr import (
+        CodedConcept,
+        FindingSite,
+        GraphicTypeValues3D,
+        ImageRegion3D,
+        Measurement,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    tracking = TrackingIdentifier(
+        uid=generate_uid(prefix=None, entropy_srcs=[*tracking_seed, nodule.nodule_id or str(index)]),
+        identifier=nodule.nodule_id or f"nodule {index}")
+    region = ImageRegion3D(graphic_type=GraphicTypeValues3D.POINT,
+                           graphic_data=np.array([nodule.centre_lps], dtype=float),
+                           frame_of_reference_uid=frame_uid)
+    probability_item = Measurement(name=codes.DCM.ProbabilityOfCancer, value=probability,
+                                   unit=CodedConcept(PROBABILITY_UNIT, "UCUM", "no units"))
+    label_item = QualitativeEvaluation(
+        name=CodedConcept(*LABEL_CONCEPT),
+        value=_label_code(label))
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, referenced_region=region, finding_type=codes.SCT.Nodule,
+        finding_sites=[FindingSite(codes.SCT.Lung)], algorithm_id=algorithm,
+        measurements=[probability_item], qualitative_evaluations=[label_item],
+        geometric_purpose=codes.DCM.Center)
+
+
+@contextmanager
+def _quiet_highdicom() -> Iterator[None]:
+    """highdicom logs every module it copies at INFO; the CLI's log would drown in it."""
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest: AdapterManifest | dict,
+                   headers: Sequence, *, tta: bool | None = None, settings: SRSettings | None = None):
+    """The SR as a ``highdicom.sr.Comprehensive3DSR`` (see the module docstring for its content).
+
+    Args:
+        nodules: the scored nodules, centres in LPS mm.
+        results: one ``ScoringEngine.score``/``score_patches`` result per nodule, same order.
+        manifest: the adapter's manifest (object, or its dict as the engine returns it).
+        headers: ``read_series_headers(ct)``.
+        tta: whether test-time augmentation was used (recorded when given).
+        settings: series number and description.
+    """
+    require_highdicom()
+    from highdicom import UID
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        Comprehensive3DSR,
+        DeviceObserverIdentifyingAttributes,
+        MeasurementReport,
+        ObservationContext,
+        ObserverContext,
+    )
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    manifest = _manifest(manifest)
+    settings = settings or SRSettings()
+    rows = _checked_results(nodules, results, manifest)
+    if not headers:
+        raise SRError("no DICOM headers of the CT's series were given; read them with read_series_headers(ct).")
+    first = headers[0].copy()
+    for name in _TYPE2_FROM_EVIDENCE:
+        if name not in first:
+            setattr(first, name, "")
+    evidence = [first, *headers[1:]]
+    frame_uid = str(first.FrameOfReferenceUID)
+
+    algorithm = AlgorithmIdentification(name=manifest.name, version=manifest.version_id,
+                                        parameters=algorithm_parameters(manifest, tta))
+    device = DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(prefix=None, entropy_srcs=["MedLoRA", manifest.name, manifest.version_id]),
+        name=f"MedLoRA {__version__}", manufacturer_name=MANUFACTURER, model_name=manifest.name)
+    context = ObservationContext(observer_device_context=ObserverContext(
+        observer_type=codes.cid270.Device, observer_identifying_attributes=device))
+    seed = [str(first.StudyInstanceUID), str(first.SeriesInstanceUID), manifest.version_id]
+    groups = [_measurement_group(nodule, index, probability, label, frame_uid, algorithm, seed)
+              for index, (nodule, probability, label) in enumerate(rows, start=1)]
+    report = MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+                               imaging_measurements=groups)
+    description = settings.series_description
+    if manifest.random_init:
+        description = f"{NOT_CLINICAL} - {description}"
+    sr = Comprehensive3DSR(
+        evidence=evidence, content=report[0], series_instance_uid=UID(), series_number=settings.series_number,
+        sop_instance_uid=UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False,
+        is_verified=False, institution_name=settings.institution_name, series_description=description[:64])
+    sr.SoftwareVersions = __version__
+    sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
+    return sr
+
+
+def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to replace anything but a MedLoRA SR, and that only with ``overwrite`` (cheap: call it
+    before scoring)."""
+    out = Path(out)
+    if out.is_dir():
+        raise SRError(f"{out} is a folder; name the SR file to write (e.g. {out / 'medlora-sr.dcm'}).")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise SRError(f"{out} already exists; choose another name, or allow replacing a MedLoRA SR "
+                      "(--overwrite / overwrite=True).")
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(out, stop_before_pixels=True, specific_tags=["SOPClassUID", "Manufacturer"])
+        ours = str(ds.get("SOPClassUID", "")) == COMPREHENSIVE_3D_SR and ds.get("Manufacturer") == MANUFACTURER
+    except Exception:  # not DICOM at all
+        ours = False
+    if not ours:
+        raise SRError(f"{out} exists and is not an SR written by MedLoRA; it is left untouched. Choose another "
+                      "file name.")
+
+
+def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Sequence[Nodule], results: Sequence[dict],
+                   manifest: AdapterManifest | dict, *, tta: bool | None = None,
+                   dicom_files: Sequence[str | os.PathLike] | None = None, overwrite: bool = False,
+                   settings: SRSettings | None = None) -> Path:
+    """Write the scores of one study's nodules as a DICOM SR file (atomically).
+
+    Args:
+        out: the ``.dcm`` file to write. An existing file is replaced only with ``overwrite`` and
+            only when it is an SR MedLoRA wrote.
+        ct: the scored CT, read from DICOM (``ctio.load_ct``); its series' headers are read
+            from ``ct.source`` (or ``dicom_files``). A CT from NRRD/NIfTI raises ``SRError``.
+        nodules: the scored nodules (centres in LPS mm), in the order of ``results``.
+        results: the engine's result per nodule (``probability``, ``label``; ``nodule_id`` and
+            ``centre_lps`` are checked against the nodules when present).
+        manifest: the adapter's manifest (``engine.manifest()``, or its dict).
+        tta: whether test-time augmentation was used (recorded in the algorithm parameters).
+        dicom_files: the series' files when ``ct.source`` is not its folder.
+        settings: series number and description of the SR.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    out = Path(out)
+    require_highdicom()
+    check_sr_output(out, overwrite)
+    _checked_results(nodules, results, _manifest(manifest))  # before the headers: bad results fail fast
+    headers = read_series_headers(ct, dicom_files)
+    with _quiet_highdicom():
+        sr = build_score_sr(nodules, results, manifest, headers, tta=tta, settings=settings)
+    with atomic_path(out) as tmp:
+        sr.save_as(tmp, enforce_file_format=True)
+    return out
