@@ -25,9 +25,9 @@ test-fast: $(VENV)/.installed system-deps
 # Xvfb lets Slicer's displayable managers render slice views headless (VTK falls back
 # to its own off-screen rendering without it). Installed only where we may: as root.
 system-deps:
-	@command -v Xvfb >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	@{ command -v Xvfb && command -v dciodvfy; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && apt-get install -y -qq xvfb dicom3tools >/dev/null) \
-	  || echo "note: Xvfb not installed; slice-view rendering uses VTK's off-screen fallback"; }
+	  || echo "note: Xvfb/dicom3tools not installed; rendering uses VTK's off-screen fallback, the SR validator test skips"; }
 
 clean:
 	rm -rf $(VENV) demo-output
