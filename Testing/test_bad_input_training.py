@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -214,12 +215,14 @@ def test_two_trainings_of_one_output_the_second_exits_2(cohort, tmp_path):
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
     try:
         assert json.loads(first.stdout.readline())["event"] == "start"  # holds the lock from here on
+        first.send_signal(signal.SIGSTOP)  # frozen mid-run, still holding it
         second = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
         assert second.returncode == 2
         assert f"is already being trained by process {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr
         (tmp_path / "STOP").touch()
     finally:
+        first.send_signal(signal.SIGCONT)
         rest, err = first.communicate(timeout=300)
     assert first.returncode == 3, err  # the first run was untouched: it stopped when asked, resumably
     assert events_of(rest)[-1]["event"] == "stopped"
@@ -258,3 +261,75 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(cohort, tmp_path):
     a, b = adapter_tensors(straight.adapter), adapter_tensors(out)
     assert a.keys() == b.keys() and len(a) > 4
     assert all(torch.equal(a[k], b[k]) for k in a), f"killed after {kills} step events"  # bit-identical
+
+
+# --- full and read-only disks ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MB tmpfs (needs root and mount; skipped otherwise), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte with one file; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_the_adapter_keeps_the_previous_one(cohort, small_disk, tmp_path, capsys):
+    out, checkpoints = small_disk / "adapter", tmp_path / "checkpoints"
+    assert train_cli(cohort, out, "--checkpoint-dir", str(checkpoints)) == 0
+    before = tree_digest(out)
+    filler = fill(small_disk)
+    assert train_cli(cohort, out, "--checkpoint-dir", str(checkpoints), "--overwrite", "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "could not write the adapter" in err and "the disk is full" in err and "Traceback" not in err
+    assert "The previous adapter there is unchanged" in err
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["adapter", "filler"]  # no staging left behind
+    filler.unlink()  # space again: the kept checkpoint finishes the run without training it again
+    assert train_cli(cohort, out, "--checkpoint-dir", str(checkpoints), "--resume", "--seed", "1") == 0
+    assert tree_digest(out) != before and read_marker(out)["kind"] == "adapter"
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_is_a_clear_error(cohort, small_disk, tmp_path, capsys):
+    fill(small_disk)
+    out = tmp_path / "adapter"
+    assert train_cli(cohort, out, "--checkpoint-dir", str(small_disk / "checkpoints")) == 2
+    err = capsys.readouterr().err
+    assert "could not write the training checkpoint" in err and "the disk is full" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_read_only_output_folder_is_a_clear_error(cohort, small_disk, tmp_path, capsys):
+    out = small_disk / "adapter"
+    assert train_cli(cohort, out, "--checkpoint-dir", str(tmp_path / "checkpoints")) == 0
+    before = tree_digest(out)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert train_cli(cohort, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "the file system is read-only" in err and "Traceback" not in err
+    assert tree_digest(out) == before
