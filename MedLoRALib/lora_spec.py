@@ -37,7 +37,7 @@ class LoraSpec:
     """
 
     rank: int = field(default=8, metadata=option("--rank", "LoRA rank r"))
-    alpha: float = field(default=32, metadata=option("--alpha", "LoRA scaling numerator (scale = alpha / rank)"))
+    alpha: float = field(default=32.0, metadata=option("--alpha", "LoRA scaling numerator (scale = alpha / rank)"))
     dropout: float = field(default=0.1, metadata=option("--lora-dropout", "dropout on the LoRA input, in [0, 1)"))
     targets: str = field(default="qv", metadata=option(
         "--targets", "LoRA targets: qv = q and v of a split qkv, as MeLo / MED-PEFT (default)", choices=TARGET_SETS))
