@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,10 +52,11 @@ def dicom_folder(folder: Path) -> Path:
 # --- --overwrite replaces only what MedLoRA wrote -----------------------------------------------
 
 
-def test_overwrite_refuses_a_folder_medlora_did_not_write(cohort, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--overwrite"], ["--overwrite", "--resume"], []])
+def test_overwrite_refuses_a_folder_medlora_did_not_write(cohort, tmp_path, capsys, flags):
     study = dicom_folder(tmp_path / "study")
     before = tree_digest(study, cohort.parent)
-    assert train_cli(cohort, study, "--overwrite") == 2
+    assert train_cli(cohort, study, *flags) == 2
     err = capsys.readouterr().err
     assert "was not written by MedLoRA" in err and MARKER_NAME in err and "Traceback" not in err
     assert tree_digest(study, cohort.parent) == before
@@ -96,9 +98,14 @@ def test_checkpoint_dir_that_is_not_medloras_is_refused(cohort, tmp_path, capsys
     documents.mkdir()
     (documents / "thesis.docx").write_bytes(b"years of work")
     before = tree_digest(documents)
-    assert train_cli(cohort, tmp_path / "adapter", "--checkpoint-dir", str(documents)) == 2
-    assert "--checkpoint-dir" in capsys.readouterr().err
+    assert train_cli(cohort, tmp_path / "adapter", "--checkpoint-dir", str(documents), "--overwrite") == 2
+    assert f"--checkpoint-dir {documents} was not written by MedLoRA" in capsys.readouterr().err
     assert tree_digest(documents) == before and not (tmp_path / "adapter").exists()
+    beside = tmp_path / "adapter.checkpoint"  # the default checkpoint folder, made by somebody else
+    shutil.copytree(documents, beside)
+    assert train_cli(cohort, tmp_path / "adapter", "--overwrite") == 2
+    assert f"the checkpoint folder {beside} was not written by MedLoRA" in capsys.readouterr().err
+    assert (beside / "thesis.docx").read_bytes() == b"years of work"
 
 
 @pytest.mark.slow

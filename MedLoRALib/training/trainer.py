@@ -96,21 +96,22 @@ class Trainer:
 
     # -- setup --
     def _check_outputs(self) -> None:
-        """Refuse outputs that exist without --overwrite/--resume, or that MedLoRA must not replace."""
+        """Refuse outputs MedLoRA must not replace, and existing ones without --overwrite/--resume."""
         cfg = self.config
         checkpoints = cfg.checkpoint_folder
+        rows, _problems = read_rows(cfg.manifest)
+        inputs = [cfg.manifest, *(r.image for r in rows), *(r.annotations for r in rows if r.annotations)]
+        if cfg.weights is not None:
+            inputs.append(cfg.weights)
+        check_replaceable(cfg.out, option="--out", inputs=inputs, kind=ADAPTER)
+        check_replaceable(checkpoints, option="--checkpoint-dir" if cfg.checkpoint_dir else "the checkpoint folder",
+                          inputs=inputs, kind=CHECKPOINT)
         if not cfg.resume:
             if cfg.out.exists() and not cfg.overwrite:
                 raise DatasetError(f"{cfg.out} already exists: choose another --out, or pass --overwrite to replace it")
             if has_checkpoint(checkpoints) and not cfg.overwrite:
                 raise DatasetError(f"a stopped training left a checkpoint in {checkpoints}: pass --resume to "
                                    "continue it, or --overwrite to start again from scratch")
-        rows, _problems = read_rows(cfg.manifest)
-        inputs = [cfg.manifest, *(r.image for r in rows), *(r.annotations for r in rows if r.annotations)]
-        if cfg.weights is not None:
-            inputs.append(cfg.weights)
-        check_replaceable(cfg.out, option="--out", inputs=inputs, kind=ADAPTER)
-        check_replaceable(checkpoints, option="--checkpoint-dir", inputs=inputs, kind=CHECKPOINT)
         if cfg.overwrite and not cfg.resume and self.ctx.is_main:
             shutil.rmtree(checkpoints, ignore_errors=True)
 
