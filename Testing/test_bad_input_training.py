@@ -158,6 +158,16 @@ def test_nonsensical_option_is_a_specific_error(cohort, tmp_path, capsys, extra,
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_help_lists_every_training_option(capsys):
+    from MedLoRALib.training.config import options
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(opt.flag in text for opt in options()) and "[--folds FOLDS | --val-fraction VAL_FRACTION]" in text
+
+
 def test_train_config_command_line_round_trip():
     """What Slicer launches: ``cli_args()`` of a configuration parses back to the same one."""
     from MedLoRALib.cli import build_parser

@@ -22,12 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for opt in options():
         target = groups[opt.group]
         if opt.exclusive:
-            target = exclusive.setdefault(opt.exclusive, target.add_mutually_exclusive_group())
+            if opt.exclusive not in exclusive:
+                exclusive[opt.exclusive] = target.add_mutually_exclusive_group()
+            target = exclusive[opt.exclusive]
         kwargs: dict = {"dest": opt.dest, "help": opt.help}
         if opt.is_switch:
             kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=opt.type, default=opt.default, choices=opt.choices)
+            kwargs.update(type=opt.type, default=opt.default, choices=opt.choices,
+                          metavar=None if opt.choices else opt.flag.lstrip("-").upper().replace("-", "_"))
             if opt.required:
                 kwargs["required"] = True
         target.add_argument(opt.flag, *opt.aliases, **kwargs)
