@@ -218,7 +218,7 @@ def ensure_adapter(config: DemoConfig, manifest: Path, data, say: Callable[[str]
     if (adapter / "manifest.json").is_file() and saved is not None and saved.get("identity") == identity:
         say(f"reusing the adapter trained earlier in {adapter} (same cohort and settings)")
         return adapter, saved["metrics"], saved["elapsed_s"]
-    resume = has_checkpoint(train_config.checkpoint_dir) and saved is not None and saved.get("identity") == identity
+    resume = has_checkpoint(train_config.checkpoint_folder) and saved is not None and saved.get("identity") == identity
     train_config = replace(train_config, resume=resume, overwrite=not resume)
     say(("resuming the interrupted training" if resume else "training a LoRA adapter") +
         f" ({config.targets}, rank {config.rank}, {config.epochs} epochs, batch {config.batch_size})")

@@ -69,6 +69,12 @@ _WRITE_PROBLEMS = {
 _WRITE_ONLY = _DISK_ERRNOS | {"EFBIG"}
 
 
+def os_error_reason(exc: OSError) -> str:
+    """What went wrong with a failed write, in words (the table below), with its file if known."""
+    what = _WRITE_PROBLEMS.get(errno.errorcode.get(exc.errno or 0, ""), (exc.strerror or str(exc), ""))[0]
+    return f"{what} ({exc.filename})" if exc.filename else what
+
+
 def explain_os_error(exc: OSError, path: object = None, option: str = "", writing: bool = True) -> OutputError:
     """One-line OutputError for an OSError: what happened, where, what to do.
 

@@ -16,16 +16,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from MedLoRALib.adapters import load_adapter
+from MedLoRALib.adapters.package import load_adapter
 from MedLoRALib.cli import main
 from MedLoRALib.ctio import save_volume
+from MedLoRALib.errors import DatasetError
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
+from MedLoRALib.models import LoraSpec
 from MedLoRALib.patches import PatchSpec, extract_patches
 from MedLoRALib.training import trainer as T
 from MedLoRALib.training.augment import AugmentConfig
 from MedLoRALib.training.checkpoint import CheckpointError
 from MedLoRALib.training.dataset import PatchDataset
+from MedLoRALib.training.evaluation import improves
+from MedLoRALib.training.loop import pos_weight
 from MedLoRALib.training.manifest import check_training_set
 from MedLoRALib.training.progress import CallbackReporter
 
@@ -219,7 +223,7 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_stale_checkpoints(c
     assert T.train(config(cohort, out), _stop_when(stop, "step", global_step=1), stop=stop).status == "stopped"
     with pytest.raises(CheckpointError, match=r"other settings \(batch_size: checkpoint 4 vs now 2"):
         T.train(config(cohort, out, resume=True, batch_size=2))
-    with pytest.raises(T.DatasetError, match="pass --resume to continue it"):
+    with pytest.raises(DatasetError, match="pass --resume to continue it"):
         T.train(config(cohort, out))
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         T.train(config(cohort, tmp_path / "b", resume=True))
@@ -289,17 +293,17 @@ def test_warmup_then_cosine_schedule():
 
 def test_early_stopping_prefers_auc_then_loss():
     best = {"auc": 0.9, "loss": 0.4}
-    assert T._improves({"val_auc": 0.95, "val_loss": 0.9}, best)
-    assert not T._improves({"val_auc": 0.85, "val_loss": 0.1}, best)
-    assert T._improves({"val_auc": 0.9, "val_loss": 0.3}, best)
-    assert not T._improves({"val_auc": 0.9, "val_loss": 0.5}, best)
-    assert T._pos_weight(np.array([0, 0, 0, 1])) == 3.0
+    assert improves({"val_auc": 0.95, "val_loss": 0.9}, best)
+    assert not improves({"val_auc": 0.85, "val_loss": 0.1}, best)
+    assert improves({"val_auc": 0.9, "val_loss": 0.3}, best)
+    assert not improves({"val_auc": 0.9, "val_loss": 0.5}, best)
+    assert pos_weight(np.array([0, 0, 0, 1])) == 3.0
 
 
 def test_invalid_configuration_is_a_clear_error(tmp_path):
-    with pytest.raises(T.DatasetError, match="epochs must be at least 1"):
+    with pytest.raises(DatasetError, match="epochs must be at least 1"):
         T.TrainConfig(manifest=tmp_path / "m.csv", out=tmp_path / "o", epochs=0)
-    with pytest.raises(T.DatasetError, match="mode 'adapter' is not lora, full or linear"):
+    with pytest.raises(DatasetError, match="mode 'adapter' is not lora, full or linear"):
         T.TrainConfig(manifest=tmp_path / "m.csv", out=tmp_path / "o", mode="adapter")
 
 
@@ -355,7 +359,7 @@ def test_tiny_lora_reaches_auc_09_on_the_phantom_cohort(tmp_path, capsys):
     manifest = write_cohort(tmp_path / "cohort", 64, seed=1)
     result = T.train(T.TrainConfig(
         manifest=manifest, out=tmp_path / "adapter", backbone="medlora_tiny", weights=PRETRAINED_TINY,
-        mode="lora", lora=T.LoraSpec(rank=8, targets="all"), patch_spec=PatchSpec("ortho3", fov_mm=24.0, pixels=64),
+        mode="lora", lora=LoraSpec(rank=8, targets="all"), patch_spec=PatchSpec("ortho3", fov_mm=24.0, pixels=64),
         epochs=20, patience=20, batch_size=16, lr=3e-3, val_fraction=0.2, seed=0))
     assert result.status == "done"
 

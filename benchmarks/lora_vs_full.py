@@ -111,18 +111,15 @@ class Run:
         import torch
 
         from MedLoRALib.models import trainable_parameter_count
-        from MedLoRALib.training.trainer import DEFAULT_LR, warmup_cosine
+        from MedLoRALib.training.config import DEFAULT_LR
+        from MedLoRALib.training.schedule import make_optimizer
 
         self.name = name
         self.model, self.mode = build_variant(name, spec, weights)
         self.cached = name == "linear_cached"
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in self.trainable if p.ndim >= 2]
-        no_decay = [p for p in self.trainable if p.ndim < 2]
         self.lr = DEFAULT_LR[self.mode]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps_per_epoch * epochs, 0.1))
+        self.optimizer, self.scheduler = make_optimizer(self.trainable, self.lr, 0.05, steps_per_epoch * epochs, 0.1)
         self.criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
         self.parameters = trainable_parameter_count(self.model)
         self.epoch_wall: list[float] = []
@@ -367,7 +364,7 @@ def compare(args) -> dict:
             results[name]["memory"] = probe_in_subprocess(name, args)
     reference = results.get("full")
     if reference:
-        for name, result in results.items():
+        for result in results.values():
             result["epoch_wall_vs_full"] = round(result["epoch_wall_s"] / reference["epoch_wall_s"], 3)
             result["epoch_cpu_vs_full"] = round(result["epoch_cpu_s"] / reference["epoch_cpu_s"], 3)
     return {

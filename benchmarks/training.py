@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = full.samples
     patches = {}
     for name, spec in (("multiview9_64", spec9), ("ortho3_64", spec3)):
-        plain = median(lambda: [cut_patch(cropped.images[s.image_key], s.centre_lps, spec) for s in samples],
+        plain = median(lambda spec=spec: [cut_patch(cropped.images[s.image_key], s.centre_lps, spec) for s in samples],
                        clock=time.process_time)
-        augmented = median(lambda: [cut_patch(cropped.images[s.image_key], s.centre_lps, spec, augment,
+        augmented = median(lambda spec=spec: [cut_patch(cropped.images[s.image_key], s.centre_lps, spec, augment,
                                               sample_rng(0, 1, i)) for i, s in enumerate(samples)],
                            clock=time.process_time)
         patches[name] = {"plain_ms": 1e3 * plain / len(samples), "augmented_ms": 1e3 * augmented / len(samples),
@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         with tempfile.TemporaryDirectory() as tmp:
-            save = lambda: save_checkpoint(tmp, weights=weights, best_weights=weights, optimizer=opt,  # noqa: E731
-                                           scheduler=sched, progress={"epoch": 0}, config={})
+            save = lambda weights=weights, opt=opt, sched=sched: save_checkpoint(  # noqa: E731
+                tmp, weights=weights, best_weights=weights, optimizer=opt, scheduler=sched, progress={"epoch": 0},
+                config={})
             seconds = median(save)
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
         checkpoints[mode] = {"save_ms": 1e3 * seconds, "size_MB": size / 1e6,

@@ -4,8 +4,8 @@ Torch-free, for 3D Slicer's own process: ``manifest`` (what an adapter is), ``ar
 (reading and writing adapter folders and ``.zip`` packages safely), ``tensorfile`` (a
 safetensors file is complete), ``store`` (the named adapters on this workstation).
 With torch: ``package`` (an adapter ↔ a ready ``NoduleClassifier``) and ``shared`` (many
-adapters on one loaded backbone, for the engine). ``save_adapter`` and ``load_adapter``
-are imported on first use, so importing this package never imports torch.
+adapters on one loaded backbone, for the engine): import those from their modules, so
+importing this package never imports torch.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from __future__ import annotations
 from .archive import read_manifest
 from .manifest import FORMAT_VERSION, AdapterManifest
 
-__all__ = ["FORMAT_VERSION", "AdapterManifest", "read_manifest", "save_adapter", "load_adapter", "AdapterStore"]
+__all__ = ["FORMAT_VERSION", "AdapterManifest", "read_manifest", "AdapterStore"]
 
 
 def __getattr__(name: str):
-    if name in ("save_adapter", "load_adapter"):
-        from . import package
-
-        return getattr(package, name)
     if name == "AdapterStore":
         from .store import AdapterStore
 

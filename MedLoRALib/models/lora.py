@@ -7,66 +7,21 @@ fused layer into exact q, k and v linears and adapts only q and v, as the papers
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..lora_spec import TARGET_SETS, LoraSpec
 
-TARGET_SETS = ("qv", "qkv", "attn", "all")
+__all__ = ["TARGET_SETS", "LoraSpec", "SplitQKV", "split_qkv", "is_split", "adapted_blocks",
+           "target_module_names", "lora_config", "prepare_for_lora", "apply_lora", "frozen_prefix_blocks"]
+
 # timm module names (relative to a block) adapted by each fused target set.
 _FUSED_TARGETS = {
     "qkv": ("attn.qkv",),
     "attn": ("attn.qkv", "attn.proj"),
     "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
 }
-
-
-@dataclass
-class LoraSpec:
-    """LoRA hyper-parameters (MED-PEFT defaults: rank 8, alpha 32, dropout 0.1, q and v).
-
-    Args:
-        rank: LoRA rank r.
-        alpha: scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
-        dropout: dropout on the LoRA input during training.
-        targets: ``qv`` (split qkv, adapt q and v), ``qkv`` (fused qkv), ``attn``
-            (qkv + proj) or ``all`` (qkv, proj, fc1, fc2).
-        use_rslora: rank-stabilised scaling.
-        use_dora: weight-decomposed LoRA.
-        last_n_blocks: adapt only the last N blocks; the frozen first blocks then run
-            without autograd (faster training).
-    """
-
-    rank: int = 8
-    alpha: float = 32
-    dropout: float = 0.1
-    targets: str = "qv"
-    use_rslora: bool = False
-    use_dora: bool = False
-    last_n_blocks: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.targets not in TARGET_SETS:
-            raise ModelError(f"unknown LoRA target set {self.targets!r}: choose {', '.join(TARGET_SETS)}")
-        if int(self.rank) < 1:
-            raise ModelError(f"LoRA rank must be ≥ 1, got {self.rank}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ModelError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.last_n_blocks is not None and int(self.last_n_blocks) < 1:
-            raise ModelError(f"last_n_blocks must be ≥ 1 (or None for all blocks), got {self.last_n_blocks}")
-        self.rank = int(self.rank)
-        self.alpha = float(self.alpha)
-        self.dropout = float(self.dropout)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LoraSpec:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class SplitQKV(nn.Module):

@@ -1,7 +1,10 @@
 """Training LoRA adapters from local annotations.
 
-Modules are kept apart so the torch-free ones (``manifest``, ``splits``, ``metrics``,
-``reports``, ``progress``, ``augment``) can be used by ``medlora dataset check`` and by
-the Slicer module without importing torch. ``dataset``, ``checkpoint`` and ``trainer``
-need torch; import them explicitly (``from MedLoRALib.training.trainer import train``).
+Torch-free (``medlora dataset check`` and the Slicer module use them): ``config`` (every
+training option, ``TrainConfig``), ``manifest``, ``splits``, ``metrics``, ``reports``,
+``progress``, ``augment``. With torch, one job each: ``trainer`` (the run: outputs, model,
+stages; ``train()``), ``loop`` (one stage, epoch by epoch), ``schedule`` (optimizer, learning
+rate, batch order), ``processes`` (torchrun and stopping), ``checkpoint``, ``evaluation``,
+``output`` (the adapter folder) and ``dataset``. Import them explicitly
+(``from MedLoRALib.training.trainer import train``).
 """

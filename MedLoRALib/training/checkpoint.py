@@ -9,6 +9,7 @@ it, so a run killed at any moment leaves either the old or the new checkpoint, w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import sha256_file, temp_path, write_json_atomic
 from ..errors import MedLoRAError
+from ..outputs import CHECKPOINT, MARKER_NAME, write_marker
 from .progress import jsonable
 
 FORMAT = "medlora-train-checkpoint"
@@ -104,6 +106,8 @@ def save_checkpoint(directory: str | Path, *, weights: dict[str, torch.Tensor],
     """Write a complete, resumable checkpoint; return its ``state.json`` path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / MARKER_NAME).is_file():
+        write_marker(directory, CHECKPOINT)
     rng_meta, rng_tensors = rng_state()
     optim_meta, optim_tensors = _optimizer_parts(optimizer)
     tensors = {f"model/{k}": v for k, v in weights.items()}
@@ -160,3 +164,38 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint tensors {tensor_path} are missing or do not match state.json; "
                            f"delete {directory} to start over")
     return Checkpoint(meta=meta, tensors=load_file(str(tensor_path)), directory=directory)
+
+
+# --- what a checkpoint belongs to ---------------------------------------------------------------
+
+
+def data_fingerprint(samples) -> str:
+    """SHA-256 over every sample's image, centre, label and patient: a resumed run must see the same data."""
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(json.dumps([s.image_key, list(s.centre_lps), s.label, s.patient_id]).encode())
+    return digest.hexdigest()
+
+
+def frozen_fingerprint(model: torch.nn.Module, trainable: dict) -> str:
+    """SHA-256 over the frozen (not trained) tensors: a resumed run must start from the same backbone."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name not in trainable:
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_identity(saved: dict, current: dict, directory: Path) -> None:
+    """Refuse to resume when the settings, data or frozen weights differ from the stopped run's."""
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differ
+                           if k not in ("data", "frozen"))
+        if "data" in differ:
+            detail += "; the manifest's nodules, labels or images changed"
+        if "frozen" in differ:
+            detail += "; the backbone's frozen weights differ"
+        raise CheckpointError(f"the checkpoint in {directory} was made with other settings ({detail.strip('; ')}). "
+                              "Resume with the same options, or start again with --overwrite.")
