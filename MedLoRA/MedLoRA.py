@@ -63,11 +63,13 @@ except ImportError:  # slicer-core without Slicer's application (CI, scripts): l
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode  # noqa: E402
 
 from MedLoRALib.errors import MedLoRAError  # noqa: E402
+from MedLoRALib.lora_spec import LoraSpec  # noqa: E402
 from MedLoRALib.slicer import selftest  # noqa: E402
 from MedLoRALib.slicer.module_logic import ModuleLogic  # noqa: E402
 from MedLoRALib.slicer.reload import reload_library  # noqa: E402
 from MedLoRALib.slicer.results import export_csv, read_table, result_position_ras  # noqa: E402
 from MedLoRALib.slicer.training import TrainingConfig, plot_view_node  # noqa: E402
+from MedLoRALib.training.config import TrainConfig  # noqa: E402
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 
@@ -326,8 +328,12 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ready():
             return
         p = self._parameterNode
-        config = TrainingConfig(name=p.adapterName, backbone=p.backbone, epochs=p.epochs, rank=p.rank)
-        job = self._run(_("Training"), self.ops.startTraining, config, p.inputVolume, p.inputMarkups)
+
+        def start():  # the options are checked when TrainConfig is built: a bad one is a MedLoRAError here
+            options = TrainConfig(name=p.adapterName, backbone=p.backbone, epochs=p.epochs, lora=LoraSpec(rank=p.rank))
+            return self.ops.startTraining(TrainingConfig(options), p.inputVolume, p.inputMarkups)
+
+        job = self._run(_("Training"), start)
         if job:
             self._plotViewNode = plot_view_node(slicer.mrmlScene, job.chart_node, self._plotViewNode)
             self.ui.plotWidget.setMRMLPlotViewNode(self._plotViewNode)

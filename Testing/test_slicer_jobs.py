@@ -29,6 +29,7 @@ from MedLoRALib.slicer.module_logic import ModuleLogic  # noqa: E402
 from MedLoRALib.slicer.process import describe_exit  # noqa: E402
 from MedLoRALib.slicer.scoring import ScoringSession, cut_patches, rows_from_results  # noqa: E402
 from MedLoRALib.slicer.training import TrainingConfig, plot_view_node  # noqa: E402
+from MedLoRALib.training.config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "MedLoRA"
@@ -211,7 +212,7 @@ def test_starting_a_training_on_a_500_slice_volume_returns_within_100_ms(headles
     mrml.link_markups(volume, markups)
     logic = ModuleLogic(headless.scene, workDir=str(tmp_path))
     started = time.perf_counter()
-    job = logic.startTraining(TrainingConfig(name="big", epochs=1), volume, markups)
+    job = logic.startTraining(TrainingConfig(TrainConfig(name="big", epochs=1)), volume, markups)
     elapsed = time.perf_counter() - started
     print(f"startTraining on 512x512x500 int16: returned in {1000 * elapsed:.1f} ms")
     assert elapsed < 0.1
@@ -263,7 +264,7 @@ def test_closing_the_scene_cancels_the_job_lets_the_engine_go_and_leaves_no_proc
     logic.session.engine.config.python = sys.executable
     logic.session.engine.launch()  # a warm engine, as after a first score
     engine_pid = logic.session.engine.pid
-    job = logic.startTraining(TrainingConfig(name="closing", epochs=1), *pairs[0])
+    job = logic.startTraining(TrainingConfig(TrainConfig(name="closing", epochs=1)), *pairs[0])
     logic.tick()
     assert engine_pid and not job.finished
     started = time.perf_counter()

@@ -41,8 +41,7 @@ def phantom_scene():
 
 
 def _config(epochs: int, patience: int = 1) -> TrainingConfig:
-    return TrainingConfig(name="scene-adapter", backbone="medlora_tiny", epochs=epochs, rank=4,
-                          extra_args=[*selftest.TINY_TRAINING, "--patience", str(patience)])
+    return TrainingConfig(selftest.tiny_training("scene-adapter", epochs=epochs, patience=patience))
 
 
 @pytest.mark.slow

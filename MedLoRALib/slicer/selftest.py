@@ -18,7 +18,11 @@ import subprocess
 from pathlib import Path
 
 from ..adapters.store import AdapterStore
+from ..lora_spec import LoraSpec
+from ..patches import PatchSpec
 from ..synthetic import PhantomConfig, make_phantom
+from ..training.augment import AugmentConfig
+from ..training.config import TrainConfig
 from .mrml import add_markups_node, add_volume_node, link_markups, markups_to_points, set_training_label
 from .process import CREATION_FLAGS
 from .results import read_table
@@ -56,8 +60,11 @@ def check_scene(scene, folder: str | os.PathLike) -> dict:
             "labelled": sum(p.training_label is not None for p in points),
             "manifest_rows": len(manifest.read_text(encoding="utf-8").splitlines()) - 1}
 
-TINY_TRAINING = ["--random-init", "--views", "axial", "--pixels", "32", "--batch-size", "8", "--val-fraction",
-                 "0.34", "--patience", "1", "--no-augment"]
+def tiny_training(name: str = "selftest", epochs: int = 1, patience: int = 1) -> TrainConfig:
+    """A training that finishes in seconds on a CPU: tiny random-init backbone, 32 px axial patches."""
+    return TrainConfig(name=name, backbone="medlora_tiny", epochs=epochs, lora=LoraSpec(rank=4), random_init=True,
+                       patch_spec=PatchSpec(views="axial", pixels=32), batch_size=8, val_fraction=0.34,
+                       patience=patience, augment=AugmentConfig.none())
 
 
 def build_scene(scene, cases: int = 3) -> list[tuple[object, object]]:
@@ -90,8 +97,7 @@ def run(scene, folder: str | os.PathLike, logic: ScoringSession | None = None, t
         raise ValueError("the self-test needs a logic with an adapter store")
     pairs = build_scene(scene)
     engine_config = logic.engine.config
-    config = TrainingConfig(name="selftest", backbone="medlora_tiny", epochs=1, rank=4, python=engine_config.python,
-                            extra_args=TINY_TRAINING, env=dict(engine_config.env))
+    config = TrainingConfig(tiny_training(), python=engine_config.python, env=dict(engine_config.env))
     job = start_training(scene, logic.runner, pairs, folder / "training", config, store=store)
     try:
         state = job.wait(timeout_s)

@@ -9,11 +9,13 @@ node + plot chart node). Cancel asks the trainer to stop (stop file, then SIGTER
 saves a resumable checkpoint; ``poll`` ends the whole tree after the grace period. The
 job follows ``jobs.Job``.
 
-``TrainingConfig`` is the one place the Slicer side keeps training options.
+Training options are ``training.config.TrainConfig``, the one dataclass ``medlora train``'s
+command line is built from; ``TrainingConfig`` adds only the process to run it in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MedLoRAError
+from ..training.config import TrainConfig
 from .process import ProcessHandle, ProcessRunner, describe_exit
 from .training_set import TrainingSetWriter, write_training_set
 
@@ -34,40 +37,40 @@ DRAIN_WAIT_S = 2.0  # after the exit, how long to wait for its last lines (grand
 
 @dataclass
 class TrainingConfig:
-    """What to train.
+    """What to train, and the interpreter to train it with.
 
     Args:
-        name: the adapter's name in the store.
-        backbone: backbone registry name.
-        epochs: passes over the training set.
-        rank: LoRA rank.
+        train: every ``medlora train`` option with its default (``TrainConfig``, the same
+            dataclass the command line is built from); the job fills in its manifest, output
+            folder, stop file and ``--resume``.
         python: interpreter with torch/timm/peft (``None``: as for the engine).
-        extra_args: further ``medlora train`` options (e.g. ``["--batch-size", "8"]``).
+        env: environment of the training process.
     """
 
-    name: str = "my-adapter"
-    backbone: str = "dinov2_vits14"
-    epochs: int = 10
-    rank: int = 8
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(name="my-adapter", epochs=10))
     python: str | None = None
-    extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
+
+    @property
+    def name(self) -> str:
+        return self.train.name or "my-adapter"
+
+    @property
+    def epochs(self) -> int:
+        return self.train.epochs
 
 
 def train_command(config: TrainingConfig, manifest: Path, out_dir: Path, stop_file: Path,
                   resume: bool = False) -> list[str]:
-    """The ``medlora train`` command line for this run."""
+    """The ``medlora train`` command line for this run (only the options that differ from their defaults)."""
     python = config.python
     if python is None:
         from .engine_client import default_python
 
         python = default_python()
-    args = [python or sys.executable, "-m", "MedLoRALib", "train", "--manifest", str(manifest), "--out", str(out_dir),
-            "--name", config.name, "--backbone", config.backbone, "--epochs", str(config.epochs),
-            "--rank", str(config.rank), "--progress", "json", "--stop-file", str(stop_file)]
-    if resume:
-        args.append("--resume")
-    return args + list(config.extra_args)
+    run = dataclasses.replace(config.train, name=config.name, manifest=manifest, out=out_dir, stop_file=stop_file,
+                              resume=resume)
+    return [python or sys.executable, "-m", "MedLoRALib", "train", *run.cli_args(), "--progress", "json"]
 
 
 @dataclass
