@@ -293,7 +293,7 @@ def test_explanation_is_the_coloured_foreground_over_the_ct_on_a_real_scene(tmp_
     slicer = pytest.importorskip("slicer")
     import vtk
 
-    from MedLoRALib.explain.slicer_overlay import load_explanation, show_explanation
+    from MedLoRALib.explain.slicer_overlay import add_explanation, load_explanation, show_explanation
     from MedLoRALib.slicer import mrml
 
     headless = mrml.create_headless_scene()
@@ -321,6 +321,10 @@ def test_explanation_is_the_coloured_foreground_over_the_ct_on_a_real_scene(tmp_
     np.testing.assert_allclose(peak_ras, lps_to_ras(volume.peak_lps()), atol=1e-3)
     ct_ijk = np.linalg.inv(mrml.volume_world_ras_from_ijk(ct_node)) @ np.append(peak_ras, 1.0)
     np.testing.assert_allclose(ct_ijk[:3], np.rint(ct_ijk[:3]), atol=1e-3)  # on a CT voxel centre: aligned
+
+    in_memory = add_explanation(scene, volume, "in memory")  # the same grid without a file
+    in_memory.GetIJKToRASMatrix(matrix)
+    np.testing.assert_allclose([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], ras_from_ijk, atol=1e-6)
 
     table = show_explanation(scene, node, ct_node, opacity=0.6)
     composites = [scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode")

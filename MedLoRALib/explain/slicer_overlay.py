@@ -19,12 +19,16 @@ on every composite node, as ``slicer.util.setSliceViewerLayers`` does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MedLoRAError
+from ..image import CTImage
+from .volume import SaliencyVolume
 
 #: Attribute marking the volume nodes MedLoRA added as explanations.
 EXPLANATION_ATTRIBUTE = "MedLoRA.explanation"
@@ -47,6 +51,27 @@ def load_explanation(scene, path: str | os.PathLike, name: str | None = None):
         raise MedLoRAError(f"cannot read explanation {path}: is it a NRRD written by medlora explain?")
     node.SetAttribute(EXPLANATION_ATTRIBUTE, "1")
     return node
+
+
+def add_explanation(scene, volume: SaliencyVolume, name: str = "explanation"):
+    """A new scalar volume node holding ``volume`` on its own grid (no file in between)."""
+    from ..slicer.mrml import add_volume_node
+
+    node = add_volume_node(scene, CTImage(voxels_hu=volume.values, geometry=volume.geometry), name)
+    node.SetAttribute(EXPLANATION_ATTRIBUTE, volume.method or "1")
+    return node
+
+
+def maps_from_response(result: dict) -> tuple[np.ndarray, int]:
+    """The ``(maps, cell_px)`` of an engine ``explain`` response, decoded without torch."""
+    try:
+        blob = result["maps"]
+        shape = [int(n) for n in blob["shape"]]
+        raw = base64.b64decode(blob["data"], validate=True)
+        maps = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+        return maps, int(result["cell_px"])
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise MedLoRAError(f"the engine's explain response is malformed ({exc}); restart the engine") from exc
 
 
 def _ramp(fraction: float, signed: bool) -> tuple[float, float, float]:
