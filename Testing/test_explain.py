@@ -404,3 +404,70 @@ def test_medlora_explain_writes_maps_on_the_ct_grid_and_refuses_a_point_outside(
     assert bad.returncode == 2, bad.stderr
     assert "outside" in bad.stderr and "Traceback" not in bad.stderr
     assert tree_digest(tmp_path) == before
+
+
+# --- engine protocol and Slicer logic (need the lead's integration: engine, serve, engine client, logic) ---
+
+def test_engine_protocol_explain_op_answers_maps_and_refuses_bad_requests(tiny_adapter):
+    """``{"op": "explain"}`` through the real EngineServer: maps with their cell size, errors as answers."""
+    import base64
+
+    from MedLoRALib.engine import ScoringEngine
+    from MedLoRALib.explain.slicer_overlay import maps_from_response
+    from MedLoRALib.serve import EngineServer
+
+    spec = PatchSpec(views="multiview9", fov_mm=40.0, pixels=64)
+    engine = ScoringEngine(device="cpu")
+    engine.attach_adapter(tiny_adapter("explain-a", spec))
+    server = EngineServer(engine, lambda line: None)
+    patches = extract_patches(_blobs_ct(_phantom_geometry(), [BLOB_A]), CENTRE[None], spec)
+    blob = {"dtype": "float32", "shape": list(patches.shape), "data": base64.b64encode(patches.tobytes()).decode()}
+    for method, cells, cell_px in (("rollout", 8, 8), ("gradxinput", 64, 1)):
+        answer = server.handle(json.dumps({"id": 1, "op": "explain", "method": method, "patches": blob}))
+        assert answer["ok"], answer
+        maps, got_cell_px = maps_from_response(answer["result"])
+        assert maps.shape == (1, 9, cells, cells) and got_cell_px == cell_px
+        direct, _ = engine.explain_patches(patches, method=method)
+        np.testing.assert_array_equal(maps, direct)
+    wrong = server.handle(json.dumps({"id": 2, "op": "explain", "method": "lime", "patches": blob}))
+    assert not wrong["ok"] and "method" in wrong["error"]["message"]
+    axial = {**blob, "shape": [1, 1, 64, 64], "data": base64.b64encode(patches[:, :1].tobytes()).decode()}
+    wrong = server.handle(json.dumps({"id": 3, "op": "explain", "patches": axial}))
+    assert not wrong["ok"] and wrong["error"]["type"] == "PatchError"
+
+
+@pytest.mark.slow
+def test_scene_logic_shows_the_explanation_of_a_marked_point_over_its_ct(tiny_adapter):
+    """Show explanation from the scene: real ``medlora serve``, overlay in every slice view, outside point refused."""
+    slicer = pytest.importorskip("slicer")
+
+    from MedLoRALib.slicer import mrml, selftest
+    from MedLoRALib.slicer.engine_client import EngineConfig
+    from MedLoRALib.slicer.logic import SceneLogic
+
+    headless = mrml.create_headless_scene()
+    [(ct_node, markups)] = selftest.build_scene(headless.scene, cases=1)
+    markups.AddControlPointWorld(900.0, 900.0, 900.0, "far")
+    slice_logic = slicer.vtkMRMLSliceLogic()
+    slice_logic.SetMRMLApplicationLogic(headless.app_logic)
+    slice_logic.SetMRMLScene(headless.scene)
+    slice_logic.AddSliceNode("Red")
+    config = EngineConfig(python=sys.executable, extra_args=["--device", "cpu"],
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    logic = SceneLogic(headless.scene, engine_config=config)
+    try:
+        logic.attach_adapter(str(tiny_adapter("explain-a", PatchSpec(views="multiview9", fov_mm=40.0, pixels=64))))
+        node = logic.show_explanation(ct_node, markups, 0, method="gradxinput", opacity=0.4)
+        composite = headless.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+        assert composite.GetForegroundVolumeID() == node.GetID()
+        assert composite.GetBackgroundVolumeID() == ct_node.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+        low, high = node.GetImageData().GetScalarRange()
+        assert low < 0 < high  # gradient × input is signed
+        ct_from_node = np.linalg.inv(mrml.volume_world_ras_from_ijk(ct_node)) @ mrml.volume_world_ras_from_ijk(node)
+        np.testing.assert_allclose(ct_from_node[:3, :3], np.eye(3), atol=1e-6)  # the CT's own voxel grid
+        np.testing.assert_allclose(ct_from_node[:3, 3], np.rint(ct_from_node[:3, 3]), atol=1e-4)
+        with pytest.raises(MedLoRAError, match="outside volume"):
+            logic.show_explanation(ct_node, markups, markups.GetNumberOfControlPoints() - 1)
+    finally:
+        logic.close()
