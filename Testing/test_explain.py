@@ -177,8 +177,8 @@ def lidc_patches(lidc_0001):
 
 # Largest Spearman rho between the map of the adapter and of its randomised copy that each method
 # reaches. Gradient x input passes the sanity check (rho low). Attention rollout changes but stays
-# highly correlated (about 0.89 measured): it is dominated by the frozen pretrained backbone's
-# attention, the known weakness of rollout (Chefer et al. 2021). The CLI and docs say so.
+# highly correlated (0.85-0.89 measured): it is dominated by the frozen pretrained backbone's
+# attention, the known weakness of rollout (Chefer et al. 2021); `medlora explain --help` says so.
 RANDOMISATION_RHO_BELOW = {"gradxinput": 0.5, "rollout": 0.95}
 
 
