@@ -137,6 +137,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, handler in ((self.ui.scoreButton, self.onScore), (self.ui.scoreAllButton, self.onScoreAll),
                                 (self.ui.exportCsvButton, self.onExportCsv), (self.ui.cubeButton, self.onCube),
                                 (self.ui.exportCropsButton, self.onExportCrops),
+                                (self.ui.explainButton, self.onExplain),
                                 (self.ui.labelBenignButton, lambda: self.onLabel(0)),
                                 (self.ui.labelMalignantButton, lambda: self.onLabel(1)),
                                 (self.ui.startTrainingButton, self.onStartTraining),
@@ -308,6 +309,14 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cube = self._run(_("Crop"), self.ops.showCube, p.inputVolume, point, adapter)
             if cube:
                 slicer.util.setSliceViewerLayers(background=cube, fit=True)
+
+    def onExplain(self):
+        if not self._ready():
+            return
+        point = self._chosenPoint()
+        job = point and self._run(_("Explanation"), self.ops.beginExplanation, self._parameterNode.inputVolume, point,
+                                  self.ui.adapterComboBox.currentText, self.ui.explainMethodComboBox.currentText)
+        self._started(job, _("Explaining…"))
 
     def onExportCrops(self):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Export crops to"))

@@ -281,3 +281,17 @@ class ScoringEngine:
                           centre_lps=[float(v) for v in nodule.centre_lps])
         return results
 
+    # --- explanations ---------------------------------------------------------------------
+    def explain_patches(self, patches: np.ndarray, method: str = "rollout",
+                        adapter: str | None = None) -> tuple[np.ndarray, int]:
+        """Saliency maps (N, planes, H, W) on each patch's planes, and the patch pixels per map cell.
+
+        ``method``: ``rollout`` (attention rollout, one cell per ViT patch) or ``gradxinput``
+        (one cell per pixel). Map them back into the CT with ``explain.volume.saliency_volume``.
+        """
+        from .explain.saliency import cell_pixels, saliency_maps
+
+        attached = self._get(adapter)
+        array = self._check_patches(patches, attached)
+        with self._activate(attached):
+            return saliency_maps(attached.model, array, method), cell_pixels(attached.model, method)

@@ -239,7 +239,7 @@ class EngineServer:
         self.stopped = False
         self._ops = {"status": self._status, "load_backbone": self._load_backbone, "attach_adapter": self._attach,
                      "set_adapter": self._set, "detach_adapter": self._detach, "score": self._score,
-                     "shutdown": self._shutdown}
+                     "explain": self._explain, "shutdown": self._shutdown}
 
     def send(self, message: dict) -> None:
         self._write(json.dumps(message, allow_nan=False) + "\n")
@@ -333,6 +333,19 @@ class EngineServer:
                 f"{peak:.3g}. Patches must be cut and normalised with the adapter's patch_spec; these are far "
                 "outside that range.")
         return {"results": results}
+
+    def _explain(self, request: dict) -> dict:
+        method = _text(request, "method", False) or "rollout"
+        if method not in ("rollout", "gradxinput"):
+            raise ProtocolError(f"'method' must be 'rollout' or 'gradxinput', got {method!r}")
+        patches = decode_patches(request.get("patches"))
+        maps, cell_px = self.engine.explain_patches(patches, method=method, adapter=_text(request, "adapter", False))
+        if not np.isfinite(maps).all():  # base64 would carry NaN silently past the strict-JSON check
+            raise NonFiniteResultError(f"the {method} map is NaN or infinite: the model overflowed on these patches. "
+                                       "Cut and normalise them with the adapter's patch_spec.")
+        data = base64.b64encode(np.ascontiguousarray(maps, dtype=np.float32).tobytes()).decode("ascii")
+        return {"method": method, "cell_px": cell_px,
+                "maps": {"dtype": "float32", "shape": list(maps.shape), "data": data}}
 
     def _shutdown(self, request: dict) -> dict:
         self.stopped = True

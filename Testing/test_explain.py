@@ -443,7 +443,8 @@ def test_scene_logic_shows_the_explanation_of_a_marked_point_over_its_ct(tiny_ad
 
     from MedLoRALib.slicer import mrml, selftest
     from MedLoRALib.slicer.engine_client import EngineConfig
-    from MedLoRALib.slicer.logic import SceneLogic
+    from MedLoRALib.slicer.jobs import run_to_end
+    from MedLoRALib.slicer.scoring import ScoringSession
 
     headless = mrml.create_headless_scene()
     [(ct_node, markups)] = selftest.build_scene(headless.scene, cases=1)
@@ -454,10 +455,13 @@ def test_scene_logic_shows_the_explanation_of_a_marked_point_over_its_ct(tiny_ad
     slice_logic.AddSliceNode("Red")
     config = EngineConfig(python=sys.executable, extra_args=["--device", "cpu"],
                           env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    logic = SceneLogic(headless.scene, engine_config=config)
+    logic = ScoringSession(headless.scene, engine_config=config)
+    points = mrml.markups_to_points(markups, ct_node.GetName())
     try:
-        logic.attach_adapter(str(tiny_adapter("explain-a", PatchSpec(views="multiview9", fov_mm=40.0, pixels=64))))
-        node = logic.show_explanation(ct_node, markups, 0, method="gradxinput", opacity=0.4)
+        logic.register_adapter(str(tiny_adapter("explain-a", PatchSpec(views="multiview9", fov_mm=40.0, pixels=64))))
+        job = logic.begin_explanation(ct_node, points[0], method="gradxinput", opacity=0.4)
+        assert not job.finished  # the engine starts and answers while the caller keeps polling
+        node = run_to_end(job, timeout_s=300).node
         composite = headless.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
         assert composite.GetForegroundVolumeID() == node.GetID()
         assert composite.GetBackgroundVolumeID() == ct_node.GetID()
@@ -467,7 +471,7 @@ def test_scene_logic_shows_the_explanation_of_a_marked_point_over_its_ct(tiny_ad
         ct_from_node = np.linalg.inv(mrml.volume_world_ras_from_ijk(ct_node)) @ mrml.volume_world_ras_from_ijk(node)
         np.testing.assert_allclose(ct_from_node[:3, :3], np.eye(3), atol=1e-6)  # the CT's own voxel grid
         np.testing.assert_allclose(ct_from_node[:3, 3], np.rint(ct_from_node[:3, 3]), atol=1e-4)
-        with pytest.raises(MedLoRAError, match="outside volume"):
-            logic.show_explanation(ct_node, markups, markups.GetNumberOfControlPoints() - 1)
+        with pytest.raises(MedLoRAError, match="outside the CT volume"):
+            logic.begin_explanation(ct_node, points[-1])
     finally:
         logic.close()

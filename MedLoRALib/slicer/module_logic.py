@@ -224,6 +224,12 @@ class ModuleLogic:
         studies = find_studies(self.scene, choose)
         return self._startJob(BatchScoring(self.session, studies, adapter=self._attach(adapter), tta=tta))
 
+    def beginExplanation(self, volume, point, adapter, method="gradxinput", opacity=0.5):
+        """Show where the model looked for one point: a saliency overlay on the CT (a job)."""
+        if volume is None or point is None:
+            raise MedLoRAError("select a volume and a point first.")
+        return self._startJob(self.session.begin_explanation(volume, point, method, self._attach(adapter), opacity))
+
     # --- the point a button acts on -----------------------------------------------------------
     def selectedPoint(self, volume, markups, table=None, row=None, pointIndex=None) -> ScenePoint:
         """The point the user chose: the results-table row selected, else the point selector's index.

@@ -20,7 +20,7 @@ from ..adapters import AdapterManifest, read_manifest
 from ..adapters.store import check_name
 from ..errors import MedLoRAError
 from ..nodule import centres_lps
-from ..patches import PatchSpec, extract_patches
+from ..patches import PatchSpec, check_inside, extract_patches
 from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches
 from .mrml import ScenePoint, UnplacedPoint, markups_to_points, unplaced_points, volume_to_ct_image
 from .process import ProcessRunner, Reaper, SubprocessRunner
@@ -350,6 +350,23 @@ class ScoringSession:
                        version=manifest.version_id, label_names=tuple(manifest.label_names), tta=tta,
                        table_node=table_node, write_results_table=write_results_table)
         return job.start()
+
+    def begin_explanation(self, volume_node, point: ScenePoint, method: str = "gradxinput",
+                          adapter: str | None = None, opacity: float = 0.5):
+        """Explain one point's score as an overlay on its CT; poll the returned job (never blocks).
+
+        A point outside the volume is refused here, before the engine is asked.
+        """
+        from .explanation import METHODS, ExplainJob
+
+        if method not in METHODS:
+            raise MedLoRAError(f"explanation method {method!r}: choose one of {', '.join(METHODS)}.")
+        name, manifest_dict = self._adapter(adapter)
+        spec = AdapterManifest.from_dict(manifest_dict, f"adapter {name}").spec
+        image = volume_to_ct_image(volume_node)
+        check_inside(image, np.array([point.nodule.centre_lps]))
+        return ExplainJob(session=self, volume_node=volume_node, image=image, point=point, adapter=name, spec=spec,
+                          method=method, opacity=opacity).start()
 
     def score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
               tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
