@@ -27,7 +27,7 @@ from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
 from MedLoRALib.locks import OutputBusyError, OutputLock
 from MedLoRALib.outputs import MARKER_NAME, read_marker, write_marker
-from MedLoRALib.phantom import write_dicom_series
+from MedLoRALib.synthetic import write_dicom_series
 from MedLoRALib.training import trainer as T
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

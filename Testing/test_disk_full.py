@@ -25,7 +25,7 @@ from helpers import tree_digest
 from MedLoRALib.cli import main
 from MedLoRALib.ctio import save_volume
 from MedLoRALib.errors import OutputError, disk_problem, explain_os_error
-from MedLoRALib.phantom import PhantomConfig, make_phantom
+from MedLoRALib.synthetic import PhantomConfig, make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = PhantomConfig(size=(96, 96, 32), spacing=(1.2, 1.2, 2.5), n_nodules=2)  # about 0.5 MB as NRRD
@@ -178,7 +178,7 @@ def test_adapter_export_to_a_full_disk_leaves_nothing_half_written(small_disk, s
 
 
 def test_train_on_a_full_disk_says_so(small_disk, tmp_path, capsys):
-    from MedLoRALib.phantom import write_cohort
+    from MedLoRALib.synthetic import write_cohort
 
     manifest = write_cohort(tmp_path / "cohort", n_cases=4, seed=0, config=SMALL)
     inputs = tree_digest(manifest.parent)
