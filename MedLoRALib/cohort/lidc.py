@@ -172,9 +172,6 @@ class _Tally:
             if series.image is None:
                 reason = f"series {series.info.key}: its headers do not form a CT volume: {series.problem}"
             else:
-                self.scanners[series.scanner] += 1
-                if series.slice_thickness_mm is not None:
-                    self.thickness.append(series.slice_thickness_mm)
                 try:
                     nodules, source = series_nodules(series, xml, tables, self.config)
                 except DatasetError as exc:
@@ -184,6 +181,9 @@ class _Tally:
                         self.notes.append(f"{patient.name} series {series.info.key}: {len(xml[series.info.uid])} "
                                           f"XML files read it; used {source.split(':', 1)[1]}")
                     self.sources[source.split(":", 1)[0]] += 1
+                    self.scanners[series.scanner] += 1  # of the series used, as the thickness
+                    if series.slice_thickness_mm is not None:
+                        self.thickness.append(series.slice_thickness_mm)
                     self._add_nodules(nodules, series, pid, source)
                     continue
             reasons.append(reason)
