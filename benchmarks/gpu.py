@@ -176,7 +176,7 @@ def oom_fallback(adapter: Path, nodules: int = 512, headroom_mib: int = 256) -> 
     patches = _patches(nodules, seed=2)
     reference = ScoringEngine(device="cuda", max_batch_images=10**9)
     reference.attach_adapter(adapter)
-    expected = np.array([r["probability"] for r in reference.score_patches(patches[:32], tta=False)])
+    expected = np.array([r["probability"] for r in reference.score_patches(patches[:32], tta=True)])
     del reference
     torch.cuda.empty_cache()
     engine = ScoringEngine(device="cuda", max_batch_images=10**9)  # one forward pass for the whole call
