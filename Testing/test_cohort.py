@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,11 @@ def _check_labels(rows, truth, rule) -> None:
             assert np.linalg.norm([float(nearest[a]) for a in "xyz"] - centre) < 2.0  # within a voxel or so
             assert int(nearest["label"]) == label
     for case, reads in REAL_RATINGS.items():
+        images = {r["image"] for r in rows if r["patient_id"] == case}
+        xml = next(Path(images.pop()).glob("*.xml")).read_text()  # the real XML beside the series
+        in_xml = Counter(int(v) for v in re.findall(r"<malignancy>\s*(\d)\s*</malignancy>", xml))
+        in_rows = Counter(int(v) for r in rows if r["patient_id"] == case for v in r["ratings"].split(";"))
+        assert not in_rows - in_xml, case  # every rating in the manifest is a reader's value in the XML
         got = sorted((tuple(sorted(int(v) for v in r["ratings"].split(";"))), int(r["label"]))
                      for r in rows if r["patient_id"] == case)
         assert got == sorted((tuple(sorted(r)), rule(r)) for r in reads if rule(r) is not None), case
@@ -256,3 +263,36 @@ def test_label_rules_on_ratings():
     assert label_nodule(nodule(1, 2, 3), "mean")[0] == 0
     assert label_nodule(Nodule((0, 0, 0), label=1, source="nlstx:f.csv:2"), "nlstx")[0] == 1
     assert label_nodule(Nodule((0, 0, 0), label=1, source="nlstx:f.csv:2"), "mean")[0] is None
+
+
+def test_interrupted_run_resumes_from_its_journal(download, tmp_path):
+    """Patients already journaled are not read again; a patient whose files changed is."""
+    from MedLoRALib.cohort.journal import Journal, journal_path
+
+    root, xml_root, _ = download
+    config = CohortConfig(root, xml_root)
+    read: list[str] = []
+    with Journal(tmp_path / "m.csv") as journal:
+        first = build_lidc_cohort(config, progress=lambda n, total, name: read.append(name), journal=journal)
+    assert len(read) == 7
+    read.clear()
+    with Journal(tmp_path / "m.csv") as journal:
+        again = build_lidc_cohort(config, progress=lambda n, total, name: read.append(name), journal=journal)
+    assert read == [] and again.rows == first.rows and again.summary == first.summary
+    (root / "SYN-0005" / "notes" / "more.txt").write_text("changed")
+    try:
+        with Journal(tmp_path / "m.csv") as journal:
+            build_lidc_cohort(config, progress=lambda n, total, name: read.append(name), journal=journal)
+        assert read == ["SYN-0005"]
+        read.clear()
+        with Journal(tmp_path / "m.csv") as journal:  # other settings: the journal starts afresh
+            build_lidc_cohort(CohortConfig(root, xml_root, label_rule="median"),
+                              progress=lambda n, total, name: read.append(name), journal=journal)
+        assert len(read) == 7
+    finally:
+        (root / "SYN-0005" / "notes" / "more.txt").unlink()
+    with Journal(tmp_path / "m.csv"), pytest.raises(OutputError, match="another 'medlora cohort' run"):
+        with Journal(tmp_path / "m.csv"):
+            pass
+    assert cohort_main(["lidc", "--root", str(root), "--xml-root", str(xml_root), "--out", str(tmp_path / "m.csv")]) == 0
+    assert not journal_path(tmp_path / "m.csv").exists()  # removed once the manifest is written

@@ -1,7 +1,8 @@
 """``medlora cohort lidc --root DIR --out manifest.csv``: a training manifest from a LIDC-IDRI download.
 
 Torch-free: reads DICOM headers and XML only. See ``MedLoRALib.cohort`` for the matching and
-labelling rules.
+labelling rules. Resumable: each patient read is journaled beside the manifest
+(``cohort.journal``), so running the same command again after an interruption skips them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _progress(n: int, total: int, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cohort import CohortConfig, build_lidc_cohort, format_summary, write_cohort
+    from ..cohort.journal import Journal
     from ..cohort.output import check_targets
     from ..errors import DatasetError
 
@@ -49,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     check_targets(args.out, args.overwrite)  # before minutes of header reading
     config = CohortConfig(root=args.root, xml_root=args.xml_root, label_rule=args.label_rule,
                           min_readers=args.min_readers, group_distance_mm=args.group_distance_mm)
-    cohort = build_lidc_cohort(config, progress=_progress)
-    manifest, summary = write_cohort(cohort, args.out, overwrite=args.overwrite)
+    with Journal(args.out) as journal:  # resumes an interrupted run; refuses a concurrent one
+        cohort = build_lidc_cohort(config, progress=_progress, journal=journal)
+        manifest, summary = write_cohort(cohort, args.out, overwrite=args.overwrite)
+        journal.remove()
     print(format_summary(cohort.summary))
     print(f"manifest: {manifest} ({len(cohort.rows)} rows)\nsummary: {summary}")
     return 0

