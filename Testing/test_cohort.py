@@ -296,3 +296,35 @@ def test_interrupted_run_resumes_from_its_journal(download, tmp_path):
             pass
     assert cohort_main(["lidc", "--root", str(root), "--xml-root", str(xml_root), "--out", str(tmp_path / "m.csv")]) == 0
     assert not journal_path(tmp_path / "m.csv").exists()  # removed once the manifest is written
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")  # pydicom, on the corrupt file
+def test_bad_inputs_are_reported_per_patient(tmp_path):
+    """A truncated XML, a corrupt DICOM file and a XML of the wrong slices: each patient is listed
+    as unmatched with the reason; a stray unparseable XML is named; the good patient goes through."""
+    from pydicom.uid import generate_uid
+
+    image, nodules = make_phantom(TINY, seed=9, case_id="BAD")
+    root = tmp_path / "root"
+    series = {}
+    for pid in ("BAD-0001", "BAD-0002", "BAD-0003", "GOOD-0004"):
+        uid = generate_uid(entropy_srcs=[pid])
+        series[pid] = write_dicom_series(image, root / pid / "study" / "series", patient_id=pid, series_uid=uid)
+        image.ids = type(image.ids)(pid, image.ids.study_uid, uid)
+        write_lidc_xml(series[pid] / "001.xml", image, nodules, [(5, 5, 5), (1, 1, 1)])
+    xml = series["BAD-0001"] / "001.xml"
+    xml.write_text(xml.read_text()[:300])  # cut short after its SeriesInstanceUid
+    stray = series["GOOD-0004"] / "notes.xml"
+    stray.write_text("<broken")
+    (series["BAD-0002"] / "IM00003.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    bad_z = series["BAD-0003"] / "001.xml"
+    bad_z.write_text(re.sub(r"<imageZposition>[^<]*</imageZposition>", "<imageZposition>900.0</imageZposition>",
+                            bad_z.read_text()))
+    cohort = build_lidc_cohort(CohortConfig(root))
+    reasons = {u["patient"]: u["reason"] for u in cohort.summary["patients"]["unmatched"]}
+    assert set(reasons) == {"BAD-0001", "BAD-0002", "BAD-0003"}
+    assert "001.xml is malformed" in reasons["BAD-0001"]
+    assert [u.split(":")[0] for u in cohort.summary["series"]["xml_unreadable"]] == [str(stray)]
+    assert "IM00003.dcm" in reasons["BAD-0002"] and "cannot be read" in reasons["BAD-0002"]
+    assert "its LIDC XML cannot be used" in reasons["BAD-0003"] and "matches no slice" in reasons["BAD-0003"]
+    assert {r["patient_id"] for r in cohort.rows} == {"GOOD-0004"} and len(cohort.rows) == 2

@@ -10,7 +10,6 @@ CT handed to the XML reader is header-only (a zero-stride voxel array, never rea
 
 from __future__ import annotations
 
-import logging
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ import numpy as np
 from ..ctio import SeriesInfo, _stack_geometry, list_series
 from ..errors import MedLoRAError
 from ..image import CTImage, StudyIds
-
-log = logging.getLogger(__name__)
 
 SCANNER_TAGS = ["Manufacturer", "ManufacturerModelName", "SliceThickness", "PatientID"]
 
@@ -101,7 +98,8 @@ def read_patient(folder: Path) -> PatientFolder:
 
 
 def _xml_series_uid(path: Path) -> str | None:
-    """The SeriesInstanceUid of a LIDC CT read (``LidcReadMessage``), None for other XML."""
+    """The SeriesInstanceUid of a LIDC CT read (``LidcReadMessage``), None for other XML;
+    ValueError naming the problem when the file cannot be parsed."""
     try:
         events = ET.iterparse(path, events=("start", "end"))
         _, root = next(events)
@@ -113,21 +111,37 @@ def _xml_series_uid(path: Path) -> str | None:
                 return (element.text or "").strip() or None
             if event == "end" and tag == "ResponseHeader":
                 return None
-    except (ET.ParseError, OSError, StopIteration) as exc:
-        log.warning("skipping unreadable XML %s: %s", path, exc)
+    except ET.ParseError as exc:
+        raise ValueError(f"malformed XML ({exc}); is the file complete?") from None
+    except StopIteration:
+        raise ValueError("empty XML file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
     return None
 
 
-def index_xml(folders: list[Path]) -> dict[str, list[Path]]:
-    """SeriesInstanceUID → the LIDC XML files (under any of ``folders``) that read it."""
-    index: dict[str, list[Path]] = {}
+@dataclass
+class XmlIndex:
+    """SeriesInstanceUID → the LIDC XML files that read it, and the XML files that could not be read."""
+
+    by_series: dict[str, list[Path]] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def index_xml(folders: list[Path]) -> XmlIndex:
+    """Every LIDC CT read under ``folders``, by the series it names."""
+    index = XmlIndex()
     for top in folders:
         for dirpath, dirnames, filenames in os.walk(top):  # a top that is a symlink is followed
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.lower().endswith(".xml") and not name.startswith("."):
                     path = Path(dirpath) / name
-                    uid = _xml_series_uid(path)
+                    try:
+                        uid = _xml_series_uid(path)
+                    except ValueError as exc:
+                        index.unreadable.append(f"{path}: {exc}")
+                        continue
                     if uid:
-                        index.setdefault(uid, []).append(path)
+                        index.by_series.setdefault(uid, []).append(path)
     return index

@@ -11,7 +11,6 @@ manifest does not depend on the annotation files afterwards.
 
 from __future__ import annotations
 
-import logging
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,10 +24,8 @@ from ..errors import DatasetError, MedLoRAError
 from ..nodule import Nodule
 from .journal import Journal, folder_state
 from .labels import DEFAULT_RULE, LABEL_RULES, label_nodule
-from .layout import CTSeries, PatientFolder, index_xml, patient_folders, read_patient
+from .layout import CTSeries, PatientFolder, XmlIndex, index_xml, patient_folders, read_patient
 from .tables import AnnotationTables, PylidcMark, load_tables
-
-log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["patient_id", "image", "series_uid", "nodule_id", "x", "y", "z", "coordinate_system",
                     "label", "diameter_mm", "mean_malignancy", "ratings", "readers", "label_source"]
@@ -206,7 +203,7 @@ def build_lidc_cohort(config: CohortConfig, tables: AnnotationTables | None = No
         raise DatasetError(f"--root {root} holds no patient folders; TCIA's layout is ROOT/<patient>/<study>/<series>/")
     tables = tables or load_tables()
     xml = index_xml(patients + ([Path(config.xml_root)] if config.xml_root else []))
-    done = journal.start(config, xml, tables.files) if journal else {}
+    done = journal.start(config, xml.by_series, tables.files) if journal else {}
     results = []
     for n, folder in enumerate(patients, start=1):
         state = folder_state(folder)
@@ -216,14 +213,14 @@ def build_lidc_cohort(config: CohortConfig, tables: AnnotationTables | None = No
             continue
         if progress:
             progress(n, len(patients), folder.name)
-        result = read_lidc_patient(read_patient(folder), xml, tables, config)
+        result = read_lidc_patient(read_patient(folder), xml.by_series, tables, config)
         if journal:
             journal.add(state, asdict(result))
         results.append(result)
     return Cohort([row for r in results for row in r.rows], summarise(results, config, root, xml))
 
 
-def summarise(results: list[PatientResult], config: CohortConfig, root: Path, xml: dict[str, list[Path]]) -> dict:
+def summarise(results: list[PatientResult], config: CohortConfig, root: Path, xml: XmlIndex) -> dict:
     """The cohort summary: what was found, used, labelled, dropped and why, scanners, thickness."""
     def total(attribute: str) -> Counter:
         counts: Counter = Counter()
@@ -248,7 +245,8 @@ def summarise(results: list[PatientResult], config: CohortConfig, root: Path, xm
                      "unmatched": [{"patient": r.patient, "reason": r.unmatched} for r in results if r.unmatched]},
         "series": {"ct_used": sum(sources.values()), "by_source": dict(sources),
                    "non_ct_skipped": sum(r.non_ct_series for r in results),
-                   "xml_files_indexed": sum(len(v) for v in xml.values()),
+                   "xml_files_indexed": sum(len(v) for v in xml.by_series.values()),
+                   "xml_unreadable": xml.unreadable,
                    "unmatched": [u for r in results for u in r.unmatched_series]},
         "nodules": {"found": sum(r.nodules for r in results), "labelled": len(rows), "benign": labels["0"],
                     "malignant": labels["1"], "label_sources": dict(total("label_sources")),
@@ -284,5 +282,9 @@ def format_summary(summary: dict) -> str:
     if partly:
         lines.append(f"{len(partly)} further series of matched patients were not used:")
         lines += [f"  - {u['patient']}: {u['reason']}" for u in partly]
+    if s["xml_unreadable"]:
+        lines.append(f"{len(s['xml_unreadable'])} XML file(s) could not be read (their series were matched "
+                     "without them, if at all):")
+        lines += [f"  - {u}" for u in s["xml_unreadable"]]
     lines += [f"note: {line}" for line in summary["notes"]]
     return "\n".join(lines)
