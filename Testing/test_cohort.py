@@ -250,6 +250,9 @@ def test_bad_roots_are_refused(tmp_path):
         build_lidc_cohort(CohortConfig(tmp_path))
     with pytest.raises(DatasetError, match="unknown label rule"):
         build_lidc_cohort(CohortConfig(tmp_path, label_rule="max"))
+    assert cohort_main(["lidc", "--root", str(tmp_path), "--out", str(tmp_path / "m.csv"), "--min-readers", "7"]) == 2
+    assert cohort_main(["lidc", "--root", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 2
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_label_rules_on_ratings():

@@ -61,17 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``medlora cohort`` without registering it in ``cli.SUBCOMMANDS`` (as ``medlora cohort``)."""
-    from . import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command = sub.add_parser("cohort")
-    command.set_defaults(_module="cohort")
-    add_arguments(command)
-    args = parser.parse_args(["cohort", *(sys.argv[1:] if argv is None else argv)])
+    """``medlora cohort ...`` before the command is registered in ``cli.SUBCOMMANDS`` (same options,
+    same exit codes: 0 done, 2 a MedLoRAError)."""
     from ..errors import MedLoRAError
 
+    parser = argparse.ArgumentParser(prog="medlora cohort", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(run(args) or 0)
     except MedLoRAError as exc:
