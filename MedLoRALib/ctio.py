@@ -383,7 +383,7 @@ def _shown(path: Path, folder: Path) -> str:
         return path.name
 
 
-def _stack_geometry(info: SeriesInfo, folder: Path | None = None) -> tuple[list[DicomSlice], Geometry]:
+def stack_geometry(info: SeriesInfo, folder: Path | None = None) -> tuple[list[DicomSlice], Geometry]:
     """Sort the slices along the normal and refuse stacks that would be read wrongly."""
     where = info.describe()
     slices = info.slices
@@ -594,7 +594,7 @@ def load_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
                           f"or to a volume file ({', '.join(VOLUME_SUFFIXES)}).")
     info = _pick_series(series, root, series_uid)
     _check_one_modality(info, root)
-    slices, geometry = _stack_geometry(info, root)
+    slices, geometry = stack_geometry(info, root)
     voxels = _read_dicom_pixels(slices, info, root)
     if voxels.shape != tuple(reversed(geometry.size)):
         raise CTLoadError(f"{info.describe()}: decoded pixels {voxels.shape} do not match the headers "

@@ -301,7 +301,7 @@ def group_marks(marks: list[ReaderMark], group_distance_mm: float = 5.0) -> list
     return list(groups.values())
 
 
-def _consensus(group: list[ReaderMark], nodule_id: str, case_id: str, series_uid: str,
+def consensus(group: list[ReaderMark], nodule_id: str, case_id: str, series_uid: str,
                source: str) -> Nodule:
     ratings = tuple(m.malignancy for m in group if m.malignancy is not None)
     diameters = [m.diameter_mm for m in group if m.diameter_mm is not None]
@@ -380,5 +380,5 @@ def load_lidc_xml(path: str | Path, image: CTImage, *, min_readers: int = 1, inc
     groups.sort(key=lambda g: (-len(g), -float(np.mean([m.centre_lps[2] for m in g]))))
     case_id = image.ids.patient_id or path.stem
     source = f"lidc-xml:{path.name}"
-    return [_consensus(g, f"{case_id}/n{i}", case_id, series_uid, source)
+    return [consensus(g, f"{case_id}/n{i}", case_id, series_uid, source)
             for i, g in enumerate(groups, start=1)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctio import SeriesInfo, _stack_geometry, list_series
+from ..ctio import SeriesInfo, list_series, stack_geometry
 from ..errors import MedLoRAError
 from ..image import CTImage, StudyIds
 
@@ -53,7 +53,7 @@ def patient_folders(root: Path) -> list[Path]:
 
 def header_image(info: SeriesInfo, folder: Path) -> CTImage:
     """A CTImage with the series' grid and ids but no voxels (nothing reads them here)."""
-    _, geometry = _stack_geometry(info, folder)
+    _, geometry = stack_geometry(info, folder)
     voxels = np.broadcast_to(np.int16(0), tuple(reversed(geometry.size)))
     return CTImage(voxels, geometry, StudyIds(info.patient_id, info.study_uid, info.uid), source=str(folder))
 

