@@ -20,11 +20,8 @@ import pytest
 import torch
 from helpers import tree_digest
 
-from MedLoRALib.adapters import AdapterManifest
-from MedLoRALib.adapters.package import save_adapter
 from MedLoRALib.adapters.store import AdapterStore
 from MedLoRALib.engine import ScoringEngine
-from MedLoRALib.models import build_model
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.serve import DEFAULT_MAX_REQUEST_BYTES, EngineServer, OversizedRequest, read_requests
 
@@ -53,9 +50,8 @@ def _strict(line: str):
 
 
 @pytest.fixture(scope="module")
-def adapter_path(tmp_path_factory):
-    model, _ = build_model("medlora_tiny", patch_spec=SPEC, allow_random_init=True)
-    return save_adapter(model, AdapterManifest(name="site-a"), tmp_path_factory.mktemp("adapters") / "site-a")
+def adapter_path(tiny_adapter):
+    return tiny_adapter("site-a", SPEC, scale=0.0)  # untrained: as build_model leaves it
 
 
 @pytest.fixture(scope="module")

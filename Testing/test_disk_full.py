@@ -129,21 +129,15 @@ def test_phantom_on_a_full_disk_keeps_the_previous_cohort(small_disk, capsys):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, tiny_adapter) -> Path:
     """A store with one tiny random-init adapter 'tiny' (as test_score_cli makes it)."""
-    import torch
-
-    from MedLoRALib.adapters import AdapterManifest
-    from MedLoRALib.adapters.package import save_adapter
     from MedLoRALib.adapters.store import AdapterStore
-    from MedLoRALib.models import LoraSpec, build_model
+    from MedLoRALib.models import LoraSpec
     from MedLoRALib.patches import PatchSpec
 
-    torch.set_num_threads(1)
     spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=32)
-    model, _ = build_model("medlora_tiny", patch_spec=spec, lora=LoraSpec(rank=4), allow_random_init=True)
     root = tmp_path_factory.mktemp("store")
-    AdapterStore(root / "adapters").import_(save_adapter(model, AdapterManifest(name="tiny"), root / "source"))
+    AdapterStore(root / "adapters").import_(tiny_adapter("tiny", spec, scale=0.0, lora=LoraSpec(rank=4)))
     return root / "adapters"
 
 

@@ -23,11 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from MedLoRALib import errors
-from MedLoRALib.adapters import AdapterManifest
-from MedLoRALib.adapters.package import save_adapter
 from MedLoRALib.adapters.store import AdapterStore
 from MedLoRALib.engine import ScoringEngine
-from MedLoRALib.models import build_model
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.serve import EngineServer, read_requests
 
@@ -66,9 +63,8 @@ def _error_types() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def adapter_path(tmp_path_factory):
-    model, _ = build_model("medlora_tiny", patch_spec=SPEC, allow_random_init=True)
-    return save_adapter(model, AdapterManifest(name="site-a"), tmp_path_factory.mktemp("adapters") / "site-a")
+def adapter_path(tiny_adapter):
+    return tiny_adapter("site-a", SPEC, scale=0.0)  # untrained: as build_model leaves it
 
 
 @pytest.fixture(scope="module")
