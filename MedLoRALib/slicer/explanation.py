@@ -18,7 +18,7 @@ from ..image import CTImage
 from ..patches import PatchSpec, extract_patches
 from .engine_client import encode_patches
 from .mrml import ScenePoint
-from .scoring import EngineSetup, ScoringSession
+from .scoring import EngineCall, ScoringSession
 
 METHODS = ("gradxinput", "rollout")
 
@@ -35,8 +35,7 @@ class ExplainJob:
     spec: PatchSpec
     method: str = "gradxinput"
     opacity: float = 0.5
-    setup: EngineSetup | None = None
-    request_id: int | None = None
+    call: EngineCall | None = None
     node: object = None
     cancelled: bool = False
 
@@ -54,34 +53,25 @@ class ExplainJob:
             return "explanation cancelled"
         if self.node is not None:
             return f"explanation of {self.point.name} shown ({self.method})"
-        return "starting the scoring engine…" if self.setup is not None else f"explaining {self.point.name}…"
+        return "starting the scoring engine…" if self.call and self.call.starting else f"explaining {self.point.name}…"
 
     @property
     def results_table(self):
         return None
 
     def start(self) -> ExplainJob:
-        if self.session.engine_ready():
-            self._send()
-        else:
-            self.setup = EngineSetup(self.session)
+        self.call = EngineCall(self.session, "explain", self._request)
         return self
 
-    def _send(self) -> None:
+    def _request(self) -> dict:
         patches = extract_patches(self.image, np.array([self.point.nodule.centre_lps]), self.spec)
-        self.request_id = self.session.engine.submit("explain", patches=encode_patches(patches),
-                                                     method=self.method, adapter=self.adapter)
+        return {"patches": encode_patches(patches), "method": self.method, "adapter": self.adapter}
 
     def poll(self) -> bool:
         """Advance without waiting; True once the overlay is shown. Engine errors are raised."""
         if self.finished:
             return True
-        if self.setup is not None:
-            if not self.setup.poll():
-                return False
-            self.setup = None
-            self._send()
-        answer = self.session.engine.poll(self.request_id)
+        answer = self.call.poll()
         if answer is None:
             return False
         maps, cell_px = maps_from_response(answer)
@@ -95,5 +85,5 @@ class ExplainJob:
         if self.finished:
             return
         self.cancelled = True
-        if self.request_id is not None:
+        if self.call is not None and self.call.sent:
             self.session.kill_engine()

@@ -12,6 +12,7 @@ reaped in the background (``process.Reaper``), so a restart never waits for the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,41 @@ class EngineSetup:
         return not self.pending
 
 
+class EngineCall:
+    """One request to the engine, sent once the engine holds every registered adapter; never waits.
+
+    ``poll`` returns the answer once it is in (``None`` until then); the request's
+    parameters are built when it is sent. ``starting`` is true while the engine is being
+    set up, ``sent`` once the request is with the engine.
+    """
+
+    def __init__(self, session: ScoringSession, op: str, params: Callable[[], dict]) -> None:
+        self.session, self.op, self._params = session, op, params
+        self.request_id: int | None = None
+        self.setup = None if session.engine_ready() else EngineSetup(session)
+        if self.setup is None:
+            self._send()
+
+    @property
+    def starting(self) -> bool:
+        return self.setup is not None
+
+    @property
+    def sent(self) -> bool:
+        return self.request_id is not None
+
+    def _send(self) -> None:
+        self.request_id = self.session.engine.submit(self.op, **self._params())
+
+    def poll(self) -> dict | None:
+        if self.setup is not None:
+            if not self.setup.poll():
+                return None
+            self.setup = None
+            self._send()
+        return self.session.engine.poll(self.request_id)
+
+
 @dataclass
 class ScoreJob:
     """One volume's points being scored; ``poll`` advances it, True once the rows are in.
@@ -145,8 +181,7 @@ class ScoreJob:
     tta: bool = True
     table_node: object = None
     write_results_table: bool = True
-    setup: EngineSetup | None = None
-    request_id: int | None = None
+    call: EngineCall | None = None  # None when no point lies inside the volume
     rows: list[ScoreRow] | None = None
     cancelled: bool = False
     error: str | None = None
@@ -155,7 +190,7 @@ class ScoreJob:
     def stage(self) -> str:
         if self.rows is not None:
             return "done"
-        return "engine" if self.setup is not None else "score"
+        return "engine" if self.call is not None and self.call.starting else "score"
 
     @property
     def finished(self) -> bool:
@@ -181,28 +216,17 @@ class ScoreJob:
 
     def start(self) -> ScoreJob:
         if len(self.batch.patches):
-            if self.session.engine_ready():
-                self._send()
-            else:
-                self.setup = EngineSetup(self.session)
+            self.call = EngineCall(self.session, "score", lambda: {
+                "patches": encode_patches(self.batch.patches), "adapter": self.adapter, "tta": self.tta})
         return self
-
-    def _send(self) -> None:
-        self.request_id = self.session.engine.submit("score", patches=encode_patches(self.batch.patches),
-                                                     adapter=self.adapter, tta=self.tta)
 
     def poll(self) -> bool:
         """Advance without waiting; True once finished. Engine errors are raised (a ``MedLoRAError``)."""
         if self.rows is not None:
             return True
-        if self.setup is not None:
-            if not self.setup.poll():
-                return False
-            self.setup = None
-            self._send()
         results = []
-        if self.request_id is not None:
-            answer = self.session.engine.poll(self.request_id)
+        if self.call is not None:
+            answer = self.call.poll()
             if answer is None:
                 return False
             results = answer["results"]
@@ -217,7 +241,7 @@ class ScoreJob:
         if self.rows is not None:
             return
         self.cancelled = True
-        if self.request_id is not None:
+        if self.call is not None and self.call.sent:
             self.session.kill_engine()  # restarted on the next request
         self.rows = []
 
