@@ -57,3 +57,17 @@ def tiny_adapter(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def engine_server(tmp_path_factory):
+    """An in-process engine (``serve.EngineServer`` on a CPU ``ScoringEngine``) with an empty store of
+    its own (``.store``); ``handle`` returns each reply instead of writing it."""
+    from MedLoRALib.adapters.store import AdapterStore
+    from MedLoRALib.engine import ScoringEngine
+    from MedLoRALib.serve import EngineServer
+
+    store = tmp_path_factory.mktemp("store")
+    server = EngineServer(ScoringEngine(device="cpu", store=AdapterStore(store)), lambda _: None)
+    server.store = store
+    return server

@@ -20,8 +20,6 @@ import pytest
 import torch
 from helpers import tree_digest
 
-from MedLoRALib.adapters.store import AdapterStore
-from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.serve import DEFAULT_MAX_REQUEST_BYTES, EngineServer, OversizedRequest, read_requests
 
@@ -55,12 +53,9 @@ def adapter_path(tiny_adapter):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, adapter_path):
-    store = tmp_path_factory.mktemp("store")
-    server = EngineServer(ScoringEngine(device="cpu", store=AdapterStore(store)), lambda _: None)
-    server.store = store
-    assert server.handle(json.dumps({"id": 0, "op": "attach_adapter", "path": str(adapter_path)}))["ok"]
-    return server
+def server(engine_server, adapter_path):
+    assert engine_server.handle(json.dumps({"id": 0, "op": "attach_adapter", "path": str(adapter_path)}))["ok"]
+    return engine_server
 
 
 def _ask(server, line) -> dict:

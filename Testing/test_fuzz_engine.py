@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from MedLoRALib import errors
-from MedLoRALib.adapters.store import AdapterStore
 from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.serve import EngineServer, read_requests
@@ -68,11 +67,8 @@ def adapter_path(tiny_adapter):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, adapter_path):
-    store = tmp_path_factory.mktemp("store")
-    server = EngineServer(ScoringEngine(device="cpu", store=AdapterStore(store)), lambda _: None)
-    server.store = store
-    return server
+def server(engine_server, adapter_path):
+    return engine_server
 
 
 def _strict(line: str):
