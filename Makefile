@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/medlora demo --out demo-output
 
 test: $(VENV)/.installed system-deps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The tests not marked slow (under 3 minutes on 2 cores).
