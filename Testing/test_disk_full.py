@@ -144,7 +144,7 @@ def store(tmp_path_factory, tiny_adapter) -> Path:
 def score_args(case, store: Path, out: Path) -> list[str]:
     volume, points = case
     return ["score", "--volume", str(volume), "--points", str(points), "--adapter", "tiny", "--store", str(store),
-            "--out", str(out), "--device", "cpu", "--no-tta"]
+            "--out", str(out), "--device", "cpu", "--no-tta", "--overwrite"]
 
 
 def test_score_on_a_full_disk_keeps_the_previous_results(small_disk, case, store, capsys):

@@ -159,3 +159,23 @@ def test_out_naming_a_folder_is_refused_before_any_model_loads(tmp_path, phantom
     err = capsys.readouterr().err
     assert code == 2 and "is a folder" in err and "results.csv" in err and "Traceback" not in err
     assert [p.name for p in taken.iterdir()] == ["mine.txt"]
+
+
+def test_out_replaces_only_an_earlier_result_and_only_with_overwrite(phantom_case, store_root, tmp_path, capsys):
+    from helpers import tree_digest
+
+    folder, points, _ = phantom_case
+    base = ["score", "--volume", str(folder), "--points", str(points), "--adapter", "tiny", "--store", str(store_root),
+            "--device", "cpu", "--no-tta"]
+    notes = tmp_path / "notes.csv"
+    notes.write_text("patient,remark\nP1,keep me\n")
+    before = tree_digest(notes)
+    for extra in ([], ["--overwrite"]):  # a file medlora score did not write is never replaced
+        assert main([*base, "--out", str(notes), *extra]) == 2
+        assert "--out" in capsys.readouterr().err
+    assert tree_digest(notes) == before
+    out = tmp_path / "results.json"
+    assert main([*base, "--out", str(out)]) == 0
+    assert main([*base, "--out", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["results"]

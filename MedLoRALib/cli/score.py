@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the scores as a DICOM SR (TID 1500 measurement report); the CT must be a "
                              "DICOM series. With a folder of studies: a folder that gets one STUDY.dcm per study")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --sr files that MedLoRA wrote earlier (other files are never replaced)")
+                        help="replace an --out results file or --sr report that medlora score wrote earlier "
+                             "(other files are never replaced)")
 
 
 def result_rows(results: list[dict], study: str, threshold: float) -> list[dict]:
@@ -68,6 +69,25 @@ def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
     return buffer.getvalue()
 
 
+def check_results_output(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a file unless asked to, and then only a results file medlora score wrote."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise MedLoRAError(f"--out {out} already exists; pass --overwrite to replace an earlier medlora score "
+                           "result, or name a new file")
+    try:
+        with open(out, encoding="utf-8") as handle:
+            head = handle.read(4096)
+    except (OSError, UnicodeDecodeError):
+        head = ""
+    ours = head.startswith(",".join(COLUMNS)) or (head.lstrip().startswith("{") and '"results"' in head
+                                                   and '"adapter"' in head)
+    if not ours:
+        raise MedLoRAError(f"--out {out} is not a medlora score results file, so MedLoRA will not replace it even "
+                           "with --overwrite; name a new file")
+
+
 def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool,
                  sr: Path | None = None) -> list[dict]:
     from ..annotations import load_nodules, validate_inside
@@ -95,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise MedLoRAError(f"--out {out}: use a .csv or .json file name")
     if out is not None and out.is_dir():
         raise MedLoRAError(f"--out {out} is a folder; name the results file to write (.csv or .json)")
+    if out is not None:
+        check_results_output(out, args.overwrite)
     inputs = read_inputs(args)
     volume, points, fmt, studies = inputs.volume, inputs.points, inputs.points_format, inputs.studies
 
