@@ -106,7 +106,6 @@ class MedLoRAParameterNode:
     rank: Annotated[int, WithinRange(1, 64)] = 8
 
 
-
 class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
