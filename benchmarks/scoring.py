@@ -5,9 +5,14 @@ synthetic phantom CT: patches are cut from the CT (``extract_patches``) and scor
 batch 1 (one call per nodule) and batch 64 (one call for 64 nodules), without and with
 test-time augmentation. Then the same LoRA classifier runs a forward pass with LoRA
 unmerged (peft layers), merged into the split q/v weights, and — for reference — the
-plain backbone with timm's fused qkv and no LoRA.
+plain backbone with timm's fused qkv and no LoRA. Last, precision paths side by side in
+one engine (``precision`` section): the fp32 path (today's) against int8 (and bf16 if
+asked), interleaved rounds, for a click (one nodule, TTA ×8) and batch 64 without TTA,
+with the ratios new/old, the label agreement and the largest probability difference,
+and the load average before and after.
 
     python benchmarks/scoring.py [--backbones medlora_tiny dinov2_vits14] [--threads 2]
+    python benchmarks/scoring.py --sections precision --backbones dinov2_vits14 --threads 2
 
 Prints one JSON object.
 """
@@ -37,6 +42,7 @@ from helpers import tiny_model  # noqa: E402  (Testing/helpers.py)
 
 from MedLoRALib.adapters import AdapterManifest  # noqa: E402
 from MedLoRALib.adapters.package import save_adapter  # noqa: E402
+from MedLoRALib.device import cpu_peak_gflops  # noqa: E402
 from MedLoRALib.engine import ScoringEngine  # noqa: E402
 from MedLoRALib.models import LoraSpec, create_backbone  # noqa: E402
 from MedLoRALib.nodule import Nodule  # noqa: E402
@@ -128,6 +134,36 @@ def merged_vs_unmerged(backbone: str, spec: PatchSpec, images: int, rounds: int)
     }
 
 
+def precision_paths(backbone: str, spec: PatchSpec, workdir: Path, precisions: list[str], rounds: int) -> dict:
+    """fp32 (the old path) vs the others in one engine: a click with TTA ×8 and batch 64 without TTA."""
+    model = _perturbed_lora_model(backbone, spec)
+    path = save_adapter(model, AdapterManifest(name=f"prec-{backbone}"), workdir / f"prec-{backbone}")
+    engine = ScoringEngine(device="cpu", precision="fp32")
+    engine.attach_adapter(path)
+    image, nodules = _nodules(64)
+    click = {p: (lambda p=p: engine.score(image, nodules[:1], tta=True, precision=p)) for p in precisions}
+    batch = {p: (lambda p=p: engine.score(image, nodules, tta=False, precision=p)) for p in precisions}
+    out: dict = {"load_before": [round(v, 2) for v in os.getloadavg()], "rounds": rounds}
+    click_s = _interleaved(click, rounds)
+    batch_s = _interleaved(batch, rounds)
+    reference = engine.score(image, nodules, tta=False, precision="fp32")
+    reference_tta = engine.score(image, nodules[:8], tta=True, precision="fp32")
+    for p in precisions:
+        scored = engine.score(image, nodules, tta=False, precision=p)
+        scored_tta = engine.score(image, nodules[:8], tta=True, precision=p)
+        pairs = list(zip(reference, scored)) + list(zip(reference_tta, scored_tta))
+        out[p] = {
+            "click_tta8_s": round(click_s[p], 3),
+            "click_vs_fp32": round(click_s["fp32"] / click_s[p], 2),
+            "batch64_nodules_per_s": round(64 / batch_s[p], 1),
+            "batch64_vs_fp32": round(batch_s["fp32"] / batch_s[p], 2),
+            "same_label_as_fp32": f"{sum(a['label'] == b['label'] for a, b in pairs)}/{len(pairs)}",
+            "max_abs_probability_diff": float(max(abs(a["probability"] - b["probability"]) for a, b in pairs)),
+        }
+    out["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["medlora_tiny", "dinov2_vits14"])
@@ -138,18 +174,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the merged/unmerged timing")
     parser.add_argument("--tta-for", nargs="*", default=["medlora_tiny"],
                         help="backbones also timed with 8-fold TTA")
+    parser.add_argument("--sections", nargs="+", default=["throughput", "merged", "precision"],
+                        choices=["throughput", "merged", "precision"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"],
+                        help="precision paths compared with fp32 (the first is the reference: keep fp32)")
+    parser.add_argument("--precision-rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = PatchSpec(views=args.views, pixels=args.pixels)
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, CPU", "torch": torch.__version__,
-              "threads": args.threads, "patch_spec": spec.to_dict(), "lora": "r=8 qv (split qkv)",
-              "scoring": {}, "merged_vs_unmerged": {}}
+              "threads": args.threads, "cpu": cpu_peak_gflops(args.threads), "patch_spec": spec.to_dict(), "lora": "r=8 qv (split qkv)",
+              "scoring": {}, "merged_vs_unmerged": {}, "precision": {}}
+    precisions = ["fp32"] + [p for p in args.precisions if p != "fp32"]
     with tempfile.TemporaryDirectory() as workdir:
         for backbone in args.backbones:
-            result["scoring"][backbone] = scoring_throughput(backbone, spec, Path(workdir),
-                                                             backbone in args.tta_for)
-            result["merged_vs_unmerged"][backbone] = merged_vs_unmerged(backbone, spec, args.merge_images, args.rounds)
-            print(json.dumps({backbone: result["scoring"][backbone]}), file=sys.stderr)
+            if "throughput" in args.sections:
+                result["scoring"][backbone] = scoring_throughput(backbone, spec, Path(workdir),
+                                                                 backbone in args.tta_for)
+            if "merged" in args.sections:
+                result["merged_vs_unmerged"][backbone] = merged_vs_unmerged(backbone, spec, args.merge_images,
+                                                                            args.rounds)
+            if "precision" in args.sections:
+                result["precision"][backbone] = precision_paths(backbone, spec, Path(workdir), precisions,
+                                                                args.precision_rounds)
+            print(json.dumps({backbone: {k: result[k].get(backbone) for k in ("scoring", "precision")}}),
+                  file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 
