@@ -12,7 +12,7 @@ with the ratios new/old, the label agreement and the largest probability differe
 and the load average before and after.
 
     python benchmarks/scoring.py [--backbones medlora_tiny dinov2_vits14] [--threads 2]
-    python benchmarks/scoring.py --sections precision --backbones dinov2_vits14 --threads 2
+    python benchmarks/scoring.py --sections precision --backbones dinov2_vits14 --precision-threads 2 1
 
 Prints one JSON object.
 """
@@ -134,31 +134,56 @@ def merged_vs_unmerged(backbone: str, spec: PatchSpec, images: int, rounds: int)
     }
 
 
-def precision_paths(backbone: str, spec: PatchSpec, workdir: Path, precisions: list[str], rounds: int) -> dict:
-    """fp32 (the old path) vs the others in one engine: a click with TTA ×8 and batch 64 without TTA."""
+def _with_threads(fn, threads: int):
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def precision_paths(backbone: str, spec: PatchSpec, workdir: Path, precisions: list[str], rounds: int,
+                    threads: list[int]) -> dict:
+    """fp32 (the old path) vs the others in one engine: a click with TTA ×8 and batch 64 without TTA.
+
+    Every (precision, threads) pair runs in the same interleaved rounds; ratios are against
+    fp32 at the first thread count.
+    """
     model = _perturbed_lora_model(backbone, spec)
     path = save_adapter(model, AdapterManifest(name=f"prec-{backbone}"), workdir / f"prec-{backbone}")
     engine = ScoringEngine(device="cpu", precision="fp32")
     engine.attach_adapter(path)
     image, nodules = _nodules(64)
-    click = {p: (lambda p=p: engine.score(image, nodules[:1], tta=True, precision=p)) for p in precisions}
-    batch = {p: (lambda p=p: engine.score(image, nodules, tta=False, precision=p)) for p in precisions}
+    paths = [(p, t) for t in threads for p in precisions]
+    key = {(p, t): f"{p}@{t}t" for p, t in paths}
+    click = {key[p, t]: _with_threads(lambda p=p: engine.score(image, nodules[:1], tta=True, precision=p), t)
+             for p, t in paths}
+    batch = {key[p, t]: _with_threads(lambda p=p: engine.score(image, nodules, tta=False, precision=p), t)
+             for p, t in paths}
     out: dict = {"load_before": [round(v, 2) for v in os.getloadavg()], "rounds": rounds}
     click_s = _interleaved(click, rounds)
     batch_s = _interleaved(batch, rounds)
     reference = engine.score(image, nodules, tta=False, precision="fp32")
     reference_tta = engine.score(image, nodules[:8], tta=True, precision="fp32")
+    old = key["fp32", threads[0]]
     for p in precisions:
         scored = engine.score(image, nodules, tta=False, precision=p)
         scored_tta = engine.score(image, nodules[:8], tta=True, precision=p)
         pairs = list(zip(reference, scored)) + list(zip(reference_tta, scored_tta))
         out[p] = {
-            "click_tta8_s": round(click_s[p], 3),
-            "click_vs_fp32": round(click_s["fp32"] / click_s[p], 2),
-            "batch64_nodules_per_s": round(64 / batch_s[p], 1),
-            "batch64_vs_fp32": round(batch_s["fp32"] / batch_s[p], 2),
             "same_label_as_fp32": f"{sum(a['label'] == b['label'] for a, b in pairs)}/{len(pairs)}",
             "max_abs_probability_diff": float(max(abs(a["probability"] - b["probability"]) for a, b in pairs)),
+        }
+    for p, t in paths:
+        name = key[p, t]
+        out[name] = {
+            "click_tta8_s": round(click_s[name], 3),
+            f"click_vs_{old}": round(click_s[old] / click_s[name], 2),
+            "batch64_nodules_per_s": round(64 / batch_s[name], 1),
+            f"batch64_vs_{old}": round(batch_s[old] / batch_s[name], 2),
         }
     out["load_after"] = [round(v, 2) for v in os.getloadavg()]
     return out
@@ -179,6 +204,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"],
                         help="precision paths compared with fp32 (the first is the reference: keep fp32)")
     parser.add_argument("--precision-rounds", type=int, default=3)
+    parser.add_argument("--precision-threads", type=int, nargs="+",
+                        help="thread counts interleaved in the precision section (default: --threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = PatchSpec(views=args.views, pixels=args.pixels)
@@ -196,7 +223,8 @@ def main() -> None:
                                                                             args.rounds)
             if "precision" in args.sections:
                 result["precision"][backbone] = precision_paths(backbone, spec, Path(workdir), precisions,
-                                                                args.precision_rounds)
+                                                                args.precision_rounds,
+                                                                args.precision_threads or [args.threads])
             print(json.dumps({backbone: {k: result[k].get(backbone) for k in ("scoring", "precision")}}),
                   file=sys.stderr)
     print(json.dumps(result, indent=2))
