@@ -7,6 +7,7 @@ unless asked otherwise (``choose_precision``).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from torch import nn
 from .errors import ModelError
 
 ENV_VAR = "MEDLORA_DEVICE"
+log = logging.getLogger(__name__)
 
 
 def _available(device: torch.device) -> bool:
@@ -127,6 +129,11 @@ def choose_precision(device: torch.device, preferred: str | None = None) -> str:
                              "(quantized engine x86/fbgemm); use --precision fp32")
     if request == "bf16" and device.type == "mps":
         raise ModelError(f"{origin} is not supported on mps; use fp32")
+    if request == "bf16" and device.type == "cpu":
+        features = cpu_features()
+        if not (features["amx"] or features["avx512_bf16"]):
+            log.warning("%s: this CPU has no native bf16 (AMX/AVX512_BF16), so bf16 is emulated and much "
+                        "slower than fp32 (10x in docs/perf.md); fp32 or int8 are faster here", origin)
     return request
 
 

@@ -114,7 +114,7 @@ def test_prepare_for_int8_leaves_the_model_alone(tmp_path):
     assert close.abs().max() <= INT8_PROBABILITY_TOLERANCE
 
 
-def test_bf16_autocast_on_the_cpu_is_close_to_fp32(tmp_path, engine):
+def test_bf16_autocast_on_the_cpu_is_close_to_fp32(tmp_path, engine, caplog):
     torch.manual_seed(0)
     patches = _benchmark_patches(SMALL, n=4)
     path, _ = save_tiny_adapter(tmp_path, "a", SMALL, seed=6, scale=0.05)
@@ -122,6 +122,9 @@ def test_bf16_autocast_on_the_cpu_is_close_to_fp32(tmp_path, engine):
     fp32 = _probabilities(engine.score_patches(patches, tta=False))
     bf16 = _probabilities(engine.score_patches(patches, tta=False, precision="bf16"))
     assert 0 < np.abs(bf16 - fp32).max() <= BF16_PROBABILITY_TOLERANCE
+    features = device_module.cpu_features()
+    emulated = not (features["amx"] or features["avx512_bf16"])
+    assert ("bf16 is emulated" in caplog.text) == emulated
 
 
 def test_choose_precision_defaults_env_and_errors(monkeypatch):
