@@ -93,6 +93,27 @@ def stages(model, image, centre, spec, repeats: int, precision: str) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def forward_by_tta_count(models: dict, spec, counts: list[int], rounds: int = 5) -> dict:
+    """Forward seconds of one nodule with the first ``n`` TTA variants, every path and ``n``
+    interleaved (what fewer TTA variants would buy; whether the AUC allows it is not measured here)."""
+    batch = torch.rand(1, *spec.shape, generator=torch.Generator().manual_seed(0))
+    fns = {}
+    for name, model in models.items():
+        for n in counts:
+            stacked = torch.cat([apply_tta(batch, k, f) for k, f in TTA_TRANSFORMS[:n]])
+            fns[f"{name} tta{n}"] = lambda m=model, x=stacked: m.view_logits(x)
+    times: dict = {key: [] for key in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(rounds):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    return {key: round(statistics.median(values), 3) for key, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="dinov2_vits14")
@@ -101,6 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--tta-counts", type=int, nargs="*", default=[1, 2, 4, 8],
+                        help="also time the forward with this many TTA variants (interleaved)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = PatchSpec(views=args.views, pixels=args.pixels)
@@ -110,12 +133,15 @@ def main() -> None:
     result = {"load_before": os.getloadavg(), "threads": args.threads, "backbone": args.backbone,
               "patch_spec": spec.to_dict(), "tta_variants": len(TTA_TRANSFORMS),
               "peak_gflops_estimate": cpu_peak_gflops(args.threads), "paths": {}}
+    prepared = {}
     for precision in args.precision:
-        fast = prepare_for_precision(model, precision, lora_name="default")
+        fast = prepared[precision] = prepare_for_precision(model, precision, lora_name="default")
         if fast is not model:
             fast.__dict__["_fp32_reference"] = model  # not a submodule
         result["paths"][precision] = stages(fast, image, centre, spec, args.repeats, precision)
         print(json.dumps({precision: result["paths"][precision]}), file=sys.stderr)
+    if args.tta_counts:
+        result["forward_s_by_tta_variants"] = forward_by_tta_count(prepared, spec, args.tta_counts)
     result["load_after"] = os.getloadavg()
     print(json.dumps(result, indent=2))
 
