@@ -9,7 +9,11 @@ probes share an unsplit backbone and run with LoRA disabled.
 
 Scores are deterministic on CPU: the same patches in the same call give bit-identical
 results. Test-time augmentation (on by default) averages the logits of the eight
-in-plane flips/90° rotations of every plane.
+in-plane flips/90° rotations of every plane, all variants and views in one forward pass.
+
+Precision (``device.choose_precision``): fp32 on the CPU unless asked otherwise, so scores
+are those of the trained model; ``int8`` scores with a quantised copy of each adapter's
+network, made on first use and kept until the adapter is detached (docs/perf.md).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .adapters.manifest import AdapterManifest
 from .adapters.package import build_model_for
 from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
-from .device import choose_device
+from .device import choose_device, choose_precision, precision_context, prepare_for_precision
 from .errors import AdapterError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
@@ -65,11 +69,16 @@ class ScoringEngine:
         device: ``cpu``, ``cuda``, ``mps`` or None/``auto`` (see ``choose_device``).
         max_batch_images: images (patches × planes × TTA variants) per forward pass.
         store: adapter store used to resolve adapter names.
+        precision: ``fp32``, ``bf16``, ``int8`` or None/``auto`` (see ``choose_precision``);
+            a score call may ask for another.
     """
 
     def __init__(self, device: str | torch.device | None = None, max_batch_images: int = 288,
-                 store: AdapterStore | None = None) -> None:
+                 store: AdapterStore | None = None, precision: str | None = None) -> None:
         self.device = choose_device(None if device is None else str(device))
+        self.precision = choose_precision(self.device, precision)
+        self._precision_request = precision
+        self._fast_models: dict[tuple[str, str], torch.nn.Module] = {}  # (adapter, precision) -> prepared copy
         self.max_batch_images = int(max_batch_images)
         self.store = store or AdapterStore()
         self._adapters: dict[str, _Attached] = {}
@@ -146,6 +155,7 @@ class ScoringEngine:
     def detach_adapter(self, name: str) -> list[str]:
         attached = self._get(name)
         del self._adapters[attached.name]
+        self._drop_fast_models(attached.name)
         backbone = attached.backbone
         if backbone is not None:
             backbone.users.discard(attached.name)
@@ -164,6 +174,19 @@ class ScoringEngine:
         if name not in self._adapters:
             raise AdapterError(f"adapter {name!r} is not attached (attached: {', '.join(self._adapters) or 'none'})")
         return self._adapters[name]
+
+    def _drop_fast_models(self, name: str | None = None) -> None:
+        for key in [k for k in self._fast_models if name is None or k[0] == name]:
+            del self._fast_models[key]
+
+    def _model_at(self, attached: _Attached, precision: str):
+        """(model, forward context) that scores ``attached`` at ``precision``."""
+        if precision != "int8":
+            return attached.model, self._activate(attached)
+        key = (attached.name, precision)
+        if key not in self._fast_models:
+            self._fast_models[key] = prepare_for_precision(attached.model, precision, attached.lora_name)
+        return self._fast_models[key], nullcontext()
 
     def _activate(self, attached: _Attached):
         """Make the adapter's LoRA the active one on its backbone; returns the forward context."""
@@ -193,17 +216,19 @@ class ScoringEngine:
         array = np.ascontiguousarray(array, dtype=np.float32)
         return array if array.flags.writeable else array.copy()  # torch wants writable memory
 
-    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool) -> torch.Tensor:
-        """(B, views) logits, averaged over the TTA variants."""
+    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool,
+                             precision: str = "fp32") -> torch.Tensor:
+        """(B, views) logits, averaged over the TTA variants (all variants in one forward pass)."""
         variants = TTA_TRANSFORMS if tta else ((0, False),)
         stacked = torch.cat([apply_tta(batch, k, flip) for k, flip in variants])
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                    if self.device.type == "cuda" else nullcontext())
-        with autocast:
+        with precision_context(self.device, precision):
             logits = model.view_logits(stacked).float()
         return logits.reshape(len(variants), batch.shape[0], -1).mean(dim=0)
 
-    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool) -> np.ndarray:
+    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool,
+                     precision: str | None = None) -> np.ndarray:
+        requested = precision
+        precision = choose_precision(self.device, requested) if requested else self.precision
         model = attached.model
         per_item = model.views * (len(TTA_TRANSFORMS) if tta else 1)
         chunk = max(1, self.max_batch_images // per_item)
@@ -213,12 +238,14 @@ class ScoringEngine:
             while start < len(patches):
                 batch = torch.from_numpy(patches[start:start + chunk]).to(self.device)
                 try:
-                    with self._activate(attached):
-                        out.append(self._forward_view_logits(model, batch, tta).cpu().numpy())
+                    runner, context = self._model_at(attached, precision)
+                    with context:
+                        out.append(self._forward_view_logits(runner, batch, tta, precision).cpu().numpy())
                 except torch.cuda.OutOfMemoryError:
                     if len(batch) == 1 and self.device.type == "cpu":
                         raise
                     chunk = self._after_oom(len(batch))
+                    precision = choose_precision(self.device, requested) if requested else self.precision
                     continue
                 start += len(batch)
         return np.concatenate(out) if out else np.zeros((0, model.views), dtype=np.float32)
@@ -238,22 +265,27 @@ class ScoringEngine:
     def to(self, device: torch.device) -> ScoringEngine:
         """Move every loaded backbone and adapter to ``device``."""
         self.device = torch.device(device)
+        request = None if self._precision_request == "int8" and self.device.type != "cpu" else self._precision_request
+        self.precision = choose_precision(self.device, request)
+        self._drop_fast_models()
         for attached in self._adapters.values():
             attached.model.to(self.device)
         for backbone in self._backbones.values():
             backbone.vit.to(self.device)
         return self
 
-    def score_patches(self, patches: np.ndarray, adapter: str | None = None, tta: bool = True) -> list[dict]:
+    def score_patches(self, patches: np.ndarray, adapter: str | None = None, tta: bool = True,
+                      precision: str | None = None) -> list[dict]:
         """One result per patch: probability, logit, per-view probabilities, label, provenance.
 
         ``logit`` is the fused logit divided by the adapter's temperature, and
         ``probability`` its sigmoid; ``label`` applies the adapter's threshold.
+        ``precision`` overrides the engine's for this call (see ``choose_precision``).
         """
         attached = self._get(adapter)
         array = self._check_patches(patches, attached)
         manifest = attached.manifest
-        view_logits = self._view_logits(attached, array, tta).astype(np.float64) / float(manifest.temperature)
+        view_logits = self._view_logits(attached, array, tta, precision).astype(np.float64) / float(manifest.temperature)
         fused = view_logits.mean(axis=1) if attached.model.fusion == "mean" else view_logits.max(axis=1)
         probabilities = 1.0 / (1.0 + np.exp(-fused))
         view_probabilities = 1.0 / (1.0 + np.exp(-view_logits))
@@ -269,13 +301,13 @@ class ScoringEngine:
         } for p, z, views in zip(probabilities, fused, view_probabilities)]
 
     def score(self, image: CTImage, nodules: list[Nodule], adapter: str | None = None,
-              tta: bool = True) -> list[dict]:
+              tta: bool = True, precision: str | None = None) -> list[dict]:
         """Cut each nodule's patch with the adapter's patch spec and score it."""
         if not nodules:
             return []
         attached = self._get(adapter)
         patches = extract_patches(image, centres_lps(nodules), attached.manifest.spec)
-        results = self.score_patches(patches, attached.name, tta)
+        results = self.score_patches(patches, attached.name, tta, precision)
         for nodule, result in zip(nodules, results):
             result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
                           centre_lps=[float(v) for v in nodule.centre_lps])

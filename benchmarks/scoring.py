@@ -5,9 +5,14 @@ synthetic phantom CT: patches are cut from the CT (``extract_patches``) and scor
 batch 1 (one call per nodule) and batch 64 (one call for 64 nodules), without and with
 test-time augmentation. Then the same LoRA classifier runs a forward pass with LoRA
 unmerged (peft layers), merged into the split q/v weights, and — for reference — the
-plain backbone with timm's fused qkv and no LoRA.
+plain backbone with timm's fused qkv and no LoRA. Last, precision paths side by side in
+one engine (``precision`` section): the fp32 path (today's) against int8 (and bf16 if
+asked), interleaved rounds, for a click (one nodule, TTA ×8) and batch 64 without TTA,
+with the ratios new/old, the label agreement and the largest probability difference,
+and the load average before and after.
 
     python benchmarks/scoring.py [--backbones medlora_tiny dinov2_vits14] [--threads 2]
+    python benchmarks/scoring.py --sections precision --backbones dinov2_vits14 --precision-threads 2 1
 
 Prints one JSON object.
 """
@@ -37,6 +42,7 @@ from helpers import tiny_model  # noqa: E402  (Testing/helpers.py)
 
 from MedLoRALib.adapters import AdapterManifest  # noqa: E402
 from MedLoRALib.adapters.package import save_adapter  # noqa: E402
+from MedLoRALib.device import cpu_peak_gflops  # noqa: E402
 from MedLoRALib.engine import ScoringEngine  # noqa: E402
 from MedLoRALib.models import LoraSpec, create_backbone  # noqa: E402
 from MedLoRALib.nodule import Nodule  # noqa: E402
@@ -128,6 +134,61 @@ def merged_vs_unmerged(backbone: str, spec: PatchSpec, images: int, rounds: int)
     }
 
 
+def _with_threads(fn, threads: int):
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def precision_paths(backbone: str, spec: PatchSpec, workdir: Path, precisions: list[str], rounds: int,
+                    threads: list[int]) -> dict:
+    """fp32 (the old path) vs the others in one engine: a click with TTA ×8 and batch 64 without TTA.
+
+    Every (precision, threads) pair runs in the same interleaved rounds; ratios are against
+    fp32 at the first thread count.
+    """
+    model = _perturbed_lora_model(backbone, spec)
+    path = save_adapter(model, AdapterManifest(name=f"prec-{backbone}"), workdir / f"prec-{backbone}")
+    engine = ScoringEngine(device="cpu", precision="fp32")
+    engine.attach_adapter(path)
+    image, nodules = _nodules(64)
+    paths = [(p, t) for t in threads for p in precisions]
+    key = {(p, t): f"{p}@{t}t" for p, t in paths}
+    click = {key[p, t]: _with_threads(lambda p=p: engine.score(image, nodules[:1], tta=True, precision=p), t)
+             for p, t in paths}
+    batch = {key[p, t]: _with_threads(lambda p=p: engine.score(image, nodules, tta=False, precision=p), t)
+             for p, t in paths}
+    out: dict = {"load_before": [round(v, 2) for v in os.getloadavg()], "rounds": rounds}
+    click_s = _interleaved(click, rounds)
+    batch_s = _interleaved(batch, rounds)
+    reference = engine.score(image, nodules, tta=False, precision="fp32")
+    reference_tta = engine.score(image, nodules[:8], tta=True, precision="fp32")
+    old = key["fp32", threads[0]]
+    for p in precisions:
+        scored = engine.score(image, nodules, tta=False, precision=p)
+        scored_tta = engine.score(image, nodules[:8], tta=True, precision=p)
+        pairs = list(zip(reference, scored)) + list(zip(reference_tta, scored_tta))
+        out[p] = {
+            "same_label_as_fp32": f"{sum(a['label'] == b['label'] for a, b in pairs)}/{len(pairs)}",
+            "max_abs_probability_diff": float(max(abs(a["probability"] - b["probability"]) for a, b in pairs)),
+        }
+    for p, t in paths:
+        name = key[p, t]
+        out[name] = {
+            "click_tta8_s": round(click_s[name], 3),
+            f"click_vs_{old}": round(click_s[old] / click_s[name], 2),
+            "batch64_nodules_per_s": round(64 / batch_s[name], 1),
+            f"batch64_vs_{old}": round(batch_s[old] / batch_s[name], 2),
+        }
+    out["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["medlora_tiny", "dinov2_vits14"])
@@ -138,18 +199,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the merged/unmerged timing")
     parser.add_argument("--tta-for", nargs="*", default=["medlora_tiny"],
                         help="backbones also timed with 8-fold TTA")
+    parser.add_argument("--sections", nargs="+", default=["throughput", "merged", "precision"],
+                        choices=["throughput", "merged", "precision"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"],
+                        help="precision paths compared with fp32 (the first is the reference: keep fp32)")
+    parser.add_argument("--precision-rounds", type=int, default=3)
+    parser.add_argument("--precision-threads", type=int, nargs="+",
+                        help="thread counts interleaved in the precision section (default: --threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = PatchSpec(views=args.views, pixels=args.pixels)
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, CPU", "torch": torch.__version__,
-              "threads": args.threads, "patch_spec": spec.to_dict(), "lora": "r=8 qv (split qkv)",
-              "scoring": {}, "merged_vs_unmerged": {}}
+              "threads": args.threads, "cpu": cpu_peak_gflops(args.threads), "patch_spec": spec.to_dict(), "lora": "r=8 qv (split qkv)",
+              "scoring": {}, "merged_vs_unmerged": {}, "precision": {}}
+    precisions = ["fp32"] + [p for p in args.precisions if p != "fp32"]
     with tempfile.TemporaryDirectory() as workdir:
         for backbone in args.backbones:
-            result["scoring"][backbone] = scoring_throughput(backbone, spec, Path(workdir),
-                                                             backbone in args.tta_for)
-            result["merged_vs_unmerged"][backbone] = merged_vs_unmerged(backbone, spec, args.merge_images, args.rounds)
-            print(json.dumps({backbone: result["scoring"][backbone]}), file=sys.stderr)
+            if "throughput" in args.sections:
+                result["scoring"][backbone] = scoring_throughput(backbone, spec, Path(workdir),
+                                                                 backbone in args.tta_for)
+            if "merged" in args.sections:
+                result["merged_vs_unmerged"][backbone] = merged_vs_unmerged(backbone, spec, args.merge_images,
+                                                                            args.rounds)
+            if "precision" in args.sections:
+                result["precision"][backbone] = precision_paths(backbone, spec, Path(workdir), precisions,
+                                                                args.precision_rounds,
+                                                                args.precision_threads or [args.threads])
+            print(json.dumps({backbone: {k: result[k].get(backbone) for k in ("scoring", "precision")}}),
+                  file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 
