@@ -114,9 +114,14 @@ def ui_parameter_widgets(ui_file: Path = UI_FILE) -> dict[str, str]:
 
 
 def defined_names(roots: list[Path]) -> set[str]:
-    """Every function, method and class name MedLoRA's own code defines (not Slicer's)."""
+    """Every function, method and class name MedLoRA's own code defines (not Slicer's).
+
+    ``headless.py`` is left out: its stand-ins define Slicer's own names (``connectGui``, ...).
+    """
     names = set()
     for path in _python_files(roots):
+        if path.name == "headless.py":
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
@@ -146,6 +151,8 @@ class _FileScanner:
             for child in ast.iter_child_nodes(node):
                 self._parents[child] = node
         self._read_imports()
+        self._constructor_arguments: dict[str, dict[str, tuple]] = {}
+        self._find_constructor_arguments()
 
     # imports ---------------------------------------------------------------------------------
     def _read_imports(self) -> None:
@@ -242,21 +249,27 @@ class _FileScanner:
             if isinstance(base, ast.Name) and base.id in self.imports:
                 bases.append(self._import_key(base.id))
         info = {"bases": bases, "attrs": {}, "ui": False, "name": node.name}
+        methods = [m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
         for _ in range(2):  # twice: an attribute may be typed from another one
-            for item in ast.walk(node):
-                if isinstance(item, ast.Assign):
-                    for target in item.targets:
-                        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
-                                and target.value.id == "self":
-                            kind = self.type_of(item.value, {"locals": {}, "cls": info})
-                            if kind == ("ui",):
-                                info["ui"] = True
-                            elif kind is not None and kind[0] in ("instance", "foreign"):
-                                info["attrs"][target.attr] = kind
+            for method in methods:
+                scope = self._locals(method, info)
+                for item in ast.walk(method):
+                    if isinstance(item, ast.Assign):
+                        for target in item.targets:
+                            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                                    and target.value.id == "self":
+                                kind = self.type_of(item.value, scope)
+                                if kind == ("ui",):
+                                    info["ui"] = True
+                                elif kind is not None and kind[0] in ("instance", "foreign"):
+                                    info["attrs"][target.attr] = kind
         return info
 
     def _locals(self, func: ast.AST, cls: dict | None) -> dict:
-        scope = {"locals": {}, "cls": cls}
+        """Variables of one function with a known class: its assignments, and the arguments this file's
+        own code passes to it as a constructor (``Handle(qt.QProcess())`` types ``Handle.__init__``'s)."""
+        seeded = self._constructor_arguments.get((cls or {}).get("name"), {}) if func.name == "__init__" else {}
+        scope = {"locals": dict(seeded), "cls": cls}
         assigns = sorted((n for n in ast.walk(func) if isinstance(n, (ast.Assign, ast.With, ast.For))),
                          key=lambda n: n.lineno)
         for item in assigns:
@@ -272,6 +285,27 @@ class _FileScanner:
                         if kind == ("foreign",):
                             scope["locals"][w.optional_vars.id] = kind
         return scope
+
+    def _find_constructor_arguments(self) -> None:
+        """Classes of the arguments passed to this file's own classes, by ``__init__`` parameter name."""
+        classes = {c.name: c for c in ast.walk(self.tree) if isinstance(c, ast.ClassDef)}
+        params = {}
+        for name, cls in classes.items():
+            init = next((m for m in cls.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"), None)
+            if init is not None:
+                params[name] = [a.arg for a in init.args.args[1:]]
+        for func in ast.walk(self.tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            scope = self._locals(func, None)
+            for call in ast.walk(func):
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in params:
+                    names = params[call.func.id]
+                    bound = list(zip(names, call.args)) + [(k.arg, k.value) for k in call.keywords if k.arg]
+                    for param, value in bound:
+                        kind = self.type_of(value, scope)
+                        if kind is not None and kind[0] == "instance":
+                            self._constructor_arguments.setdefault(call.func.id, {})[param] = kind
 
     # the walk --------------------------------------------------------------------------------
     def scan(self) -> list[Use]:
@@ -324,6 +358,11 @@ class _FileScanner:
         func = node.func
         name = func.attr
         receiver = func.value
+        if name in ("connect", "disconnect") and isinstance(receiver, ast.Attribute) and node.args \
+                and not isinstance(node.args[0], ast.Constant) and self.type_of(receiver.value, scope) is None \
+                and not self._rooted_in_foreign(receiver.value, scope):
+            self._add([f"*.{receiver.attr}"], node, loose=True)  # obj.signal.connect(slot): a Qt signal
+            return
         cls = scope.get("cls")
         signal = self._signal_argument(node)
         owner = self.type_of(receiver, scope)
