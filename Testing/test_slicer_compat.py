@@ -29,7 +29,9 @@ slicer = pytest.importorskip("slicer")
 ROOT = contracts.REPO_ROOT
 SLICER_FILES = [contracts.MODULE_FILE] + sorted((ROOT / "MedLoRALib" / "slicer").glob("*.py"))
 SLICER_SOURCE = Path(os.environ.get("MEDLORA_SLICER_SOURCE", ROOT.parent / ".mirror" / "Slicer+Slicer" / "repo"))
-SUPPORTED_TAGS = ("v5.4.0", "v5.6.0", "v5.8.0", "v5.10.0", "v5.12.0", "main")
+SUPPORTED_TAGS = ("v5.4.0", "v5.6.0", "v5.8.0", "v5.10.0", "v5.12.0", "main")  # one per minor version
+ALL_TAGS = ("v5.4.0", "v5.6.0", "v5.6.1", "v5.6.2", "v5.8.0", "v5.8.1", "v5.10.0", "v5.12.0", "v5.12.1", "v5.12.2",
+            "v5.12.3", "main")  # patch releases too: a few calls arrived in one (5.6.1)
 FORBIDDEN_AT_LOAD = ("torch", "timm", "peft", "psutil", "torchvision", "safetensors", "huggingface_hub")
 
 
@@ -344,7 +346,7 @@ def test_table_rows_are_stated_once_with_a_version_and_a_source(tables):
         for row in rows:
             assert row.get("source"), f"{name}: {row[key]} has no source"
     for row in tables["Calls"].rows + tables["Rules"].rows:
-        assert row["since"] in ("5.4", "5.6", "5.8", "5.10", "5.12"), row
+        assert _tag(row["since"]) in ALL_TAGS, row
 
 
 def test_mrml_and_vtk_rows_exist_in_slicer_core(tables):
@@ -373,7 +375,8 @@ def _declared(text: str, needle: str) -> bool:
 
 
 def _tag(version: str) -> str:
-    return f"v{version}.0"
+    """``5.4`` → ``v5.4.0``; ``5.6.1`` → ``v5.6.1``."""
+    return f"v{version}" if version.count(".") == 2 else f"v{version}.0"
 
 
 @needs_slicer_source
@@ -387,14 +390,14 @@ def test_rows_match_slicers_source_at_every_supported_tag(tables):
             if not match:
                 continue  # Qt, VTK, CTK or an extension: not in Slicer's repository
             needle = row.get("needle") or contracts.member_of(row[key]).split("(")[0]
-            first = SUPPORTED_TAGS.index(_tag(row["since"]))
-            last = SUPPORTED_TAGS.index(_tag(row["until"])) if row.get("until") else len(SUPPORTED_TAGS) - 1
-            for tag in SUPPORTED_TAGS[first:last + 1]:
+            first = ALL_TAGS.index(_tag(row["since"]))
+            last = ALL_TAGS.index(_tag(row["until"])) if row.get("until") else len(ALL_TAGS) - 1
+            for tag in ALL_TAGS[first:last + 1]:
                 checked += 1
                 text = _slicer_show(tag, match["path"])
                 if text is None or not _declared(text, needle):
                     problems.append(f"{row[key]}: {needle!r} not in {match['path']} at {tag}")
-            for tag in SUPPORTED_TAGS[:first][-1:] + SUPPORTED_TAGS[last + 1:last + 2]:
+            for tag in ALL_TAGS[:first][-1:] + ALL_TAGS[last + 1:last + 2]:
                 if _declared(_slicer_show(tag, match["path"]) or "", needle):
                     problems.append(f"{row[key]}: {needle!r} already/still in {match['path']} at {tag}")
     for row in tables["Bundled Python packages"].rows:
