@@ -287,14 +287,11 @@ needs_slicer_source = pytest.mark.skipif(not (SLICER_SOURCE / "HEAD").exists() a
 @pytest.mark.parametrize("tag", SUPPORTED_TAGS)
 def test_module_logic_builds_on_slicers_own_logic_class(tag, tmp_path, monkeypatch):
     """The same, with the ``ScriptedLoadableModuleLogic`` class read from Slicer's source at each tag."""
-    tree = ast.parse(_slicer_show(tag, "Base/Python/slicer/ScriptedLoadableModule.py"))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ScriptedLoadableModuleLogic")
-    namespace = {"slicer": slicer}
-    exec(compile(ast.Module(body=[cls], type_ignores=[]), f"Slicer {tag}", "exec"), namespace)
-    monkeypatch.setattr(headless, "ScriptedLoadableModuleLogic", namespace["ScriptedLoadableModuleLogic"])
+    real = _slicers_logic_class(tag)
+    monkeypatch.setattr(headless, "ScriptedLoadableModuleLogic", real)
     _global_scene()
     module = _load_module()
-    assert issubclass(module.MedLoRALogic, namespace["ScriptedLoadableModuleLogic"])
+    assert issubclass(module.MedLoRALogic, real)
     with _built_logic(module, tmp_path) as logic:
         assert logic.moduleName == "MedLoRA"
         assert logic.getParameterNode().parameterNode.GetAttribute("ModuleName") == "MedLoRA"
@@ -372,6 +369,39 @@ def _declared(text: str, needle: str) -> bool:
         return True
     prop = re.sub(r"^(Get|Set)|(On|Off)$", "", needle)
     return prop != needle and re.search(rf"Macro\(\s*{re.escape(prop)}\b", text) is not None
+
+
+def _slicers_logic_class(tag: str):
+    """``ScriptedLoadableModuleLogic`` as Slicer's source defines it at ``tag``, run on slicer-core."""
+    tree = ast.parse(_slicer_show(tag, "Base/Python/slicer/ScriptedLoadableModule.py"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ScriptedLoadableModuleLogic")
+    namespace = {"slicer": slicer}
+    exec(compile(ast.Module(body=[cls], type_ignores=[]), f"Slicer {tag}", "exec"), namespace)
+    return namespace["ScriptedLoadableModuleLogic"]
+
+
+def _parameter_nodes_made_by(base) -> list[tuple]:
+    class ProbeLogic(base):
+        pass
+
+    scene = _global_scene()
+    logic = ProbeLogic()
+    first, again = logic.getParameterNode(), logic.getParameterNode()
+    scene.Clear(0)  # a scene close removes the ModuleName attribute but keeps singletons
+    first.SetAttribute("ModuleName", "")
+    restored = logic.getParameterNode()
+    logic.isSingletonParameterNode = False
+    listed = logic.getAllParameterNodes()
+    return [(logic.moduleName, first is again, restored is first, n.GetSingletonTag(), n.GetAttribute("ModuleName"),
+             n.GetName(), len(listed)) for n in (first, restored)]
+
+
+@needs_slicer_source
+@pytest.mark.parametrize("tag", ("v5.4.0", "main"))
+def test_the_stand_in_logic_makes_parameter_nodes_as_slicers_does(tag):
+    """Rule logic-parameter-node: the stand-in and Slicer's own class give the same nodes on a real scene."""
+    assert _parameter_nodes_made_by(headless.ScriptedLoadableModuleLogic) == \
+        _parameter_nodes_made_by(_slicers_logic_class(tag))
 
 
 def _tag(version: str) -> str:
