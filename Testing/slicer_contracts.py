@@ -474,3 +474,46 @@ def gui_connector(widget_class: str, annotation) -> bool:
         return all(m is type(None) or headless._is_node_class(headless._split(m)[0]) for m in members) \
             and any(m is not type(None) for m in members)
     return False
+
+
+# --- Slicer's own parameterNodeWrapper, loaded from its source ---------------------------------------
+
+
+def load_slicers_parameter_node_wrapper(read_file, tag: str, folder: Path, monkeypatch):
+    """Slicer's ``Base/Python/slicer/parameterNodeWrapper`` package at ``tag``, importable on slicer-core.
+
+    The package imports ``qt`` and ``ctk`` and names a few ``slicer.q*`` widget classes at import
+    time; only its GUI connectors use them, so empty stand-ins (scoped to the test by
+    ``monkeypatch``) are enough for the serializers, validators and the wrapper itself.
+    ``read_file(tag, path)`` returns a file of Slicer's repository.
+    """
+    import importlib
+    import sys
+    import types
+
+    import slicer
+
+    class _Stub(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            stub = type(name, (), {})
+            setattr(self, name, stub)
+            return stub
+
+    package = f"slicer_pnw_{tag.replace('.', '_')}"
+    target = folder / package
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("__init__", "default", "guiConnectors", "guiCreation", "parameterInfo", "parameterPack",
+                 "serializers", "types", "util", "validators", "wrapper"):
+        text = read_file(tag, f"Base/Python/slicer/parameterNodeWrapper/{name}.py")
+        if text is not None:
+            (target / f"{name}.py").write_text(text)
+    monkeypatch.setitem(sys.modules, "qt", _Stub("qt"))
+    monkeypatch.setitem(sys.modules, "ctk", _Stub("ctk"))
+    for name in ("qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView", "qMRMLSegmentSelectorWidget",
+                 "qSlicerWidget", "qMRMLCheckableNodeComboBox"):
+        if not hasattr(slicer, name):
+            monkeypatch.setattr(slicer, name, type(name, (), {}), raising=False)
+    monkeypatch.syspath_prepend(str(folder))
+    return importlib.import_module(package)

@@ -46,36 +46,108 @@ def _rule(tables, name: str) -> dict:
     return rows[0]
 
 
+# --- Slicer's source ------------------------------------------------------------------------------
+
+_TREES: dict[str, list[str]] = {}
+_FILES: dict[tuple[str, str], str | None] = {}
+_CAT_FILE: list[subprocess.Popen] = []
+
+
+def _git_blob(tag: str, path: str) -> str | None:
+    """One file at a tag through one long-lived ``git cat-file --batch`` (hundreds of look-ups)."""
+    if (tag, path) not in _FILES:
+        if not _CAT_FILE:
+            _CAT_FILE.append(subprocess.Popen(["git", "-C", str(SLICER_SOURCE), "cat-file", "--batch"],
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        batch = _CAT_FILE[0]
+        batch.stdin.write(f"{tag}:{path}\n".encode())
+        batch.stdin.flush()
+        header = batch.stdout.readline().split()
+        if header[-1] == b"missing":
+            _FILES[(tag, path)] = None
+        else:
+            _FILES[(tag, path)] = batch.stdout.read(int(header[2]) + 1)[:-1].decode("utf-8", "replace")
+    return _FILES[(tag, path)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_git_batch():
+    yield
+    while _CAT_FILE:
+        batch = _CAT_FILE.pop()
+        batch.stdin.close()
+        batch.wait(timeout=10)
+
+
+def _slicer_show(tag: str, path: str) -> str | None:
+    """A file of Slicer's repository at a tag; found by its name when it moved (Markups MRML moved in 5.10)."""
+    text = _git_blob(tag, path)
+    if text is not None:
+        return text
+    if tag not in _TREES:
+        _TREES[tag] = subprocess.run(["git", "-C", str(SLICER_SOURCE), "ls-tree", "-r", "--name-only", tag],
+                                     capture_output=True, text=True).stdout.split()
+    moved = [f for f in _TREES[tag] if f.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]]
+    return _git_blob(tag, moved[0]) if len(moved) == 1 else None
+
+
+needs_slicer_source = pytest.mark.skipif(not (SLICER_SOURCE / "HEAD").exists() and not (SLICER_SOURCE / ".git").exists(),
+                                         reason=f"Slicer's repository not at {SLICER_SOURCE} (MEDLORA_SLICER_SOURCE)")
+
+
 # --- the parameter node ---------------------------------------------------------------------------
 
 
 class _Names(dict):
-    """Names for evaluating the module's annotations: Slicer's classes are the real slicer-core ones."""
+    """Names for evaluating the module's annotations: Slicer's classes are the real slicer-core ones,
+    validators (``Choice``, ``WithinRange``) come from ``validators`` (the stand-in, or Slicer's own)."""
+
+    def __init__(self, validators=headless, constants=None):
+        super().__init__()
+        self.validators, self.constants = validators, constants or {}
 
     def __missing__(self, name):
         import builtins
 
-        if hasattr(builtins, name):
-            return getattr(builtins, name)
-        if hasattr(slicer, name):
-            return getattr(slicer, name)
-        if hasattr(typing, name):
-            return getattr(typing, name)
-        if hasattr(headless, name):
-            return getattr(headless, name)
-        return None  # module constants inside annotations (Choice(DEVICES)); their value does not matter here
+        for source in (self.constants, builtins, slicer, typing, self.validators):
+            if isinstance(source, dict) and name in source:
+                return source[name]
+            if not isinstance(source, dict) and hasattr(source, name):
+                return getattr(source, name)
+        return None  # other module names inside annotations; not needed to learn the types
 
 
-def _parameter_annotations() -> dict[str, object]:
-    """Annotations of the module's ``@parameterNodeWrapper`` class, evaluated without importing the module."""
+def _wrapped_class_node() -> ast.ClassDef:
     tree = ast.parse(contracts.MODULE_FILE.read_text())
     wrapped = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and any(
         (d.id if isinstance(d, ast.Name) else getattr(d, "attr", "")) == "parameterNodeWrapper"
         for d in node.decorator_list)]
     assert len(wrapped) == 1, "MedLoRA.py must have one @parameterNodeWrapper class"
-    names = _Names()
+    return wrapped[0]
+
+
+def _module_constants() -> dict:
+    """The module file's top-level literal constants (``DEVICES = [...]``), for annotations that use them."""
+    constants = {}
+    for node in ast.parse(contracts.MODULE_FILE.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return constants
+
+
+def _parameter_annotations(validators=headless) -> dict[str, object]:
+    """Annotations of the module's ``@parameterNodeWrapper`` class, evaluated without importing the module."""
+    names = _Names(validators, _module_constants())
     return {item.target.id: eval(compile(ast.Expression(item.annotation), "MedLoRA.py", "eval"), {}, names)
-            for item in wrapped[0].body if isinstance(item, ast.AnnAssign)}
+            for item in _wrapped_class_node().body if isinstance(item, ast.AnnAssign)}
+
+
+def _parameter_defaults() -> dict[str, object]:
+    return {item.target.id: ast.literal_eval(item.value) for item in _wrapped_class_node().body
+            if isinstance(item, ast.AnnAssign) and item.value is not None}
 
 
 def _node_classes(annotation) -> list[type]:
@@ -153,6 +225,105 @@ def test_the_stand_in_wrapper_applies_slicers_union_and_default_rules():
 
     with pytest.raises(ValueError):
         BadDefault(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+
+
+def _stored(node) -> list[tuple]:
+    """What a parameter node holds: its parameters and node references."""
+    params = [(n, node.GetParameter(n)) for n in sorted(node.GetParameterNames())]
+    roles = [(r, node.GetNodeReferenceID(r)) for r in sorted(
+        node.GetNthNodeReferenceRole(i) for i in range(node.GetNumberOfNodeReferenceRoles()))]
+    return params + roles
+
+
+def _outcome(action) -> str:
+    """What an action gave: an exception's class, a node's class, a plain value, or the value's type."""
+    try:
+        value = action()
+    except Exception as exc:  # compared between the two wrappers, whatever it is
+        return type(exc).__name__
+    if hasattr(value, "GetClassName"):
+        return value.GetClassName()
+    return repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+
+
+def _exercise_parameter_node(wrapper, annotations: dict, defaults: dict) -> list:
+    """Build the module's parameter node class with ``wrapper`` and put it through reads and writes."""
+    holder = {}
+
+    def create():
+        holder["cls"] = wrapper(type("MedLoRAParameterNode", (), {"__annotations__": dict(annotations), **defaults}))
+        return holder["cls"]
+
+    scene = _global_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    record = [_outcome(create), _outcome(lambda: holder["cls"](node))]
+    if "cls" not in holder or record[-1] != "MedLoRAParameterNode":
+        return record
+    pack = holder["cls"](node)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    record.append([(name, _outcome(lambda n=name: getattr(pack, n))) for name in annotations])
+    record.append(_stored(node))
+    for name, value in (("inputVolume", volume), ("inputMarkups", roi), ("inputMarkups", None),
+                        ("resultsTable", volume), ("resultsTable", table), ("inputVolume", None),
+                        ("epochs", 0), ("epochs", 5), ("rank", 65), ("device", "tpu"), ("device", "cpu")):
+        if name in annotations:
+            record.append((name, _outcome(lambda n=name, v=value: setattr(pack, n, v)),
+                           _outcome(lambda n=name: getattr(pack, n))))
+    record.append(_stored(node))
+    return record
+
+
+_PROBES = (  # annotations (as text, evaluated with each wrapper's own validators) where Slicer's rules bite
+    "points: Union[vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode]",
+    "points: Optional[Union[vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode]]",
+    "volume: vtkMRMLScalarVolumeNode",
+    "volume: Optional[vtkMRMLScalarVolumeNode]",
+    "epochs: Annotated[int, WithinRange(1, 10)]",
+    "epochs: Annotated[int, WithinRange(1, 10)] = 3",
+    "device: Annotated[str, Choice(['cpu', 'cuda'])]",
+    "name: str\nflag: bool\nscale: float = 0.5",
+)
+
+
+def _exercise_probe(wrappers, source: str) -> list:
+    namespace = _Names(wrappers)
+    body = ast.parse(source).body
+    annotations = {item.target.id: eval(compile(ast.Expression(item.annotation), "probe", "eval"), {}, namespace)
+                   for item in body}
+    defaults = {item.target.id: ast.literal_eval(item.value) for item in body if item.value is not None}
+    holder = {}
+
+    def create():
+        holder["cls"] = wrappers.parameterNodeWrapper(type("Probe", (), {"__annotations__": annotations, **defaults}))
+        return holder["cls"]
+
+    node = _global_scene().AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    record = [_outcome(create), _outcome(lambda: holder["cls"](node))]
+    if record[-1] == "Probe":
+        pack = holder["cls"](node)
+        record += [_outcome(lambda n=name: getattr(pack, n)) for name in annotations] + [_stored(node)]
+    return record
+
+
+@needs_slicer_source
+@pytest.mark.parametrize("tag", ("v5.4.0", "main"))
+def test_the_module_parameter_node_behaves_the_same_on_slicers_own_wrapper(tag, tmp_path, monkeypatch):
+    """Rules wrapper-*: the stand-in and Slicer's own parameterNodeWrapper (its source at the tag, run on
+    slicer-core) give the same values, errors and stored parameters for the module's parameter node;
+    and Slicer's own ``getNodeTypes`` accepts every node parameter."""
+    real = contracts.load_slicers_parameter_node_wrapper(_slicer_show, tag, tmp_path, monkeypatch)
+    defaults = _parameter_defaults()
+    theirs = _exercise_parameter_node(real.parameterNodeWrapper, _parameter_annotations(real), defaults)
+    ours = _exercise_parameter_node(headless.parameterNodeWrapper, _parameter_annotations(headless), defaults)
+    for probe in _PROBES:
+        assert _exercise_probe(headless, probe) == _exercise_probe(real, probe), f"differs from Slicer {tag}: {probe}"
+    for name, annotation in _parameter_annotations(real).items():
+        if _node_classes(annotation):
+            assert _outcome(lambda a=annotation: real.getNodeTypes(a)) not in ("TypeError", "Exception"), \
+                f"{name}: Slicer's getNodeTypes fails on {annotation!r}"
+    assert ours == theirs
 
 
 def test_every_gui_bound_parameter_has_a_connector_in_slicer_5_4(tables):
@@ -236,51 +407,6 @@ def test_module_logic_builds_through_slicers_init_semantics(tables, tmp_path):
         assert logic.getParameterNode().inputMarkups is points
 
 
-_TREES: dict[str, list[str]] = {}
-_FILES: dict[tuple[str, str], str | None] = {}
-_CAT_FILE: list[subprocess.Popen] = []
-
-
-def _git_blob(tag: str, path: str) -> str | None:
-    """One file at a tag through one long-lived ``git cat-file --batch`` (hundreds of look-ups)."""
-    if (tag, path) not in _FILES:
-        if not _CAT_FILE:
-            _CAT_FILE.append(subprocess.Popen(["git", "-C", str(SLICER_SOURCE), "cat-file", "--batch"],
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-        batch = _CAT_FILE[0]
-        batch.stdin.write(f"{tag}:{path}\n".encode())
-        batch.stdin.flush()
-        header = batch.stdout.readline().split()
-        if header[-1] == b"missing":
-            _FILES[(tag, path)] = None
-        else:
-            _FILES[(tag, path)] = batch.stdout.read(int(header[2]) + 1)[:-1].decode("utf-8", "replace")
-    return _FILES[(tag, path)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_git_batch():
-    yield
-    while _CAT_FILE:
-        batch = _CAT_FILE.pop()
-        batch.stdin.close()
-        batch.wait(timeout=10)
-
-
-def _slicer_show(tag: str, path: str) -> str | None:
-    """A file of Slicer's repository at a tag; found by its name when it moved (Markups MRML moved in 5.10)."""
-    text = _git_blob(tag, path)
-    if text is not None:
-        return text
-    if tag not in _TREES:
-        _TREES[tag] = subprocess.run(["git", "-C", str(SLICER_SOURCE), "ls-tree", "-r", "--name-only", tag],
-                                     capture_output=True, text=True).stdout.split()
-    moved = [f for f in _TREES[tag] if f.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]]
-    return _git_blob(tag, moved[0]) if len(moved) == 1 else None
-
-
-needs_slicer_source = pytest.mark.skipif(not (SLICER_SOURCE / "HEAD").exists() and not (SLICER_SOURCE / ".git").exists(),
-                                         reason=f"Slicer's repository not at {SLICER_SOURCE} (MEDLORA_SLICER_SOURCE)")
 
 
 @needs_slicer_source
