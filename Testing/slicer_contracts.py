@@ -517,3 +517,33 @@ def load_slicers_parameter_node_wrapper(read_file, tag: str, folder: Path, monke
             monkeypatch.setattr(slicer, name, type(name, (), {}), raising=False)
     monkeypatch.syspath_prepend(str(folder))
     return importlib.import_module(package)
+
+
+def is_guarded(path: Path, line: int, member: str) -> bool:
+    """Whether the use of ``member`` on ``line`` runs only where Slicer has it.
+
+    Guarded means: inside an ``if`` whose test names the member as a string (``hasattr(node,
+    "Member")``, ``getattr(..., "Member", None)``) or compares a version, or inside a ``try`` that
+    catches ``AttributeError``.
+    """
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == member and node.lineno == line:
+            current = node
+            while current in parents:
+                parent = parents[current]
+                if isinstance(parent, ast.If) and current is not parent.test and _names_member(parent.test, member):
+                    return True
+                if isinstance(parent, ast.Try) and current in parent.body and any(
+                        "AttributeError" in ast.dump(handler.type) for handler in parent.handlers if handler.type):
+                    return True
+                current = parent
+    return False
+
+
+def _names_member(test: ast.AST, member: str) -> bool:
+    strings = {n.value for n in ast.walk(test) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(test) if isinstance(n, ast.Attribute)}
+    return member in strings or any("version" in name.lower() for name in names)

@@ -439,6 +439,43 @@ def test_every_slicer_call_is_in_the_table(tables):
         "or use a call Slicer has):\n" + "\n".join(sorted({str(u) for u in missing}))
 
 
+FLOOR = "5.4"  # the oldest supported Slicer (README); calls newer than this need a guard
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_calls_newer_than_the_floor_are_guarded(tables):
+    """A call Slicer added after the floor runs only behind ``hasattr`` / a version check / ``except AttributeError``."""
+    newer = {contracts.member_of(r["call"]).split("(")[0]: r for r in tables["Calls"].rows
+             if _version(r["since"]) > _version(FLOOR)}
+    assert newer, "no call newer than the floor in the table: nothing checked"
+    ours = contracts.defined_names([ROOT / "MedLoRA", ROOT / "MedLoRALib"])
+    unguarded = []
+    for use in contracts.scan(SLICER_FILES, ours, contracts.ui_widget_classes()):
+        for key in use.keys:
+            member = contracts.member_of(key).split("(")[0]
+            if member in newer and not contracts.is_guarded(ROOT / use.file, use.line, member):
+                unguarded.append(f"{use}: Slicer has it from {newer[member]['since']} ({newer[member]['source']}), "
+                                 f"MedLoRA supports {FLOOR}")
+    assert not unguarded, "\n".join(unguarded)
+
+
+def test_the_guard_check_sees_hasattr_and_try(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text("def f(node):\n"
+                      "    node.SetUseColumnTitleAsColumnHeader(True)\n"
+                      "    if hasattr(node, 'SetUseColumnTitleAsColumnHeader'):\n"
+                      "        node.SetUseColumnTitleAsColumnHeader(True)\n"
+                      "    try:\n"
+                      "        node.SetUseColumnTitleAsColumnHeader(True)\n"
+                      "    except AttributeError:\n"
+                      "        pass\n")
+    member = "SetUseColumnTitleAsColumnHeader"
+    assert [contracts.is_guarded(source, line, member) for line in (2, 4, 6)] == [False, True, True]
+
+
 def test_the_scanner_sees_typed_and_untyped_calls(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text(
