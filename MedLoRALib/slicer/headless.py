@@ -159,8 +159,8 @@ def node_types(annotation) -> tuple[str, ...]:
     if _is_node_class(type_):
         return (type_().GetClassName(),)
     if typing.get_origin(type_) is typing.Union:
-        return tuple(arg().GetClassName() for arg in map(lambda a: _split(a)[0], typing.get_args(type_))
-                     if _is_node_class(arg))
+        members = [_split(arg)[0] for arg in typing.get_args(type_)]
+        return tuple(member().GetClassName() for member in members if _is_node_class(member))
     raise TypeError(f"Cannot handle type {annotation}")
 
 
