@@ -61,6 +61,9 @@ KNOWN_RETURNS = {
     "slicer.util.mainWindow": "qSlicerMainWindow",
     "slicer.modules.markups.logic": "vtkSlicerMarkupsLogic",
     "vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode": "vtkMRMLSubjectHierarchyNode",
+    "qMRMLTableView.currentIndex": "QModelIndex",
+    "qMRMLTableView.sortFilterProxyModel": "QSortFilterProxyModel",
+    "QSortFilterProxyModel.mapToSource": "QModelIndex",
 }
 UI_ROOT = "<ui root>"  # slicer.util.loadUI returns the .ui file's top-level widget
 UI_NAMESPACE = "<ui>"  # slicer.util.childWidgetVariables returns an object with one attribute per widget
