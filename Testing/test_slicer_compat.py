@@ -27,7 +27,8 @@ import MedLoRALib.slicer.headless as headless
 slicer = pytest.importorskip("slicer")
 
 ROOT = contracts.REPO_ROOT
-SLICER_FILES = [contracts.MODULE_FILE] + sorted((ROOT / "MedLoRALib" / "slicer").glob("*.py"))
+SLICER_FILES = ([contracts.MODULE_FILE] + sorted((ROOT / "MedLoRALib" / "slicer").glob("*.py"))
+                + [ROOT / "MedLoRALib" / "explain" / "slicer_overlay.py"])  # the Slicer layer of explanations
 SLICER_SOURCE = Path(os.environ.get("MEDLORA_SLICER_SOURCE", ROOT.parent / ".mirror" / "Slicer+Slicer" / "repo"))
 SUPPORTED_TAGS = ("v5.4.0", "v5.6.0", "v5.8.0", "v5.10.0", "v5.12.0", "main")  # one per minor version
 ALL_TAGS = ("v5.4.0", "v5.6.0", "v5.6.1", "v5.6.2", "v5.8.0", "v5.8.1", "v5.10.0", "v5.12.0", "v5.12.1", "v5.12.2",
@@ -531,7 +532,7 @@ def _declared(text: str, needle: str) -> bool:
     if needle in text:
         return True
     prop = re.sub(r"^(Get|Set)|(On|Off)$", "", needle)
-    return prop != needle and re.search(rf"Macro\(\s*{re.escape(prop)}\b", text) is not None
+    return prop != needle and re.search(rf"Macro\s*\(\s*{re.escape(prop)}\b", text) is not None
 
 
 def _slicers_logic_class(tag: str):
