@@ -45,19 +45,15 @@ try:
 except ImportError:  # slicer-core without Slicer's application (CI, scripts): logic only
     qt = None
     from MedLoRALib.slicer.headless import (
+        Choice,
         ScriptedLoadableModule,
         ScriptedLoadableModuleLogic,
         ScriptedLoadableModuleTest,
         ScriptedLoadableModuleWidget,
+        WithinRange,
         parameterNodeWrapper,
     )
     from MedLoRALib.slicer.headless import tr as _
-
-    def Choice(values):  # noqa: N802 - Slicer's name
-        return values
-
-    def WithinRange(low, high):  # noqa: N802 - Slicer's name
-        return (low, high)
 
 # Below: imports that need the developer-mode sys.path entry (and the fallbacks) above.
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode  # noqa: E402
