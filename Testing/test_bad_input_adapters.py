@@ -220,18 +220,16 @@ def test_manifest_with_wrong_types_is_an_adapter_error(tmp_path, field, value):
 # --- torch-free, as 3D Slicer's process uses it ----------------------------------------------------------
 
 def test_store_import_export_and_list_run_without_torch(tmp_path):
+    from helpers import assert_imports_without
+
     source = _adapter(tmp_path / "src.zip")
-    code = f"""
-import sys
+    assert_imports_without(["MedLoRALib.adapters.store"], forbidden=("torch", "safetensors", "timm", "peft"), then=f"""
 from MedLoRALib.adapters.store import AdapterStore
 store = AdapterStore({str(tmp_path / 'store')!r})
 store.import_({str(source)!r})
 store.export('site', {str(tmp_path / 'out.zip')!r})
 assert [m.name for m in store.list()] == ['site']
-loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors', 'timm', 'peft'))
-assert not loaded, loaded
-"""
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+""")
     assert read_checked(tmp_path / "out.zip").manifest.name == "site"
 
 
