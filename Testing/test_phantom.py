@@ -291,3 +291,10 @@ def test_same_seed_gives_the_recorded_voxels(tmp_path):
         "5f5e5beeb6fc5d5b7dadde12e667ef64fb4cac3350603993d2931f453b49e073")
     write_cohort(tmp_path / "dicom", 2, seed=3, config=SMALL, fmt="dicom")
     assert _tree_bytes_digest(tmp_path / "dicom") == "1992159add4506add0b3c53c75b51132a268ccde6a8a27e0f6eaad4598fdec11"
+
+
+def test_phantom_without_vessels_places_its_nodules():
+    from MedLoRALib.synthetic import PhantomConfig, make_phantom
+
+    image, nodules = make_phantom(PhantomConfig(size=(96, 96, 32), vessels=False, n_nodules=2), seed=3)
+    assert len(nodules) == 2 and image.geometry.contains_lps(np.array([n.centre_lps for n in nodules])).all()

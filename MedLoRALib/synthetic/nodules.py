@@ -166,7 +166,6 @@ def balanced_labels(n: int, malignant_fraction: float, rng: np.random.Generator)
     return labels.tolist()
 
 
-
 def place_nodules(config: PhantomConfig, anatomy: Anatomy, grid: Grid, rng: np.random.Generator,
                    labels: Sequence[int], segments) -> list[NoduleShape]:
     geometry = grid.geometry
@@ -176,7 +175,9 @@ def place_nodules(config: PhantomConfig, anatomy: Anatomy, grid: Grid, rng: np.r
         raise MedLoRAError(f"the phantom grid ({geometry.size} voxels of {geometry.spacing} mm) is too small to keep "
                            f"nodules {config.edge_margin_mm} mm from its edges; enlarge size or spacing.")
     big = [(start, end, radius) for start, end, radius in segments if radius > 1.0]
-    starts, ends, radii = (np.array([v[n] for v in big]).reshape(len(big), -1) for n in range(3))
+    starts = np.array([start for start, _, _ in big], dtype=float).reshape(-1, 3)  # (0, 3) without vessels
+    ends = np.array([end for _, end, _ in big], dtype=float).reshape(-1, 3)
+    radii = np.array([radius for _, _, radius in big], dtype=float).reshape(-1, 1)
     shell = fibonacci_directions(26)
     placed: list[NoduleShape] = []
     for label in labels:
