@@ -179,3 +179,27 @@ def test_out_replaces_only_an_earlier_result_and_only_with_overwrite(phantom_cas
     assert main([*base, "--out", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*base, "--out", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text())["results"]
+
+
+def test_folder_rows_match_a_series_folder_inside_a_study_or_a_series_uid(store_root, tmp_path, capsys):
+    """TCIA lays a study out as patient/study/series: a row may name the series folder, or give only
+    its series_uid; a row that names no study is reported, never dropped silently."""
+    from MedLoRALib.synthetic import PhantomConfig
+
+    root, config = tmp_path / "download", PhantomConfig(size=(128, 112, 40), n_nodules=1)
+    uids = {}
+    with (tmp_path / "points.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["x", "y", "z", "coordinate_system", "image", "series_uid"])
+        for seed, patient in ((0, "P-1"), (2, "P-2")):
+            image, nodules = make_phantom(config, seed=seed, case_id=patient)
+            series = write_dicom_series(image, root / patient / "study" / "series", patient_id=patient)
+            uids[patient] = load_ct(series).ids.series_uid
+            by_image, by_uid = (str(series.relative_to(tmp_path)), ""), ("", uids[patient])
+            writer.writerow([*nodules[0].centre_lps, "LPS", *(by_image if patient == "P-1" else by_uid)])
+        writer.writerow([0.0, 0.0, 0.0, "LPS", "download/P-9", ""])  # no such study
+    out = tmp_path / "results.csv"
+    assert main(["score", "--volume", str(root), "--points", str(tmp_path / "points.csv"), "--adapter", "tiny",
+                 "--store", str(store_root), "--out", str(out), "--device", "cpu", "--no-tta"]) == 0
+    assert sorted(row["study"] for row in _read_csv(out)) == ["P-1", "P-2"]
+    assert "1 of 3 rows" in capsys.readouterr().err

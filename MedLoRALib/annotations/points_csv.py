@@ -59,17 +59,29 @@ def _row_nodule(row: CsvRow, path: Path, header: list[str]) -> Nodule:
                   source=f"points-csv:{path.name}:{row.line}")
 
 
+def _row_is_for(row: CsvRow, image: CTImage, path: Path) -> bool:
+    """Whether a row belongs to ``image``: its ``series_uid`` is the CT's series, or its ``image``
+    is the CT's file or folder or a folder inside it (a series folder in a study folder, as TCIA
+    lays them out). A row naming neither belongs to any CT."""
+    series, named = row.get("series_uid"), row.get("image")
+    if series and image.ids.series_uid:
+        return series == image.ids.series_uid
+    if not named or not image.source:
+        return True
+    target = _resolve(named, path.parent, f"{path} line {row.line}")
+    source = Path(image.source).expanduser().resolve()
+    return target == source or source in target.parents
+
+
 def load_points_csv(path: str | Path, image: CTImage | None = None) -> list[Nodule]:
     """Rows of a points CSV as nodules in LPS mm (only ``image``'s rows when given).
 
-    Returns an empty list when every row names another image than ``image``.
+    Returns an empty list when every row names another image or series than ``image``.
     """
     path = Path(path)
     header, rows = read_csv(path, "points", REQUIRED)
-    if image is not None and image.source and "image" in header:
-        wanted = Path(image.source).expanduser().resolve()
-        rows = [r for r in rows
-                if not r.get("image") or _resolve(r.get("image"), path.parent, f"{path} line {r.line}") == wanted]
+    if image is not None:
+        rows = [r for r in rows if _row_is_for(r, image, path)]
     for row in rows:
         if "annotations" in header and row.get("annotations") and not row.get("x"):
             raise AnnotationError(f"{path} line {row.line} refers to an annotation file instead of a point; "

@@ -50,10 +50,11 @@ def check_folder_points(points: Path, fmt: str) -> None:
                               "of studies use a LUNA16 or NLSTx CSV, or a points CSV with an 'image' column")
     if fmt == "points":
         header, rows = read_csv(points, "points", ("x", "y", "z", "coordinate_system"))
-        unnamed = [r.line for r in rows if not r.get("image")] if "image" in header else [rows[0].line]
+        unnamed = [r.line for r in rows if not r.get("image") and not r.get("series_uid")]
         if unnamed:
             raise AnnotationError(f"{points} line {unnamed[0]}: with a folder of studies every row needs an "
-                                  "'image' (the study's folder or file, relative to the CSV)")
+                                  "'image' (the study's folder or file, or a folder inside it, relative to the CSV) "
+                                  "or a 'series_uid'")
 
 
 def read_inputs(args: argparse.Namespace) -> Inputs:

@@ -69,6 +69,18 @@ def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
     return buffer.getvalue()
 
 
+def _note_unmatched(points: Path, fmt: str, scored: int, where: str) -> None:
+    """Say how many rows of a points CSV belong to none of the CTs scored (never drop them silently)."""
+    if fmt != "points":
+        return
+    from ..annotations._common import read_csv
+
+    total = len(read_csv(points, "points", ("x", "y", "z", "coordinate_system"))[1])
+    if scored < total:
+        print(f"medlora score: note: {total - scored} of {total} rows of {points} name an image or series_uid "
+              f"that is not {where}; they were not scored", file=sys.stderr)
+
+
 def check_results_output(out: Path, overwrite: bool) -> None:
     """Refuse to replace a file unless asked to, and then only a results file medlora score wrote."""
     if not out.exists():
@@ -143,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             raise AnnotationError(f"{points} has nodules, but none for this CT ({volume.name}): check that the "
                                   "file names this series or image")
         failed = []
+        _note_unmatched(points, fmt, len(rows), f"this CT ({volume.name})")
     else:
         failed = []
         for study in tqdm(studies, desc="studies", unit="study", disable=None, file=sys.stderr):
@@ -155,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         if failed:
             print(f"medlora score: {len(failed)} of {len(studies)} studies not scored:\n  " + "\n  ".join(failed),
                   file=sys.stderr)
+        else:
+            _note_unmatched(points, fmt, len(rows), f"one of the {len(studies)} studies in {volume}")
         if not rows:
             raise AnnotationError(f"no nodule in {points} could be scored in the {len(studies)} studies in "
                                   f"{volume} ({len(failed)} failed); check the series UIDs / image names")
