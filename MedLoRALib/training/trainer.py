@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import DatasetError, MedLoRAError, OutputError, os_error_reason
+from ..adapters.store import check_name
+from ..errors import AdapterError, DatasetError, MedLoRAError, OutputError, os_error_reason
 from ..locks import OutputLock
 from ..models import build_model, trainable_parameter_count
 from ..outputs import ADAPTER, CHECKPOINT, check_replaceable
@@ -98,6 +99,12 @@ class Trainer:
     def _check_outputs(self) -> None:
         """Refuse outputs MedLoRA must not replace, and existing ones without --overwrite/--resume."""
         cfg = self.config
+        try:  # the adapter's name is checked now, not after the run when the adapter is written
+            check_name(cfg.name or cfg.out.name)
+        except AdapterError as exc:
+            raise DatasetError(f"{exc}; pass --name" + (" with such a name" if cfg.name else
+                                                         f" (the default is --out's folder name, {cfg.out.name!r})")
+                               ) from None
         checkpoints = cfg.checkpoint_folder
         rows, _problems = read_rows(cfg.manifest)
         inputs = [cfg.manifest, *(r.image for r in rows), *(r.annotations for r in rows if r.annotations)]
