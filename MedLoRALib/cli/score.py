@@ -181,4 +181,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         write_text_atomic(out, text)
         print(f"scored {len(rows)} nodule(s) with adapter {manifest.name!r}; results in {out}", file=sys.stderr)
+    if sr is not None:
+        print(f"DICOM SR (TID 1500) written to {sr}", file=sys.stderr)
     return 2 if failed else 0

@@ -395,8 +395,8 @@ def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
     if not out.exists():
         return
     if not overwrite:
-        raise SRError(f"{out} already exists; choose another name, or allow replacing a MedLoRA SR "
-                      "(--overwrite / overwrite=True).")
+        raise SRError(f"{out} already exists; choose another name, or pass --overwrite to replace an SR "
+                      "MedLoRA wrote earlier.")
     import pydicom
 
     try:
