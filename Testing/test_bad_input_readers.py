@@ -378,3 +378,14 @@ def test_reliability_doc_names_only_tests_that_exist():
         assert source.is_file(), f"docs/reliability.md names {file}, which does not exist"
         assert re.search(rf"^def {name}\(", source.read_text(encoding="utf-8"), re.M), \
             f"docs/reliability.md names {file}::{name}, which is not a test there"
+
+
+@pytest.mark.parametrize("suffix,kind", [(".nrrd", "an NRRD image"), (".nii.gz", "an image")])
+def test_an_image_given_as_points_says_it_is_an_image(tmp_path, suffix, kind):
+    geometry = Geometry(origin_lps=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), direction=np.eye(3), size=(8, 8, 8))
+    volume = save_volume(blank_ct(geometry, hu=-400.0), tmp_path / f"ct{suffix}")
+    before = tree_digest(tmp_path)
+    for read in (lambda: load_nodules(volume, fmt="points"), lambda: read_rows(volume)):
+        with pytest.raises((AnnotationError, DatasetError), match=f"is {kind}.*not a .* file: give the CT as the volume"):
+            read()
+    assert tree_digest(tmp_path) == before

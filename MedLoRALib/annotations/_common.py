@@ -47,8 +47,23 @@ def read_text(path: Path, what: str, error: type[MedLoRAError] = AnnotationError
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        kind = _image_kind(path, data)
+        if kind:
+            raise error(f"{path} is {kind}, not a {what} file: give the CT as the volume (--volume / the image "
+                        "column) and the points or annotations file here") from None
         raise error(f"{what} file {path} is not UTF-8 text (byte {exc.start} is not valid); "
                     "save it as UTF-8 CSV/JSON/XML") from None
+
+
+def _image_kind(path: Path, data: bytes) -> str:
+    """What binary image file this looks like ("" if none): by its magic bytes, else its extension."""
+    if data[128:132] == b"DICM":
+        return "a DICOM file"
+    if data[:4] == b"NRRD":
+        return "an NRRD image"
+    if data[:2] == b"\x1f\x8b" or path.suffix.lower() in (".nii", ".gz", ".mha", ".mhd", ".dcm", ".nrrd"):
+        return "an image (NIfTI, MetaImage, DICOM or compressed)"
+    return ""
 
 
 def clip(text: str, limit: int = 80) -> str:
