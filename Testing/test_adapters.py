@@ -260,3 +260,12 @@ def test_backbone_weights_found_by_hash_in_medlora_home(tmp_path, weights_files,
     engine = ScoringEngine(device="cpu", store=AdapterStore(tmp_path / "store"))
     engine.attach_adapter(path)  # no weights given: found by the manifest's SHA-256
     assert engine.score_patches(PATCHES.numpy(), tta=False)[0]["random_init"] is False
+
+
+def test_store_option_before_or_after_the_action(tmp_path, capsys):
+    from MedLoRALib.cli import main
+
+    for argv in (["adapters", "--store", str(tmp_path / "a"), "list"], ["adapters", "list", "--store", str(tmp_path / "b")],
+                 ["adapters", "--store", str(tmp_path / "x"), "list", "--store", str(tmp_path / "c")]):
+        assert main(argv) == 0
+        assert f"no adapters in {argv[-1] if argv[-1] != 'list' else argv[2]}" in capsys.readouterr().out

@@ -13,29 +13,35 @@ from ..adapters.archive import read_manifest
 from ..adapters.manifest import AdapterManifest
 from ..adapters.store import AdapterStore
 
+STORE_HELP = "adapter store folder (default: $MEDLORA_HOME/adapters or the user's data folder)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", help="adapter store folder (default: $MEDLORA_HOME/adapters or the user's "
-                                        "data folder)")
+    parser.add_argument("--store", help=STORE_HELP)
+    # --store also after the action (`adapters list --store X`), as score and serve take it after the command;
+    # SUPPRESS keeps an absent one from hiding the one given before the action.
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--store", default=argparse.SUPPRESS, help=STORE_HELP)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="stored adapters, one per line")
+    listing = actions.add_parser("list", parents=[store], help="stored adapters, one per line")
     listing.add_argument("--json", action="store_true", help="full manifests as JSON")
-    info = actions.add_parser("info", help="one adapter's manifest")
+    info = actions.add_parser("info", parents=[store], help="one adapter's manifest")
     info.add_argument("adapter", help="name in the store, or an adapter folder / .zip")
     info.add_argument("--json", action="store_true", help="the manifest as JSON")
-    importing = actions.add_parser("import", help="copy an adapter folder or .zip into the store (always verified)")
+    importing = actions.add_parser("import", parents=[store],
+                                   help="copy an adapter folder or .zip into the store (always verified)")
     importing.add_argument("path")
     importing.add_argument("--name", help="store it under this name (default: its manifest name)")
     importing.add_argument("--force", action="store_true",
                            help="replace a stored adapter of the same name (the files are still verified)")
-    export = actions.add_parser("export", help="write a verified copy as a .zip or a folder")
+    export = actions.add_parser("export", parents=[store], help="write a verified copy as a .zip or a folder")
     export.add_argument("name")
     export.add_argument("dest", help="a .zip file name, or a folder")
     export.add_argument("--force", action="store_true",
                         help="replace an adapter already at DEST (never anything that is not an adapter)")
-    delete = actions.add_parser("delete", help="remove an adapter from the store")
+    delete = actions.add_parser("delete", parents=[store], help="remove an adapter from the store")
     delete.add_argument("name")
-    rename = actions.add_parser("rename", help="rename a stored adapter")
+    rename = actions.add_parser("rename", parents=[store], help="rename a stored adapter")
     rename.add_argument("old")
     rename.add_argument("new")
 
