@@ -20,9 +20,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,15 +31,7 @@ sys.path.insert(0, str(ROOT / "Testing"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def _median_s(repeats: int, fn, *args, **kwargs) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 
 def main() -> None:
@@ -74,14 +65,16 @@ def main() -> None:
         run = {"backbone": name, "pixels": pixels}
         for method in ("rollout", "gradxinput"):
             maps = saliency_maps(model, patches, method)
-            run[f"{method}_s"] = round(_median_s(args.repeats, saliency_maps, model, patches, method), 4)
+            run[f"{method}_s"] = round(median_time(partial(saliency_maps, model, patches, method), args.repeats, warmup=0), 4)
             run[f"{method}_randomisation_rho"] = round(
                 rank_correlation(maps, saliency_maps(randomised_copy(model, 1), patches, method)), 3)
             cell = cell_pixels(model, method)
             run[f"{method}_map_block_s"] = round(
-                _median_s(args.repeats, saliency_volume, maps[0], image, centre[0], spec, cell, method), 4)
+                median_time(partial(saliency_volume, maps[0], image, centre[0], spec, cell, method), args.repeats,
+                            warmup=0), 4)
         run["map_full_grid_s"] = round(
-            _median_s(1, saliency_volume, maps[0], image, centre[0], spec, 1, "gradxinput", full_grid=True), 4)
+            median_time(partial(saliency_volume, maps[0], image, centre[0], spec, 1, "gradxinput", full_grid=True), 1,
+                        warmup=0), 4)
         run["block_size"] = saliency_volume(maps[0], image, centre[0], spec, 1).geometry.size
         report["runs"].append(run)
     print(json.dumps(report, indent=1))

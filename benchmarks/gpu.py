@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 from MedLoRALib.adapters import AdapterManifest  # noqa: E402
 from MedLoRALib.adapters.package import save_adapter  # noqa: E402
@@ -66,19 +67,6 @@ def _peak_mib() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` (CUDA work included) over ``repeats`` runs after two warm-ups."""
-    for _ in range(2):
-        fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def _model(backbone: str, mode: str = "lora", lora: LoraSpec | None = None):
     model, _ = build_model(backbone, patch_spec=SPEC, mode=mode, lora=lora or LoraSpec(), pretrained=False,
@@ -104,8 +92,8 @@ def _adapter(backbone: str, workdir: Path) -> Path:
 def _score_rate(engine: ScoringEngine, patches: np.ndarray, batch: int, tta: bool) -> float:
     """Nodules/s: 16 calls of one nodule, or one call of ``batch`` nodules."""
     calls = 16 if batch == 1 else 1
-    seconds = _timed(lambda: [engine.score_patches(patches[i * batch:(i + 1) * batch], tta=tta)
-                              for i in range(calls)], 5)
+    seconds = median_time(lambda: [engine.score_patches(patches[i * batch:(i + 1) * batch], tta=tta)
+                                   for i in range(calls)], 5, warmup=2, sync=_sync)
     return round(calls * batch / seconds, 1)
 
 
@@ -146,7 +134,7 @@ def _train_arm(backbone: str, mode: str, lora: LoraSpec | None, patches: torch.T
     step()  # optimizer state allocated before the peak is measured
     _sync()
     _reset_peak()
-    seconds = _timed(step, 10)
+    seconds = median_time(step, 10, warmup=2, sync=_sync)
     trainable, total = trainable_parameter_count(model)
     return {"step_s": round(seconds, 4), "nodules_per_s": round(len(patches) / seconds, 1),
             "peak_memory_mib": _peak_mib(), "trainable_parameters": trainable, "total_parameters": total}

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 from helpers import tiny_model  # noqa: E402  (Testing/helpers.py)
 
 from MedLoRALib.device import cpu_peak_gflops, precision_context, prepare_for_precision  # noqa: E402
@@ -37,16 +38,6 @@ from MedLoRALib.engine import TTA_TRANSFORMS, apply_tta  # noqa: E402
 from MedLoRALib.models import LoraSpec  # noqa: E402
 from MedLoRALib.patches import PatchSpec, extract_patches  # noqa: E402
 from MedLoRALib.synthetic import make_phantom  # noqa: E402
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fp32_flops(model, stacked: torch.Tensor) -> int:
@@ -62,25 +53,25 @@ def stages(model, image, centre, spec, repeats: int, precision: str) -> dict:
     """Median seconds of each stage of one click, and the forward's FLOPs and GFLOP/s."""
     vit = model.vit
     out: dict = {}
-    out["crop_s"] = _median(lambda: extract_patches(image, centre, spec), repeats)
+    out["crop_s"] = median_time(lambda: extract_patches(image, centre, spec), repeats)
     batch = torch.from_numpy(np.ascontiguousarray(extract_patches(image, centre, spec), dtype=np.float32))
-    out["tta_build_s"] = _median(lambda: torch.cat([apply_tta(batch, k, f) for k, f in TTA_TRANSFORMS]), repeats)
+    out["tta_build_s"] = median_time(lambda: torch.cat([apply_tta(batch, k, f) for k, f in TTA_TRANSFORMS]), repeats)
     stacked = torch.cat([apply_tta(batch, k, f) for k, f in TTA_TRANSFORMS])
     images = model._images(stacked)
     with torch.inference_mode(), precision_context(torch.device("cpu"), precision):
         embed = lambda: vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # noqa: E731
-        out["patch_embed_s"] = _median(embed, repeats)
+        out["patch_embed_s"] = median_time(embed, repeats)
         x = embed()
         out["tokens_per_image"] = int(x.shape[1])
         out["images"] = int(x.shape[0])
         block_times = []
         for block in vit.blocks:
-            block_times.append(_median(lambda b=block, x=x: b(x), repeats))
+            block_times.append(median_time(lambda b=block, x=x: b(x), repeats))
             x = block(x)
         out["block_s_each"] = [round(t, 4) for t in block_times]
         out["blocks_total_s"] = sum(block_times)
-        out["head_s"] = _median(lambda: model.head(model.fc_norm(vit.pool(model.norm(x)))), repeats)
-        out["forward_s"] = _median(lambda: model.view_logits(stacked), repeats)
+        out["head_s"] = median_time(lambda: model.head(model.fc_norm(vit.pool(model.norm(x)))), repeats)
+        out["forward_s"] = median_time(lambda: model.view_logits(stacked), repeats)
         flops = fp32_flops(model, stacked)
         out["gflop_per_click"] = round(flops / 1e9, 2)
         out["achieved_gflops"] = round(flops / out["forward_s"] / 1e9, 1)

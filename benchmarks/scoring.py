@@ -38,6 +38,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 from helpers import tiny_model  # noqa: E402  (Testing/helpers.py)
 
 from MedLoRALib.adapters import AdapterManifest  # noqa: E402
@@ -48,17 +49,6 @@ from MedLoRALib.models import LoraSpec, create_backbone  # noqa: E402
 from MedLoRALib.nodule import Nodule  # noqa: E402
 from MedLoRALib.patches import PatchSpec, extract_patches  # noqa: E402
 from MedLoRALib.synthetic import make_phantom  # noqa: E402
-
-
-def _timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _nodules(n: int, seed: int = 0):
@@ -81,19 +71,19 @@ def scoring_throughput(backbone: str, spec: PatchSpec, workdir: Path, with_tta_6
     engine.attach_adapter(path)
     image, nodules = _nodules(64)
     out: dict = {"views": spec.views, "pixels": spec.pixels, "vit_images_per_nodule": model.views}
-    crop_64 = _timed(lambda: extract_patches(image, np.array([n.centre_lps for n in nodules]), spec), 3)
+    crop_64 = median_time(lambda: extract_patches(image, np.array([n.centre_lps for n in nodules]), spec), 3)
     out["crop_only_64_nodules_s"] = round(crop_64, 4)
     few = nodules[:8]
-    batch1 = _timed(lambda: [engine.score(image, [n], tta=False) for n in few], 2) / len(few)
+    batch1 = median_time(lambda: [engine.score(image, [n], tta=False) for n in few], 2) / len(few)
     out["batch1_nodules_per_s"] = round(1.0 / batch1, 2)
-    batch64 = _timed(lambda: engine.score(image, nodules, tta=False), 2)
+    batch64 = median_time(lambda: engine.score(image, nodules, tta=False), 2)
     out["batch64_nodules_per_s"] = round(64 / batch64, 2)
     out["batch64_vs_batch1"] = round(batch1 * 64 / batch64, 2)
     if with_tta_64:
-        tta64 = _timed(lambda: engine.score(image, nodules, tta=True), 1)
+        tta64 = median_time(lambda: engine.score(image, nodules, tta=True), 1)
         out["batch64_tta8_nodules_per_s"] = round(64 / tta64, 2)
         out["tta8_slowdown"] = round(tta64 / batch64, 2)
-        tta1 = _timed(lambda: [engine.score(image, [n], tta=True) for n in few[:4]], 1) / 4
+        tta1 = median_time(lambda: [engine.score(image, [n], tta=True) for n in few[:4]], 1) / 4
         out["batch1_tta8_nodules_per_s"] = round(1.0 / tta1, 2)
     return out
 

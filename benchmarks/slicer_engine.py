@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _timing import median_time  # benchmarks/_timing.py
 
 
 def _adapters(folder: Path, spec) -> dict[str, Path]:
@@ -37,14 +38,6 @@ def _adapters(folder: Path, spec) -> dict[str, Path]:
 
     return {name: save_tiny_adapter(folder, name, spec, seed=seed)[0] for seed, name in enumerate(("site-a", "site-b"))}
 
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         paths = _adapters(Path(folder), spec)
-        results: dict[str, float] = {"cut_patches_s": _median(lambda: cut_patches(volume, markups, spec), args.repeats)}
+        results: dict[str, float] = {"cut_patches_s": median_time(lambda: cut_patches(volume, markups, spec), args.repeats, warmup=0)}
 
         warm = ScoringSession(headless.scene, engine_config=config)
         try:
@@ -84,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             results["attach_two_adapters_s"] = time.perf_counter() - start
             table = warm.score(volume, markups, adapter="site-a")[0]  # warm-up
             other = iter(["site-b", "site-a"] * args.repeats)
-            results["set_adapter_s"] = _median(lambda: warm.set_adapter(next(other)), args.repeats)
+            results["set_adapter_s"] = median_time(lambda: warm.set_adapter(next(other)), args.repeats, warmup=0)
             warm.set_adapter("site-a")
-            results["warm_score_s"] = _median(lambda: warm.score(volume, markups, table_node=table), args.repeats)
+            results["warm_score_s"] = median_time(lambda: warm.score(volume, markups, table_node=table), args.repeats, warmup=0)
             other = iter(["site-b", "site-a"] * args.repeats)
 
             def switch_and_score():
                 warm.set_adapter(next(other))
                 warm.score(volume, markups, table_node=table)
 
-            results["warm_switch_and_score_s"] = _median(switch_and_score, args.repeats)
+            results["warm_switch_and_score_s"] = median_time(switch_and_score, args.repeats, warmup=0)
             starts = warm.engine.starts
         finally:
             warm.close()
@@ -106,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 logic.close()
 
-        results["cold_score_s"] = _median(cold, args.cold_repeats)
+        results["cold_score_s"] = median_time(cold, args.cold_repeats, warmup=0)
 
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
