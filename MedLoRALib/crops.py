@@ -17,17 +17,14 @@ import csv
 import io
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, make_dir_public, replace_dir
-from .errors import MedLoRAError, PatchError
+from .atomic import atomic_path
+from .errors import PatchError
+from .outputs import FolderOutput
 
 FORMATS_2D = ("png", "npy")
 FORMATS_CUBE = ("nrrd", "npy")
@@ -159,56 +156,9 @@ def indexed_files(folder: Path) -> set[str] | None:
 
 
 # --- the output folder ---------------------------------------------------------------------
-def check_crop_folder(out: Path, overwrite: bool = False) -> None:
-    """Refuse an output that is a file, holds anything crop did not write, or (without
-    ``overwrite``) holds an earlier run's crops.
-
-    Crop's own files are those listed in the folder's ``index.csv`` (written last, so it
-    exists only when the run finished), and the index itself.
-    """
-    out = Path(os.path.abspath(out))
-    if out == Path.cwd() or out in Path.cwd().parents:
-        raise MedLoRAError(f"--out {out} is the folder you are working in (or holds it); crop replaces its output "
-                           "folder as a whole, so name a new subfolder, e.g. --out crops.")
-    if out.exists() and not out.is_dir():
-        raise MedLoRAError(f"--out {out} is a file; crop writes a folder of images and {INDEX_NAME}. "
-                           "Name a new or empty folder.")
-    if not out.is_dir():
-        return
-    entries = sorted(out.iterdir())
-    if not entries:
-        return
-    listed = indexed_files(out)
-    ours = set() if listed is None else listed | {INDEX_NAME}
-    foreign = [p.name for p in entries if p.is_symlink() or not p.is_file() or p.name not in ours]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise MedLoRAError(f"--out {out} holds files crop did not write ({shown}); crop replaces its output folder "
-                           "as a whole, so name a new or empty folder.")
-    if not overwrite:
-        raise MedLoRAError(f"--out {out} already holds {len(entries) - 1} crop(s) and {INDEX_NAME} from an earlier "
-                           "run; pass --overwrite to replace them, or name another folder.")
-
-
-@contextmanager
-def crop_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A fresh staging folder to write the crops into; on success it becomes ``out``.
-
-    ``check_crop_folder`` runs before and again just before the swap, so a file put into
-    ``out`` meanwhile is not lost. On failure ``out`` is left as it was.
-    """
-    out = Path(os.path.abspath(out))
-    check_crop_folder(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.crops-", dir=out.parent))
-    make_dir_public(staging)
-    try:
-        yield staging
-        check_crop_folder(out, overwrite)
-        replace_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+CROP_OUTPUT = FolderOutput(command="crop", index_name=INDEX_NAME, listed=indexed_files, contents="images")
+check_crop_folder = CROP_OUTPUT.check  # refuse a file, foreign files, or (without overwrite) an earlier crop
+crop_folder = CROP_OUTPUT.writing  # a staging folder that replaces --out as a whole on success
 
 
 # --- cropping ------------------------------------------------------------------------------

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .atomic import write_text_atomic
-from .errors import OutputError
+from .atomic import make_dir_public, replace_dir, write_text_atomic
+from .errors import MedLoRAError, OutputError
 
 MARKER_NAME = ".medlora-output"
 MARKER_FORMAT = "medlora-output"
@@ -107,3 +111,61 @@ def check_replaceable(folder: str | Path, *, option: str, inputs: Iterable[str |
         raise OutputError(f"{option} {folder} holds a MedLoRA {marker.get('kind')!r}, not a {kind!r}; "
                           "it is left alone. Choose another folder.")
 
+
+# --- a folder written as a whole (crop, explain) ------------------------------------------------
+@dataclass(frozen=True)
+class FolderOutput:
+    """An output folder a command writes as a whole, with an index file listing what it wrote.
+
+    Its own files are those its index lists (the index is written last, so it exists only
+    when a run finished) and the index itself; anything else in the folder is the user's.
+    """
+
+    command: str  # e.g. "crop"
+    index_name: str  # e.g. "index.csv"
+    listed: Callable[[Path], set[str] | None]  # the files an index in the folder lists (None: no index)
+    contents: str = "files"  # what the folder holds, for messages ("images", "maps")
+
+    def check(self, out: Path, overwrite: bool = False) -> None:
+        """Refuse an output that is a file, the working folder, holds anything this command did not
+        write, or (without ``overwrite``) holds an earlier run's output."""
+        out, name = Path(os.path.abspath(out)), self.command
+        if out == Path.cwd() or out in Path.cwd().parents:
+            raise MedLoRAError(f"--out {out} is the folder you are working in (or holds it); {name} replaces its "
+                               f"output folder as a whole, so name a new subfolder, e.g. --out {name}-output.")
+        if out.exists() and not out.is_dir():
+            raise MedLoRAError(f"--out {out} is a file; {name} writes a folder of {self.contents} and "
+                               f"{self.index_name}. Name a new or empty folder.")
+        entries = sorted(out.iterdir()) if out.is_dir() else []
+        if not entries:
+            return
+        listed = self.listed(out)
+        ours = set() if listed is None else listed | {self.index_name}
+        foreign = [p.name for p in entries if p.is_symlink() or not p.is_file() or p.name not in ours]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise MedLoRAError(f"--out {out} holds files {name} did not write ({shown}); {name} replaces its output "
+                               "folder as a whole, so name a new or empty folder.")
+        if not overwrite:
+            raise MedLoRAError(f"--out {out} already holds {len(entries) - 1} file(s) and {self.index_name} from an "
+                               "earlier run; pass --overwrite to replace them, or name another folder.")
+
+    @contextmanager
+    def writing(self, out: Path, overwrite: bool = False) -> Iterator[Path]:
+        """A fresh staging folder to write into; on success it replaces ``out`` in one step.
+
+        ``check`` runs before and again just before the swap, so a file put into ``out``
+        meanwhile is not lost. On failure ``out`` is left as it was.
+        """
+        out = Path(os.path.abspath(out))
+        self.check(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{self.command}-", dir=out.parent))
+        make_dir_public(staging)
+        try:
+            yield staging
+            self.check(out, overwrite)
+            replace_dir(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)

@@ -394,7 +394,18 @@ def test_medlora_explain_writes_maps_on_the_ct_grid_and_refuses_a_point_outside(
         assert np.linalg.norm(np.array(entry["maps"][method]["peak_lps"]) - CENTRE) <= 40.0 * np.sqrt(2) / 2
     again = _medlora("explain", "--volume", str(ct), "--points", str(points), "--adapter", str(adapter),
                      "--out", str(out), "--no-body-check")
-    assert again.returncode == 2 and "exists" in again.stderr
+    assert again.returncode == 2 and "earlier run" in again.stderr and "--overwrite" in again.stderr
+    replaced = _medlora("explain", "--volume", str(ct), "--points", str(points), "--adapter", str(adapter),
+                        "--out", str(out), "--no-body-check", "--method", "rollout", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    index = json.loads((out / "explanations.json").read_text())
+    listed = {m["file"] for n in index["nodules"] for m in n["maps"].values()}
+    assert {p.name for p in out.iterdir()} == listed | {"explanations.json"}  # replaced whole: no stale maps
+    (out / "notes.txt").write_text("mine")
+    mixed = _medlora("explain", "--volume", str(ct), "--points", str(points), "--adapter", str(adapter),
+                     "--out", str(out), "--no-body-check", "--overwrite")
+    assert mixed.returncode == 2 and "did not write (notes.txt)" in mixed.stderr
+    assert (out / "notes.txt").read_text() == "mine"
 
     far = tmp_path / "far.csv"
     far.write_text(f"x,y,z,coordinate_system\n{centre_ras[0]},{centre_ras[1]},{centre_ras[2] + 300},RAS\n")

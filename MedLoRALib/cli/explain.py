@@ -14,13 +14,28 @@ The maps explain the forward pass without test-time augmentation; its probabilit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from ..crops import safe_name
 from ..errors import AnnotationError, MedLoRAError
+from ..outputs import FolderOutput
 
 METHOD_CHOICES = ("rollout", "gradxinput", "both")
 INDEX_NAME = "explanations.json"
+
+
+def _listed_maps(folder: Path) -> set[str] | None:
+    """The map files an ``explanations.json`` in ``folder`` lists (None when there is none)."""
+    try:
+        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        return {entry["file"] for nodule in index["nodules"] for entry in nodule["maps"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+EXPLAIN_OUTPUT = FolderOutput(command="explain", index_name=INDEX_NAME, listed=_listed_maps, contents="maps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-grid", action="store_true",
                         help="write each map on the CT's whole grid instead of the block around the nodule")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace explanation files a previous medlora explain wrote in --out")
+                        help="replace the --out folder of an earlier medlora explain run (as a whole; a folder holding other "
+                             "files is never touched)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, or $MEDLORA_DEVICE)")
     parser.add_argument("--weights", help="backbone weights file (.safetensors), when not found otherwise")
     parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
@@ -48,8 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _file_stem(index: int, nodule_id: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in nodule_id)[:60]
-    return f"{index:04d}_{safe or 'nodule'}"
+    return f"{index:04d}_{safe_name(nodule_id)[:60]}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise MedLoRAError(f"--volume {volume} does not exist")
     if volume.is_dir() and not any(volume.rglob("*.dcm")) and any(p.is_dir() for p in volume.iterdir()):
         raise MedLoRAError(f"--volume {volume}: medlora explain takes one study (a DICOM folder or volume file)")
-    index_path = out / INDEX_NAME
-    if index_path.exists() and not args.overwrite:
-        raise MedLoRAError(f"{index_path} exists: choose another --out folder or pass --overwrite")
+    EXPLAIN_OUTPUT.check(out, args.overwrite)  # before any work: never into a folder of someone else's files
     methods = ("rollout", "gradxinput") if args.method == "both" else (args.method,)
 
     ct = load_ct(volume, series_uid=args.series_uid)  # bad input fails before the model loads
@@ -93,26 +106,25 @@ def run(args: argparse.Namespace) -> int:
     entries = [{"nodule_id": n.nodule_id, "case_id": n.case_id, "centre_lps": [float(v) for v in n.centre_lps],
                 "centre_ras": [float(v) for v in lps_to_ras(n.centre_lps)], "probability": s["probability"],
                 "label": s["label"], "maps": {}} for n, s in zip(nodules, scores)]
-    out.mkdir(parents=True, exist_ok=True)
-    for method in methods:
-        maps, cell_px = engine.explain_patches(patches, method=method)
-        for number, (nodule, nodule_maps, entry) in enumerate(zip(nodules, maps, entries), start=1):
-            info = {"adapter": manifest.name, "adapter_version": manifest.version_id, "nodule_id": nodule.nodule_id,
-                    "views": spec.views, "random_init": str(bool(manifest.random_init)).lower()}
-            result = saliency_volume(nodule_maps, ct, nodule.centre_lps, spec, cell_px, method,
-                                     full_grid=args.full_grid, info=info)
-            path = save_saliency(result, out / f"{_file_stem(number, nodule.nodule_id)}_{method}.nrrd",
-                                 overwrite=args.overwrite)
-            peak = result.peak_lps()
-            entry["maps"][method] = {"file": path.name, "peak_lps": [float(v) for v in peak],
-                                     "peak_ras": [float(v) for v in lps_to_ras(peak)],
-                                     "max": float(np.max(result.values)), "min": float(np.min(result.values))}
-    write_json_atomic(index_path, {
-        "adapter": {"name": manifest.name, "version": manifest.version_id, "backbone": manifest.backbone,
-                    "random_init": manifest.random_init, "views": spec.views},
-        "grid": "ct" if args.full_grid else "nodule block of the CT grid",
-        "coordinates": "NRRD space left-posterior-superior (LPS); peaks also in RAS as Slicer shows them",
-        "nodules": entries}, indent=2)
+    with EXPLAIN_OUTPUT.writing(out, args.overwrite) as staging:
+        for method in methods:
+            maps, cell_px = engine.explain_patches(patches, method=method)
+            for number, (nodule, nodule_maps, entry) in enumerate(zip(nodules, maps, entries), start=1):
+                info = {"adapter": manifest.name, "adapter_version": manifest.version_id, "nodule_id": nodule.nodule_id,
+                        "views": spec.views, "random_init": str(bool(manifest.random_init)).lower()}
+                result = saliency_volume(nodule_maps, ct, nodule.centre_lps, spec, cell_px, method,
+                                         full_grid=args.full_grid, info=info)
+                path = save_saliency(result, staging / f"{_file_stem(number, nodule.nodule_id)}_{method}.nrrd")
+                peak = result.peak_lps()
+                entry["maps"][method] = {"file": path.name, "peak_lps": [float(v) for v in peak],
+                                         "peak_ras": [float(v) for v in lps_to_ras(peak)],
+                                         "max": float(np.max(result.values)), "min": float(np.min(result.values))}
+        write_json_atomic(staging / INDEX_NAME, {
+            "adapter": {"name": manifest.name, "version": manifest.version_id, "backbone": manifest.backbone,
+                        "random_init": manifest.random_init, "views": spec.views},
+            "grid": "ct" if args.full_grid else "nodule block of the CT grid",
+            "coordinates": "NRRD space left-posterior-superior (LPS); peaks also in RAS as Slicer shows them",
+            "nodules": entries}, indent=2)
     print(f"explained {len(nodules)} nodule(s) with {', '.join(methods)}; maps and {INDEX_NAME} in {out}",
           file=sys.stderr)
     return 0
