@@ -319,7 +319,8 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             export = self._run(_("Export crops"), self.ops.exportCrops, folder, self.ui.adapterComboBox.currentText,
                                self._parameterNode.inputVolume, self._parameterNode.inputMarkups)
             if export:
-                self._status(_("{n} crops and index.csv written to {folder}").format(n=export.written, folder=folder)
+                self._status(_("{n} crops and index.csv written to {folder}").format(n=export.written,
+                                                                                     folder=export.index.parent)
                              + "".join(f"\n{line}" for line in export.skipped))
 
     # --- training ----------------------------------------------------------------------

@@ -152,8 +152,12 @@ def test_module_logic_crops_with_the_adapters_patch_spec(scene, tmp_path, tiny_a
     assert Image.open(png).size == (48, 48)  # nine 16-px views, three per row
     cube = logic.showCube(volume, point, "nine")
     assert cube.GetImageData().GetDimensions() == (16, 16, 16)
-    export = logic.exportCrops(tmp_path / "crops", "nine", volume, markups)  # the selected, unlinked pair
-    assert export.written == 3 and len(list((tmp_path / "crops").glob("*.png"))) == 3
+    (tmp_path / "chosen").mkdir()
+    (tmp_path / "chosen" / "notes.txt").write_text("the user's")  # a dialog's folder usually holds other files
+    export = logic.exportCrops(tmp_path / "chosen", "nine", volume, markups)  # the selected, unlinked pair
+    assert export.written == 3 and len(list((tmp_path / "chosen" / "medlora-crops").glob("*.png"))) == 3
+    again = logic.exportCrops(tmp_path / "chosen", "nine", volume, markups)  # never over the first export
+    assert again.index.parent.name == "medlora-crops-2" and export.index.is_file()
     with pytest.raises(MedLoRAError, match="choose an adapter"):
         logic.showCube(volume, point, "")
     assert logic.session.engine.starts == 0  # cropping never needs the engine

@@ -20,6 +20,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..adapters.store import AdapterStore, default_store_root
 from ..errors import MedLoRAError
@@ -282,8 +283,13 @@ class ModuleLogic:
         return pairs
 
     def exportCrops(self, folder, adapter, volume=None, markups=None):
-        """Every nodule's patch of every loaded study, in the ``medlora crop`` format."""
-        return crops.export_crops(self.scenePairs(volume, markups), folder, crops.crop_job_for(self._spec(adapter)))
+        """Every nodule's patch of every loaded study, in the ``medlora crop`` format, in a new folder
+        ``medlora-crops`` (``-2``, ``-3``... when taken) inside ``folder``: the folder a dialog returns
+        usually holds other files, and crops are never written beside them."""
+        parent = Path(folder)
+        out = next(parent / name for name in ("medlora-crops", *(f"medlora-crops-{n}" for n in range(2, 10000)))
+                   if not (parent / name).exists())
+        return crops.export_crops(self.scenePairs(volume, markups), out, crops.crop_job_for(self._spec(adapter)))
 
     # --- training ---------------------------------------------------------------------------
     def startTraining(self, config: TrainingConfig, volume=None, markups=None, resume=False):
