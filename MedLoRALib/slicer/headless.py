@@ -327,7 +327,6 @@ def parameterNodeWrapper(classtype=None):  # noqa: N802 - Slicer's name
             raise RuntimeError("connectGui needs 3D Slicer's application (Qt)")
 
         cls.allParameters = dict(parameters)
-        cls._is_parameter_node_wrapper = True
         cls.__init__ = __init__
         cls.getValue, cls.setValue = getValue, setValue
         cls.default = lambda self, name: Default(_parameter(name)[1])  # wrapper._default: a Default
@@ -343,6 +342,3 @@ def parameterNodeWrapper(classtype=None):  # noqa: N802 - Slicer's name
 
     return wrap if classtype is None else wrap(classtype)
 
-
-def isParameterNodeWrapper(classOrObj) -> bool:  # noqa: N802, N803 - Slicer's names
-    return getattr(classOrObj, "_is_parameter_node_wrapper", False)
