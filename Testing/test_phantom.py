@@ -316,3 +316,19 @@ def test_phantom_without_vessels_places_its_nodules():
 
     image, nodules = make_phantom(PhantomConfig(size=(96, 96, 32), vessels=False, n_nodules=2), seed=3)
     assert len(nodules) == 2 and image.geometry.contains_lps(np.array([n.centre_lps for n in nodules])).all()
+
+
+def test_cli_help_shows_every_default(capsys):
+    import argparse
+
+    from MedLoRALib.cli import build_parser
+
+    parser = build_parser("phantom")
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    phantom = sub.choices["phantom"]
+    with_defaults = [a for a in phantom._actions if not any(a.default is v for v in (None, False, argparse.SUPPRESS))]
+    assert {a.dest for a in with_defaults} >= {"cases", "seed", "format", "spacing", "size", "nodules"}
+    text = " ".join(phantom.format_help().split())
+    for action in with_defaults:
+        shown = " ".join(f"{v:g}" for v in action.default) if isinstance(action.default, tuple) else action.default
+        assert f"default {shown})" in text, action.dest

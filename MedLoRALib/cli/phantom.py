@@ -12,20 +12,25 @@ from ..synthetic import PhantomConfig, oblique_direction, write_cohort
 from ..synthetic.cohort import cohort_files
 
 
+def _three(values) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PhantomConfig()
     parser.add_argument("--out", required=True, type=Path, help="folder for the images and manifest.csv")
-    parser.add_argument("--cases", type=int, default=12, help="number of phantoms (patients SYN-0001 …)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same cohort")
+    parser.add_argument("--cases", type=int, default=12, help="number of phantoms (patients SYN-0001 …; default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same cohort (default %(default)s)")
     parser.add_argument("--format", choices=("nrrd", "dicom"), default="nrrd",
-                        help="one NRRD file per case, or one DICOM series folder per case")
+                        help="one NRRD file per case, or one DICOM series folder per case (default %(default)s)")
     parser.add_argument("--oblique", action="store_true",
-                        help="tilt the voxel grid (oblique direction matrix); the anatomy stays upright in LPS")
+                        help="tilt the voxel grid (oblique direction matrix); the anatomy stays upright in LPS (default: "
+                             "axis-aligned)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=defaults.spacing,
-                        help="voxel size in mm along i, j, k")
+                        help=f"voxel size in mm along i, j, k (default {_three(defaults.spacing)})")
     parser.add_argument("--size", type=int, nargs=3, metavar=("I", "J", "K"), default=defaults.size,
-                        help="voxels along i, j, k")
-    parser.add_argument("--nodules", type=int, default=defaults.n_nodules, help="nodules per case")
+                        help=f"voxels along i, j, k (default {_three(defaults.size)})")
+    parser.add_argument("--nodules", type=int, default=defaults.n_nodules, help="nodules per case (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the cohort an earlier 'medlora phantom' wrote in --out (never other files)")
 
