@@ -272,11 +272,11 @@ class SRExportJob:
             return False
         self._read()
         self._clean_up()
-        if self.cancelled:
-            return True
         event = self._events[-1] if self._events else {}
-        if code == 0 and event.get("event") == "done":
+        if code == 0 and event.get("event") == "done":  # also when Cancel came after the SR was written
             self.written = Path(event.get("path") or self.out)
+            return True
+        if self.cancelled:
             return True
         raise SRError(self._failure(code, event))
 
