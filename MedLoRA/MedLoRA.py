@@ -132,6 +132,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, handler in ((self.ui.scoreButton, self.onScore), (self.ui.scoreAllButton, self.onScoreAll),
                                 (self.ui.exportCsvButton, self.onExportCsv), (self.ui.cubeButton, self.onCube),
                                 (self.ui.exportCropsButton, self.onExportCrops),
+                                (self.ui.exportSrButton, self.onExportSR),
                                 (self.ui.explainButton, self.onExplain),
                                 (self.ui.labelBenignButton, lambda: self.onLabel(0)),
                                 (self.ui.labelMalignantButton, lambda: self.onLabel(1)),
@@ -322,6 +323,13 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._status(_("{n} crops and index.csv written to {folder}").format(n=export.written,
                                                                                      folder=export.index.parent)
                              + "".join(f"\n{line}" for line in export.skipped))
+
+    def onExportSR(self):
+        p = self._parameterNode
+        path = qt.QFileDialog.getSaveFileName(None, _("Export DICOM SR"), "medlora-sr.dcm", "DICOM SR (*.dcm)")
+        if path:
+            job = self._run(_("Export SR"), self.ops.beginExportSR, p.inputVolume, p.resultsTable, path)
+            self._started(job, _("Writing the DICOM SR…"))
 
     # --- training ----------------------------------------------------------------------
     def onLabel(self, label):

@@ -125,6 +125,7 @@ class FolderOutput:
     index_name: str  # e.g. "index.csv"
     listed: Callable[[Path], set[str] | None]  # the files an index in the folder lists (None: no index)
     contents: str = "files"  # what the folder holds, for messages ("images", "maps")
+    folders: bool = False  # the index may list folders too (phantom: a DICOM series folder per case)
 
     def check(self, out: Path, overwrite: bool = False) -> None:
         """Refuse an output that is a file, the working folder, holds anything this command did not
@@ -141,7 +142,8 @@ class FolderOutput:
             return
         listed = self.listed(out)
         ours = set() if listed is None else listed | {self.index_name}
-        foreign = [p.name for p in entries if p.is_symlink() or not p.is_file() or p.name not in ours]
+        foreign = [p.name for p in entries if p.is_symlink() or p.name not in ours
+                   or not (p.is_file() or (self.folders and p.is_dir()))]
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise MedLoRAError(f"--out {out} holds files {name} did not write ({shown}); {name} replaces its output "

@@ -399,6 +399,10 @@ def test_markups_read_slicer_style_file_roi_line_and_defaults(tmp_path):
     lo, hi = np.array(roi.box_lps)
     np.testing.assert_allclose(hi - lo, (6.0, 8.0, 4.0))
     assert ruler.centre_lps == (3.0, 4.0, 0.0) and ruler.diameter_mm == pytest.approx(10.0)
+    # no patient ID in a markups file: the case is the file's name, as LIDC falls back to the XML's
+    assert {n.case_id for n in (f1, f3, roi, ruler)} == {"scene"}
+    path.rename(tmp_path / "LIDC-IDRI-0001.json")
+    assert {n.case_id for n in load_nodules(tmp_path / "LIDC-IDRI-0001.json", fmt="markups")} == {"LIDC-IDRI-0001"}
 
 
 @pytest.mark.parametrize("content, message", [

@@ -331,3 +331,17 @@ def test_bad_inputs_are_reported_per_patient(tmp_path):
     assert "IM00003.dcm" in reasons["BAD-0002"] and "cannot be read" in reasons["BAD-0002"]
     assert "its LIDC XML cannot be used" in reasons["BAD-0003"] and "matches no slice" in reasons["BAD-0003"]
     assert {r["patient_id"] for r in cohort.rows} == {"GOOD-0004"} and len(cohort.rows) == 2
+
+
+def test_cohort_help_shows_an_example_that_parses(capsys):
+    import shlex
+
+    from MedLoRALib.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        medlora(["cohort", "--help"])
+    text = capsys.readouterr().out
+    assert "example:" in text
+    (line,) = [s.strip() for s in text.splitlines() if s.strip().startswith("medlora cohort lidc")]
+    args = build_parser("cohort").parse_args(shlex.split(line)[1:])  # the example is a valid command
+    assert (args.source, args.root.name, args.out.name) == ("lidc", "LIDC-IDRI", "lidc.csv")

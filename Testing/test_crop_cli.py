@@ -371,3 +371,14 @@ def test_unwritable_output_is_a_clear_error(tmp_path, ct_file, capsys):
         assert "Traceback" not in err and not (locked / "o").exists() and not list(locked.iterdir())
     finally:
         locked.chmod(0o755)
+
+
+def test_views_help_lists_every_view_set_and_its_planes(capsys):
+    from MedLoRALib.patches import VIEW_PLANES
+
+    with pytest.raises(SystemExit):
+        main(["crop", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, planes in VIEW_PLANES.items():
+        assert f"{name}: {len(planes)} plane" in text and all(plane in text for plane in planes)
+    assert "cube: a 3D block" in text and "Default multiview9" in text

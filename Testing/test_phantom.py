@@ -255,6 +255,24 @@ def test_cli_replaces_an_earlier_cohort_only_with_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (out / "SYN-0002.nrrd").is_file()
     assert main(["phantom", "--out", str(out), "--cases", "1", "--format", "dicom", "--overwrite", *small]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["SYN-0001", "manifest.csv"]  # the earlier cases are gone
+    # a DICOM cohort (a folder per case) is the phantom's own too: replaced with --overwrite
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--overwrite", *small]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["SYN-0001.nrrd", "manifest.csv"]
+
+
+def test_cli_that_fails_leaves_no_folder_and_keeps_an_earlier_cohort(tmp_path, capsys):
+    """The cohort is written into a staging folder that replaces --out only when complete."""
+    from helpers import tree_digest
+
+    too_small = ["--size", "8", "8", "8"]
+    assert main(["phantom", "--out", str(tmp_path / "new"), "--cases", "1", *too_small]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no empty --out, no staging folder left
+    out = tmp_path / "cohort"
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--size", "128", "112", "40", "--nodules", "1"]) == 0
+    before = tree_digest(out)
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--overwrite", *too_small]) == 2
+    assert tree_digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]
 
 
 def test_phantom_and_ctio_import_no_torch():
@@ -298,3 +316,19 @@ def test_phantom_without_vessels_places_its_nodules():
 
     image, nodules = make_phantom(PhantomConfig(size=(96, 96, 32), vessels=False, n_nodules=2), seed=3)
     assert len(nodules) == 2 and image.geometry.contains_lps(np.array([n.centre_lps for n in nodules])).all()
+
+
+def test_cli_help_shows_every_default(capsys):
+    import argparse
+
+    from MedLoRALib.cli import build_parser
+
+    parser = build_parser("phantom")
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    phantom = sub.choices["phantom"]
+    with_defaults = [a for a in phantom._actions if not any(a.default is v for v in (None, False, argparse.SUPPRESS))]
+    assert {a.dest for a in with_defaults} >= {"cases", "seed", "format", "spacing", "size", "nodules"}
+    text = " ".join(phantom.format_help().split())
+    for action in with_defaults:
+        shown = " ".join(f"{v:g}" for v in action.default) if isinstance(action.default, tuple) else action.default
+        assert f"default {shown})" in text, action.dest

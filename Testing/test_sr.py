@@ -287,3 +287,30 @@ def test_the_sr_module_loads_without_torch_or_highdicom():
         "else:",
         "    raise AssertionError('no SRError')",
         "del sys.modules['highdicom']"]))
+
+
+def test_a_single_component_patient_name_is_copied_without_highdicoms_warning(tmp_path):
+    """Anonymised series often name the patient ``SYN-0001`` (no caret): highdicom warns on every SR about
+    the user's data. The SR copies the name as it is; only that warning is silenced."""
+    import warnings
+
+    from MedLoRALib.report.sr import _quiet_highdicom
+    from MedLoRALib.synthetic import make_phantom
+    from MedLoRALib.synthetic.series import write_dicom_series
+
+    image, nodules = make_phantom(seed=3, case_id="SYN-0001")
+    nodules = nodules[:1]
+    ct = load_ct(write_dicom_series(image, tmp_path / "series", patient_id="SYN-0001"))
+    manifest = AdapterManifest(name="a", backbone="medlora_tiny", backbone_sha256="ab" * 32, lora={"rank": 4})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = write_score_sr(tmp_path / "sr.dcm", ct, nodules, [{"probability": 0.25, "label": "benign"}], manifest)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    assert str(pydicom.dcmread(out).PatientName) == "SYN-0001"  # copied verbatim, no caret added
+    with warnings.catch_warnings(record=True) as caught:  # any other highdicom warning still shows
+        warnings.simplefilter("always")
+        with _quiet_highdicom():
+            warnings.warn_explicit('The string "X" is unlikely to represent the intended person name', UserWarning,
+                                   "base.py", 1, module="highdicom.base")
+            warnings.warn_explicit("another highdicom warning", UserWarning, "base.py", 2, module="highdicom.base")
+    assert [str(w.message) for w in caught] == ["another highdicom warning"]

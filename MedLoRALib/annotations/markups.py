@@ -12,6 +12,9 @@ Read:
   diameter.
 * Control points whose ``positionStatus`` is not ``defined`` (not yet placed) are skipped;
   other markup types are ignored.
+* ``case_id`` is the file's name without ``.mrk.json`` (``LIDC-IDRI-0001.mrk.json`` →
+  ``LIDC-IDRI-0001``): a markups file holds no patient ID, and Slicer names it after the node
+  the user saved. The LIDC reader falls back to its XML file's stem the same way.
 
 ``coordinateSystem`` is honoured per markup. When it is missing, LPS is used: that is
 the schema's default and what Slicer's reader (``vtkMRMLMarkupsJsonStorageNode``)
@@ -146,6 +149,15 @@ def _roi_nodule(markup: dict, system: str, where: str, default_id: str, source: 
                    box_lps=box, diameter_mm=float(size.max()) if size.any() else None)
 
 
+def case_id_of(path: Path) -> str:
+    """The case a markups file stands for: its name without ``.mrk.json`` / ``.json``."""
+    name = path.name
+    for suffix in (".mrk.json", ".json"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return path.stem
+
+
 def load_markups(path: str | Path) -> list[Nodule]:
     """Nodules from a Slicer ``.mrk.json`` (point lists, ROIs and lines) in LPS mm."""
     path = Path(path)
@@ -184,6 +196,9 @@ def load_markups(path: str | Path) -> list[Nodule]:
     if not nodules:
         raise AnnotationError(f"{path} has no placed points, ROIs or lines (markup types found: "
                               f"{', '.join(types) or 'none'}); place a point on each nodule in Slicer")
+    case_id = case_id_of(path)
+    for nodule in nodules:
+        nodule.case_id = case_id
     return nodules
 
 

@@ -13,8 +13,17 @@ from pathlib import Path
 
 from ..cohort.labels import DEFAULT_RULE, LABEL_RULES
 
+EXAMPLE = """example:
+  medlora cohort lidc --root ~/TCIA/LIDC-IDRI --out lidc.csv
+      reads ~/TCIA/LIDC-IDRI/LIDC-IDRI-0001/<study>/<series>/*.dcm and the XML beside each series;
+      writes lidc.csv and lidc.summary.json (run it again to resume after an interruption)
+  medlora dataset check lidc.csv
+  medlora train --manifest lidc.csv --out lidc-adapter"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLE
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the example's lines
     parser.add_argument("source", choices=["lidc"], help="lidc: a LIDC-IDRI download in TCIA's folder layout")
     parser.add_argument("--root", type=Path, required=True,
                         help="folder holding the patient folders (ROOT/<patient>/<study>/<series>/*.dcm)")

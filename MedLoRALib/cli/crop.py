@@ -21,6 +21,7 @@ from ..crops import (
     write_index,
 )
 from ..errors import AnnotationError, MedLoRAError, explain_os_error
+from ..patches import VIEW_PLANES
 from .inputs import add_input_arguments, read_inputs
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: new or empty, or an earlier crop's folder with --overwrite")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the crops of an earlier run in --out (never files crop did not write)")
-    parser.add_argument("--views", choices=("axial", "ortho3", "multiview9", "cube"), default="multiview9")
+    parser.add_argument("--views", choices=(*VIEW_PLANES, "cube"), default="multiview9", help=views_help())
     parser.add_argument("--fov-mm", type=float, default=50.0, help="patch edge in mm (default 50)")
     parser.add_argument("--pixels", type=int, default=64, help="samples along each edge (default 64)")
     parser.add_argument("--window", type=float, nargs=2, default=(-1000.0, 400.0), metavar=("LOW", "HIGH"),
@@ -41,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted({*FORMATS_2D, *FORMATS_CUBE}),
                         help="png or npy for 2D view sets (default png); nrrd or npy for cube (default nrrd)")
     parser.add_argument("--min-readers", type=int, help="LIDC XML: keep nodules marked by at least N readers")
+
+
+def views_help() -> str:
+    """The view sets, from ``patches.VIEW_PLANES`` (the one place that defines them)."""
+    sets = [f"{name}: {len(planes)} plane{'s' if len(planes) > 1 else ''} ({', '.join(planes)})"
+            for name, planes in VIEW_PLANES.items()]
+    return ("which patches to cut through each nodule. " + "; ".join(sets)
+            + "; cube: a 3D block of PIXELS³ samples in HU (NRRD or npy). Default multiview9")
 
 
 def _importer_options(args: argparse.Namespace, fmt: str) -> dict:

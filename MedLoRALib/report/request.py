@@ -27,9 +27,10 @@ from .sr import SeriesRef, SRError, write_score_sr
 _REQUIRED = ("out", "series_uid", "nodules", "results", "manifest")
 
 
-def child_command(python: str | None = None) -> list[str]:
-    """The command that writes the SR of a request given on stdin (``python``: MedLoRA's interpreter)."""
-    return [python or sys.executable, "-m", "MedLoRALib.report", "-"]
+def child_command(python: str | None = None, request: str | os.PathLike = "-") -> list[str]:
+    """The command that writes the SR of a request (a JSON file, or ``-``: stdin); ``python``: MedLoRA's
+    interpreter. 3D Slicer passes a file: its process runners cannot close a child's stdin."""
+    return [python or sys.executable, "-m", "MedLoRALib.report", str(request)]
 
 
 def sr_request(out: str | os.PathLike, ids: StudyIds, nodules: Sequence[Nodule], results: Sequence[dict],

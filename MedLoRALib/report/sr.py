@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -313,14 +314,26 @@ def _measurement_group(nodule: Nodule, index: int, probability: float, label: st
         geometric_purpose=codes.DCM.Center)
 
 
+#: highdicom's warning for a person name without a caret (``highdicom.valuerep.check_person_name``).
+PERSON_NAME_WARNING = r'The string ".*" is unlikely to represent the intended person name'
+
+
 @contextmanager
 def _quiet_highdicom() -> Iterator[None]:
-    """highdicom logs every module it copies at INFO; the CLI's log would drown in it."""
+    """highdicom logs every module it copies at INFO; the CLI's log would drown in it.
+
+    It also warns, on every SR, when the CT's PatientName (or ReferringPhysicianName) has one
+    component (``SYN-0001``, many anonymised series): the SR copies the name from the CT as it
+    is, as it must, so the warning is about the user's data, not something to act on here. Only
+    that warning is silenced; every other highdicom warning still shows.
+    """
     logger = logging.getLogger("highdicom")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning, module="highdicom")
+            yield
     finally:
         logger.setLevel(level)
 

@@ -8,7 +8,7 @@ Slicer's camelCase, as the widget's do.
 
 It routes each user action to the piece that does it — the scoring session
 (``scoring.py``), batch scoring (``batch.py``), the training job (``training.py``), crops
-(``crops.py``) — and keeps the one job in progress, which the widget advances with
+(``crops.py``), the DICOM SR export (``sr_export.py``) — and keeps the one job in progress, which the widget advances with
 ``tick`` from a timer, whatever kind of job it is (``jobs.Job``). Closing the scene cancels
 that job, lets the engine go and drops every reference to the scene's nodes
 (``onSceneStartClose``, observed on the scene here).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..adapters.store import AdapterStore, default_store_root
 from ..errors import MedLoRAError
-from . import crops, dependencies, mrml
+from . import crops, dependencies, mrml, sr_export
 from .batch import BatchScoring, find_studies
 from .engine_client import EngineConfig
 from .jobs import Job
@@ -290,6 +290,18 @@ class ModuleLogic:
         out = next(parent / name for name in ("medlora-crops", *(f"medlora-crops-{n}" for n in range(2, 10000)))
                    if not (parent / name).exists())
         return crops.export_crops(self.scenePairs(volume, markups), out, crops.crop_job_for(self._spec(adapter)))
+
+    # --- DICOM SR -----------------------------------------------------------------------------
+    def beginExportSR(self, volume, table, path, overwrite=True, dicomDatabase=None):
+        """Write one volume's scores in ``table`` as a DICOM SR (a job: a child process writes it).
+
+        The save dialog has asked before replacing a file, so an earlier MedLoRA SR is replaced by
+        default; any other file never is. ``dicomDatabase``: default ``slicer.dicomDatabase``.
+        """
+        if self.job is not None:
+            raise MedLoRAError(f"MedLoRA is still working ({self.job.status}); wait, or press Cancel.")
+        return self._startJob(sr_export.begin_sr_export(self.session, volume, table, path, overwrite=overwrite,
+                                                        database=dicomDatabase))
 
     # --- training ---------------------------------------------------------------------------
     def startTraining(self, config: TrainingConfig, volume=None, markups=None, resume=False):
