@@ -56,6 +56,10 @@ class AdapterManifest:
         random_init_fingerprint: SHA-256 of the seeded random backbone, when random_init.
         files: relative path → SHA-256 of every weight file.
         description: free text.
+        parents: for a merged adapter (``adapters.merge``), the adapters it was made from:
+            ``{"name", "version_id", "manifest_sha256"}`` each; empty otherwise. Optional:
+            manifests written before it existed load unchanged.
+        merge: for a merged adapter, how it was merged (method, density, rank, truncation error).
     """
 
     format_version: int = FORMAT_VERSION
@@ -77,6 +81,8 @@ class AdapterManifest:
     random_init_fingerprint: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    parents: list[dict] = field(default_factory=list)
+    merge: dict | None = None
 
     @property
     def spec(self) -> PatchSpec:
@@ -137,6 +143,9 @@ class AdapterManifest:
             problems.append(f"temperature {self.temperature!r} must be a finite number > 0")
         if not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v) for k, v in self.files.items()):
             problems.append("files must map file names to SHA-256 hex digests")
+        problems += _parent_problems(self.parents)
+        if self.merge is not None and not isinstance(self.merge, dict):
+            problems.append("merge must be an object or null")
         if self.fusion not in ("mean", "max"):
             problems.append(f"fusion {self.fusion!r} is not 'mean' or 'max'")
         if problems:
@@ -145,6 +154,23 @@ class AdapterManifest:
             _ = self.spec
         except Exception as exc:  # PatchSpec raises PatchError or TypeError on bad dicts
             raise AdapterError(f"{source}: invalid patch_spec in manifest: {exc}") from exc
+
+
+def manifest_sha256(manifest: AdapterManifest) -> str:
+    """SHA-256 of the manifest as MedLoRA writes it (``to_json``): names one exact adapter, its
+    calibration and provenance included (``version_id`` names its weights only)."""
+    return sha256_bytes(manifest.to_json().encode())
+
+
+def _parent_problems(parents: object) -> list[str]:
+    if not isinstance(parents, list):
+        return ["parents must be a list"]
+    for parent in parents:
+        if not (isinstance(parent, dict) and isinstance(parent.get("name"), str)
+                and isinstance(parent.get("version_id"), str)
+                and isinstance(parent.get("manifest_sha256"), str) and _SHA256.match(parent["manifest_sha256"])):
+            return ["parents must be objects with a name, a version_id and a manifest_sha256 (SHA-256 hex)"]
+    return []
 
 
 def manifest_from_bytes(data: bytes, source: str) -> AdapterManifest:
