@@ -23,7 +23,7 @@ Everything is cached under ``--work`` (cohorts, trained adapters, training check
 an interrupted run resumes: rerun the same command.
 
     HF_HUB_OFFLINE=1 python benchmarks/ensemble.py [--work /tmp/medlora-bench-ensemble]
-        [--train-cases 24] [--test-cases 8] [--epochs 16] [--threads 1] [--train-only] [--out results.json]
+        [--train-cases 24] [--test-cases 8] [--epochs 16] [--threads 1] [--tta] [--train-only] [--out results.json]
 
 Prints one JSON object (and writes it to ``--out`` when given).
 """
@@ -149,8 +149,9 @@ def ensure_adapter(config, reuse_stamp: Path) -> tuple[Path, float]:
 # --- scoring and metrics --------------------------------------------------------------------------
 
 
-def score_all(adapters: dict[str, Path], manifests: list[Path], weights: Path) -> tuple[dict, np.ndarray, list]:
-    """Probabilities of every test nodule under every adapter (the engine, TTA on, as users score)."""
+def score_all(adapters: dict[str, Path], manifests: list[Path], weights: Path,
+              tta: bool) -> tuple[dict, np.ndarray, list, dict]:
+    """Probabilities of every test nodule under every adapter, through the scoring engine."""
     from MedLoRALib.ctio import load_ct
     from MedLoRALib.engine import ScoringEngine
     from MedLoRALib.nodule import Nodule
@@ -173,11 +174,11 @@ def score_all(adapters: dict[str, Path], manifests: list[Path], weights: Path) -
             nodules = [Nodule(centre_lps=r.centre_lps, nodule_id=r.nodule_id, case_id=r.patient_id)
                        for r in image_rows]
             for name in adapters:
-                probabilities[name] += [s["probability"] for s in engine.score(image, nodules, adapter=name)]
+                probabilities[name] += [s["probability"] for s in engine.score(image, nodules, adapter=name, tta=tta)]
             labels += [int(r.label) for r in image_rows]
             sites += [manifest.parent.parent.name] * len(image_rows)
     thresholds = {name: float(engine.manifest(name).threshold) for name in adapters}
-    return ({name: np.asarray(p) for name, p in probabilities.items()}, np.asarray(labels), sites), thresholds
+    return {name: np.asarray(p) for name, p in probabilities.items()}, np.asarray(labels), sites, thresholds
 
 
 def model_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float, seed: int) -> dict:
@@ -242,19 +243,25 @@ def run(args) -> dict:
     if args.train_only:
         return report
 
-    from MedLoRALib.adapters.merge import merge_adapters
+    from MedLoRALib.adapters.archive import read_checked
+    from MedLoRALib.adapters.merge import lora_updates, merge_adapters
     from MedLoRALib.ensemble import combine
 
     parents = list(adapters.values())
-    merged = {}
-    merge_s = {}
-    for method in ("avg", "ties"):
+    ranks = [read_checked(p).manifest.lora["rank"] for p in parents]
+    width = min(next(iter(lora_updates(read_checked(parents[0])).values())).shape)
+    # at the parents' rank (what a user gets by default), and at ranks where no SVD truncation happens
+    variants = {"merged-avg": ("avg", None), "merged-ties": ("ties", None),
+                f"merged-avg-r{sum(ranks)}": ("avg", sum(ranks)), f"merged-ties-r{width}": ("ties", width)}
+    merged, merge_s = {}, {}
+    for name, (method, rank) in variants.items():
         begin = time.perf_counter()
-        merged[f"merged-{method}"] = merge_adapters(parents, work / "merged" / method, method=method,
-                                                    density=args.density, name=f"merged-{method}", overwrite=True)
-        merge_s[method] = round(time.perf_counter() - begin, 2)
+        merged[name] = merge_adapters(parents, work / "merged" / name, method=method, density=args.density,
+                                      rank=rank, name=name, overwrite=True)
+        merge_s[name] = round(time.perf_counter() - begin, 2)
     begin = time.perf_counter()
-    (probabilities, labels, test_sites), thresholds = score_all({**adapters, **merged}, test_manifests, args.weights)
+    probabilities, labels, test_sites, thresholds = score_all({**adapters, **merged}, test_manifests, args.weights,
+                                                                  args.tta)
     scoring_s = time.perf_counter() - begin
 
     singles = list(adapters)
@@ -265,6 +272,11 @@ def run(args) -> dict:
                                                               args.seed)
     for name in merged:
         models[name] = model_metrics(labels, probabilities[name], thresholds[name], args.seed)
+    for name in singles:
+        models[name]["own_validation_auc"] = round(float(read_checked(adapters[name]).manifest.metrics["auc"]), 4)
+        wrong = ((probabilities[name] >= thresholds[name]) != (labels == 1)).astype(int)
+        closeness = -np.abs(probabilities[name] - thresholds[name])
+        models[name]["auroc_closeness_to_threshold_for_its_errors"] = round(_auc(wrong, closeness), 4)
     per_site = {}
     for site in sites:
         inside = np.array([s == site.name for s in test_sites])
@@ -303,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", type=Path, help="pre-trained tiny backbone (default: the shipped one)")
+    parser.add_argument("--tta", action="store_true",
+                        help="score with the engine's 8-fold test-time augmentation (8× the scoring time)")
     parser.add_argument("--train-only", action="store_true", help="make the cohorts and adapters, then stop")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -320,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                           "torch": torch.__version__},
               "sites": [{**asdict(s), "size": phantom_config(s).size} for s in SITES[:args.sites]],
               "budget": {"train_cases_per_site": args.train_cases, "test_cases_per_site": args.test_cases,
-                         "epochs": args.epochs, "lora": "qv r8", "patch": "multiview9 50 mm 64 px"}}
+                         "epochs": args.epochs, "lora": "qv r8", "patch": "multiview9 50 mm 64 px",
+                         "test_time_augmentation": args.tta}}
     report.update(run(args))
     report["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(report, indent=2)
