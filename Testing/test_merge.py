@@ -75,6 +75,16 @@ def test_avg_at_the_parents_rank_is_the_best_rank_r_approximation_and_reports_it
     assert 0.05 < max(errors) < 1.0  # three random rank-8 updates do not fit in rank 8
 
 
+def test_parents_of_different_rank_and_alpha_merge_by_their_own_scale(parents, tiny_adapter, tmp_path):
+    small = tiny_adapter("rank4", SPEC, seed=20, scale=0.3, lora=LoraSpec(rank=4, alpha=4.0, use_rslora=True))
+    out = merge_adapters([parents[0], small], tmp_path / "mixed", rank=12)  # 8 + 4: exact
+    assert lora_spec_of(read_checked(out).manifest).rank == 12
+    merged, each = _updates(out), [_updates(parents[0]), _updates(small)]
+    for layer, delta in merged.items():
+        mean = (each[0][layer] + each[1][layer]) / 2
+        assert torch.allclose(delta, mean, atol=1e-5 * float(mean.abs().max())), layer
+
+
 def _ties_reference(updates: list[np.ndarray], density: float) -> np.ndarray:
     """TIES (Yadav et al. 2023) written out: trim to the top ``density`` magnitudes, elect the sign of the
     summed trimmed mass, average the entries that agree with it."""

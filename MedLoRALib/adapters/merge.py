@@ -94,15 +94,26 @@ def _tensors(adapter: AdapterFiles, name: str) -> dict[str, torch.Tensor]:
         raise AdapterError(f"adapter {adapter.source}: {name} cannot be read: {exc}") from exc
 
 
-def lora_updates(adapter: AdapterFiles) -> dict[str, torch.Tensor]:
-    """Each adapted layer's update ΔW = B·A·scale (float64), keyed by the layer's state-dict prefix."""
-    spec = lora_spec_of(adapter.manifest)
+def lora_factors(adapter: AdapterFiles) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """Each adapted layer's (A, B), keyed by the layer's state-dict prefix, and the adapter's LoRA scale."""
     state = _tensors(adapter, LORA_WEIGHTS)
     layers = sorted(k[:-len(_A)] for k in state if k.endswith(_A))
     if not layers or any(f"{layer}{_B}" not in state for layer in layers):
         raise AdapterError(f"adapter {adapter.source}: {LORA_WEIGHTS} does not hold LoRA A and B pairs")
-    scale = lora_scale(spec)
-    return {layer: state[f"{layer}{_B}"].double() @ state[f"{layer}{_A}"].double() * scale for layer in layers}
+    return {layer: (state[f"{layer}{_A}"], state[f"{layer}{_B}"]) for layer in layers}, lora_scale(
+        lora_spec_of(adapter.manifest))
+
+
+def update(factors: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """A layer's weight update ΔW = B·A·scale, in float64."""
+    a, b = factors
+    return b.double() @ a.double() * scale
+
+
+def lora_updates(adapter: AdapterFiles) -> dict[str, torch.Tensor]:
+    """Every adapted layer's update ΔW = B·A·scale (float64), keyed by the layer's state-dict prefix."""
+    factors, scale = lora_factors(adapter)
+    return {layer: update(pair, scale) for layer, pair in factors.items()}
 
 
 def combine_updates(updates: list[torch.Tensor], options: MergeOptions) -> torch.Tensor:
@@ -164,25 +175,25 @@ def _check_mergeable(parents: list[AdapterFiles]) -> None:
 def merged_contents(parents: list[AdapterFiles], options: MergeOptions) -> tuple[dict[str, bytes], LoraSpec, dict]:
     """The merged adapter's weight files, its LoRA spec and the merge record for its manifest."""
     _check_mergeable(parents)
-    updates = [lora_updates(p) for p in parents]
-    layers = list(updates[0])
-    for parent, update in zip(parents[1:], updates[1:]):
-        if set(update) != set(layers):
-            odd = sorted(set(update) ^ set(layers))
+    factors = [lora_factors(p) for p in parents]  # ΔW is formed one layer at a time: a ViT-g's would not fit
+    layers = list(factors[0][0])
+    for parent, (pairs, _scale) in zip(parents[1:], factors[1:]):
+        if set(pairs) != set(layers):
+            odd = sorted(set(pairs) ^ set(layers))
             raise AdapterError(f"adapters {parents[0].source} and {parent.source} adapt different layers "
                                f"(e.g. {odd[0]}): they cannot be merged layer by layer")
     specs = [lora_spec_of(p.manifest) for p in parents]
     rank = int(options.rank or max(s.rank for s in specs))
-    widest = max(min(updates[0][layer].shape) for layer in layers)
+    widest = max(min(factors[0][0][layer][1].shape[0], factors[0][0][layer][0].shape[1]) for layer in layers)
     if rank > widest:
         raise AdapterError(f"--rank {rank} exceeds the adapted layers' size ({widest}); a rank of {widest} "
                            "already represents every merged update exactly")
     spec = replace(specs[0], rank=rank)
     scale = lora_scale(spec)
-    dtype = next(iter(_tensors(parents[0], LORA_WEIGHTS).values())).dtype
+    dtype = factors[0][0][layers[0]][0].dtype
     state, errors, squared, total = {}, {}, 0.0, 0.0
     for layer in layers:
-        delta = combine_updates([u[layer] for u in updates], options)
+        delta = combine_updates([update(pairs[layer], scale_i) for pairs, scale_i in factors], options)
         a, b, error = factorise(delta, rank, scale)
         state[f"{layer}{_A}"], state[f"{layer}{_B}"] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         errors[layer] = error
