@@ -206,7 +206,7 @@ def merged_contents(parents: list[AdapterFiles], options: MergeOptions) -> tuple
     if config is not None:
         files[LORA_CONFIG] = config
     record = {"method": options.method, "density": float(options.density) if options.method == "ties" else None,
-              "rank": rank, "update": "per-layer ΔW = B·A·scale, truncated SVD back to the rank",
+              "rank": rank, "update": "per-layer dW = B @ A * scale, truncated SVD back to the rank",
               "heads": "averaged",
               "relative_truncation_error": {"max_layer": round(max(errors.values()), 6),
                                             "overall": round(math.sqrt(squared / total) if total else 0.0, 6)}}
