@@ -206,6 +206,23 @@ def uncertainty_metrics(labels: np.ndarray, ensemble, seed: int) -> dict:
     return out
 
 
+def paired_auc_differences(labels: np.ndarray, scores: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                           seed: int, n_boot: int = 2000) -> dict:
+    """AUC(first) − AUC(second) on the same nodules, with a paired percentile-bootstrap 95% interval."""
+    from MedLoRALib.training.metrics import both_classes, roc_auc
+
+    rng = np.random.default_rng(seed)
+    draws = [idx for idx in (rng.integers(0, labels.size, labels.size) for _ in range(n_boot))
+             if both_classes(labels[idx])]
+    out = {}
+    for first, second in pairs:
+        diffs = [roc_auc(labels[i], scores[first][i]) - roc_auc(labels[i], scores[second][i]) for i in draws]
+        out[f"{first} - {second}"] = {
+            "difference": round(roc_auc(labels, scores[first]) - roc_auc(labels, scores[second]), 4),
+            "ci95": [round(float(v), 4) for v in np.quantile(diffs, [0.025, 0.975])]}
+    return out
+
+
 def shortcut_baseline(train_manifests: list[Path], test_manifests: list[Path], seed: int) -> dict:
     """Logistic regression on (diameter, mean HU) fitted on all sites' training nodules, on the test set."""
     from MedLoRALib.demo import shortcut_probabilities, training_shortcut_features
@@ -288,6 +305,10 @@ def run(args) -> dict:
                      "per_site": {s.name: int(sum(t == s.name for t in test_sites)) for s in sites}},
         "models": models,
         "ensemble_uncertainty": uncertainty_metrics(labels, ensemble, args.seed),
+        "auc_differences": paired_auc_differences(
+            labels, {**probabilities, "ensemble": ensemble.probability},
+            [("ensemble", "merged-avg"), ("ensemble", "merged-ties"), ("merged-avg", "merged-ties"),
+             *(("ensemble", name) for name in singles), *(("merged-avg", name) for name in singles)], args.seed),
         "auc_per_test_site": per_site,
         "shortcut_baseline": shortcut_baseline(train_manifests, test_manifests, args.seed),
         "merge": {name: {k: info.get(k) for k in ("method", "density", "rank", "relative_truncation_error")}
