@@ -95,7 +95,13 @@ class AdapterManifest:
         return sha256_bytes(joined.encode())[:12]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields; ``parents`` and ``merge`` only when set, so an ordinary adapter's manifest (and
+        its ``manifest_sha256``) is what it was before merged adapters existed."""
+        data = asdict(self)
+        for key, empty in (("parents", []), ("merge", None)):
+            if data[key] == empty:
+                del data[key]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -157,9 +163,12 @@ class AdapterManifest:
 
 
 def manifest_sha256(manifest: AdapterManifest) -> str:
-    """SHA-256 of the manifest as MedLoRA writes it (``to_json``): names one exact adapter, its
-    calibration and provenance included (``version_id`` names its weights only)."""
-    return sha256_bytes(manifest.to_json().encode())
+    """SHA-256 of the manifest as canonical JSON (sorted keys, no spaces): the same manifest gives
+    the same hash whether it was read from a folder, a .zip or the engine's reply. It names one
+    exact adapter, calibration and provenance included (``version_id`` names its weights only);
+    the DICOM SR and a merged adapter's ``parents`` record it."""
+    text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return sha256_bytes(text.encode("utf-8"))
 
 
 def _parent_problems(parents: object) -> list[str]:
