@@ -100,3 +100,23 @@ def test_sigmoid_is_stable_for_extreme_logits():
     out = m.sigmoid(np.array([-1000.0, 0.0, 1000.0]))
     assert np.all(np.isfinite(out))
     assert out.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_expected_calibration_error_hand_cases():
+    # two bins used: [0.2, 0.3) holds 0.2, 0.2 with one positive (rate 0.5, mean 0.2: gap 0.3);
+    # [0.9, 1.0] holds 0.9 and 1.0 with two positives (rate 1, mean 0.95: gap 0.05) → (2·0.3 + 2·0.05) / 4
+    assert m.expected_calibration_error([0, 1, 1, 1], [0.2, 0.2, 0.9, 1.0]) == pytest.approx(0.175)
+    assert m.expected_calibration_error([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.0)
+    assert m.expected_calibration_error([0, 0, 1, 1], [0.0, 0.0, 1.0, 1.0]) == pytest.approx(0.0)
+    assert m.expected_calibration_error([1, 1, 0, 0], [0.0, 0.0, 1.0, 1.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        m.expected_calibration_error([0, 1], [0.5, 1.5])
+
+
+def test_expected_calibration_error_finds_miscalibration():
+    rng = np.random.default_rng(7)
+    p = rng.uniform(0, 1, 20000)
+    labels = (rng.uniform(0, 1, p.size) < p).astype(int)  # calibrated by construction
+    assert m.expected_calibration_error(labels, p) < 0.02
+    overconfident = np.clip(0.5 + 2 * (p - 0.5), 0, 1)
+    assert m.expected_calibration_error(labels, overconfident) > 0.1  # about 0.13

@@ -56,6 +56,10 @@ class AdapterManifest:
         random_init_fingerprint: SHA-256 of the seeded random backbone, when random_init.
         files: relative path → SHA-256 of every weight file.
         description: free text.
+        parents: for a merged adapter (``adapters.merge``), the adapters it was made from:
+            ``{"name", "version_id", "manifest_sha256"}`` each; empty otherwise. Optional:
+            manifests written before it existed load unchanged.
+        merge: for a merged adapter, how it was merged (method, density, rank, truncation error).
     """
 
     format_version: int = FORMAT_VERSION
@@ -77,6 +81,8 @@ class AdapterManifest:
     random_init_fingerprint: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    parents: list[dict] = field(default_factory=list)
+    merge: dict | None = None
 
     @property
     def spec(self) -> PatchSpec:
@@ -89,7 +95,13 @@ class AdapterManifest:
         return sha256_bytes(joined.encode())[:12]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields; ``parents`` and ``merge`` only when set, so an ordinary adapter's manifest (and
+        its ``manifest_sha256``) is what it was before merged adapters existed."""
+        data = asdict(self)
+        for key, empty in (("parents", []), ("merge", None)):
+            if data[key] == empty:
+                del data[key]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -137,6 +149,9 @@ class AdapterManifest:
             problems.append(f"temperature {self.temperature!r} must be a finite number > 0")
         if not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v) for k, v in self.files.items()):
             problems.append("files must map file names to SHA-256 hex digests")
+        problems += _parent_problems(self.parents)
+        if self.merge is not None and not isinstance(self.merge, dict):
+            problems.append("merge must be an object or null")
         if self.fusion not in ("mean", "max"):
             problems.append(f"fusion {self.fusion!r} is not 'mean' or 'max'")
         if problems:
@@ -145,6 +160,26 @@ class AdapterManifest:
             _ = self.spec
         except Exception as exc:  # PatchSpec raises PatchError or TypeError on bad dicts
             raise AdapterError(f"{source}: invalid patch_spec in manifest: {exc}") from exc
+
+
+def manifest_sha256(manifest: AdapterManifest) -> str:
+    """SHA-256 of the manifest as canonical JSON (sorted keys, no spaces): the same manifest gives
+    the same hash whether it was read from a folder, a .zip or the engine's reply. It names one
+    exact adapter, calibration and provenance included (``version_id`` names its weights only);
+    the DICOM SR and a merged adapter's ``parents`` record it."""
+    text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def _parent_problems(parents: object) -> list[str]:
+    if not isinstance(parents, list):
+        return ["parents must be a list"]
+    for parent in parents:
+        if not (isinstance(parent, dict) and isinstance(parent.get("name"), str)
+                and isinstance(parent.get("version_id"), str)
+                and isinstance(parent.get("manifest_sha256"), str) and _SHA256.match(parent["manifest_sha256"])):
+            return ["parents must be objects with a name, a version_id and a manifest_sha256 (SHA-256 hex)"]
+    return []
 
 
 def manifest_from_bytes(data: bytes, source: str) -> AdapterManifest:

@@ -1,6 +1,6 @@
-"""``medlora adapters``: list, inspect, import, export, rename or delete stored adapters.
+"""``medlora adapters``: list, inspect, import, export, rename, delete or merge adapters.
 
-Torch-free: the store and manifests are plain files and JSON.
+Torch-free: the store and manifests are plain files and JSON (``merge`` imports torch when it runs).
 """
 
 from __future__ import annotations
@@ -44,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rename = actions.add_parser("rename", parents=[store], help="rename a stored adapter")
     rename.add_argument("old")
     rename.add_argument("new")
+    merge = actions.add_parser("merge", parents=[store],
+                               help="merge LoRA adapters (e.g. from several sites) into one new adapter folder")
+    merge.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                       help="two or more adapters: names in the store, or adapter folders / .zip files")
+    merge.add_argument("--method", choices=("avg", "ties"), default="avg",
+                       help="avg: mean of the layers' LoRA updates (default); ties: TIES sign-consensus merging")
+    merge.add_argument("--density", type=float, default=0.5,
+                       help="ties: fraction of each adapter's update entries kept (default 0.5)")
+    merge.add_argument("--rank", type=int, help="LoRA rank of the merged adapter (default: the largest parent rank)")
+    merge.add_argument("--out", required=True, type=Path, help="new adapter folder to write")
+    merge.add_argument("--name", help="adapter name (default: the --out folder's name)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an adapter folder MedLoRA wrote at --out")
 
 
 def _summary(manifest: AdapterManifest) -> str:
@@ -62,6 +74,12 @@ def _details(manifest: AdapterManifest) -> str:
     lines.append(f"version: {manifest.version_id}")
     lines += [f"file: {name} sha256={digest}" for name, digest in manifest.files.items()]
     return "\n".join(lines)
+
+
+def _source(store: AdapterStore, given: str) -> Path:
+    """An adapter folder / .zip given on the command line, else the store's adapter of that name."""
+    path = Path(given).expanduser()
+    return path if path.exists() else store.path(given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +101,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"imported {name!r} into {store.root}")
     elif args.action == "export":
         print(f"exported {args.name!r} to {store.export(args.name, args.dest, overwrite=args.force)}")
+    elif args.action == "merge":
+        from ..adapters.merge import merge_adapters
+
+        sources = [_source(store, given) for given in args.adapters]
+        out = merge_adapters(sources, args.out, method=args.method, density=args.density, rank=args.rank,
+                             name=args.name, overwrite=args.overwrite)
+        merged = read_manifest(out)
+        error = merged.merge["relative_truncation_error"]
+        print(f"merged {len(sources)} adapters ({args.method}, rank {merged.merge['rank']}) into {out} as "
+              f"{merged.name!r}; relative truncation error {error['overall']:.3g} (largest layer "
+              f"{error['max_layer']:.3g}). Not validated: evaluate it on local data before use.")
     elif args.action == "delete":
         store.delete(args.name)
         print(f"deleted {args.name!r} from {store.root}")

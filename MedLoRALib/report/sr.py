@@ -34,7 +34,6 @@ in older Slicer versions the SR is written by a MedLoRA child process.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..adapters.manifest import AdapterManifest
+from ..adapters.manifest import manifest_sha256 as manifest_sha256  # one definition; re-exported for importers
 from ..atomic import atomic_path
 from ..errors import MedLoRAError
 from ..image import CTImage, StudyIds
@@ -97,13 +97,6 @@ class SRSettings:
     series_number: int = 990
     series_description: str = "MedLoRA nodule malignancy"
     institution_name: str | None = None
-
-
-def manifest_sha256(manifest: AdapterManifest) -> str:
-    """SHA-256 of the manifest as canonical JSON (sorted keys, no spaces): the same manifest gives
-    the same hash whether it was read from a folder, a .zip or the engine's reply."""
-    text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> list[str]:

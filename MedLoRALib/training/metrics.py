@@ -177,3 +177,25 @@ def evaluate(labels: np.ndarray, logits: np.ndarray, *, temperature: float | Non
         sensitivity=sens, specificity=spec, balanced_accuracy=float(np.mean([sens, spec])),
         brier=brier_score(y, probs), brier_uncalibrated=brier_score(y, sigmoid(z)),
         nll=binary_nll(y, z, temperature), nll_uncalibrated=binary_nll(y, z), temperature=float(temperature))
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: Σ_b (n_b / N) · |observed malignant rate_b − mean probability_b|.
+
+    Equal-width probability bins [0, 1/bins), …, [1 − 1/bins, 1] (1.0 falls in the last);
+    empty bins contribute nothing. 0 is perfect calibration; with few nodules per bin the
+    estimate is noisy and biased upwards, so compare models on the same nodules only.
+    """
+    y, p = _check(labels, probabilities)
+    if bins < 1:
+        raise ValueError(f"bins must be ≥ 1, got {bins}")
+    if p.size == 0:
+        return float("nan")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError("probabilities must lie in [0, 1]")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        total += inside.sum() * abs(y[inside].mean() - p[inside].mean())
+    return float(total / p.size)
