@@ -21,7 +21,7 @@ from ..errors import MedLoRAError, disk_problem, explain_os_error
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crop": ("crop", "cut nodule patches from a CT into image files and an index CSV"),
     "score": ("score", "score nodules with an adapter and write a results table"),
-    "adapters": ("adapters", "list, inspect, import, export, rename or delete adapters"),
+    "adapters": ("adapters", "list, inspect, import, export, rename, delete or merge adapters"),
     "train": ("train", "train a LoRA adapter from a dataset manifest"),
     "dataset": ("dataset", "check a training manifest before training"),
     "cohort": ("cohort", "build a training manifest from a LIDC-IDRI download (TCIA layout)"),
