@@ -1,0 +1,185 @@
+"""One fold × arm: trained by the project's trainer on the experiment's fold, recorded in ``result.json``.
+
+``FoldTrainer`` is ``training.trainer.Trainer`` with one stage, the given fold (train on the other
+folds' patients, validate on this one's) instead of a holdout split it would draw itself; the loop,
+the checkpoints, early stopping and the adapter folder are the trainer's own. A job stopped part way
+leaves the trainer's checkpoint and resumes from it; a checkpoint that cannot be used (other
+settings, damaged) is discarded and the job restarts from its beginning. ``result.json`` is written
+last, atomically: a job with it is finished and skipped on a rerun.
+
+Each job runs as a single process (no ``torch.distributed``): under ``torchrun`` the processes share
+out whole jobs (``runner``), they do not split one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from ..atomic import write_json_atomic
+from ..errors import MedLoRAError
+from ..training.progress import Reporter, jsonable
+from ..training.splits import Split
+from .config import ARMS, ExperimentConfig
+
+RESULT_NAME = "result.json"
+EVENTS_NAME = "events.jsonl"
+ADAPTER_NAME = "adapter"
+
+
+@dataclass(frozen=True)
+class Job:
+    fold: int  # 1-based
+    arm: str
+
+    @property
+    def name(self) -> str:
+        return f"fold{self.fold}-{self.arm}"
+
+
+def all_jobs(folds: int, arms: tuple[str, ...]) -> list[Job]:
+    """Fold-major order, so the first jobs finished already compare every arm on one fold."""
+    return [Job(k, arm) for k in range(1, folds + 1) for arm in arms]
+
+
+def read_result(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / RESULT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class JobProgress(Reporter):
+    """The trainer's events: every one to ``events.jsonl``, a line per epoch and at the end to ``stream``."""
+
+    def __init__(self, log: Path, prefix: str, stream: TextIO | None = None) -> None:
+        self.log = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.prefix = prefix
+        self.stream = stream or sys.stderr
+
+    def emit(self, event: str, **fields) -> None:
+        self.log.write(json.dumps({"event": event, "time": round(time.time(), 3), **jsonable(fields)}) + "\n")
+        self.log.flush()
+        text = None
+        if event == "start":
+            text = (f"training on {fields.get('train_size')} nodules ({fields.get('patients_train')} patients), "
+                    f"validating on {fields.get('val_size')} ({fields.get('patients_val')} patients); "
+                    f"{fields.get('trainable_parameters')} trainable parameters"
+                    + (f"; resuming at step {fields['resumed_step']}" if fields.get("resumed_step") else ""))
+        elif event == "epoch":
+            auc = fields.get("val_auc")
+            text = (f"epoch {fields.get('epoch')}/{fields.get('epochs')}: train loss {fields.get('train_loss'):.4f}, "
+                    f"val AUC {'n/a' if auc is None else f'{auc:.3f}'}, {fields.get('elapsed_s', 0):.0f} s")
+        elif event in ("stopped", "error"):
+            text = f"{event}: {fields.get('message') or fields.get('checkpoint') or ''}"
+        if text:
+            print(f"{self.prefix} {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _trainer_class():
+    from ..training.loop import Stage
+    from ..training.trainer import Trainer
+
+    class FoldTrainer(Trainer):
+        """The trainer on one given fold: a single stage, no holdout drawn, no refit."""
+
+        def __init__(self, *args, split: Split, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.split = split
+
+        def _stages(self, progress: dict) -> list[Stage]:
+            return [Stage(self.split.name, self.split.train, self.split.val, self.config.epochs)]
+
+    return FoldTrainer
+
+
+def _device(preferred: str | None):
+    """This process's device; under torchrun on GPUs, the one of its LOCAL_RANK."""
+    import torch
+
+    from ..device import choose_device
+
+    device = choose_device(preferred)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+class JobStopped(MedLoRAError):
+    """The job was stopped on request (SIGINT, SIGTERM); its checkpoint resumes it."""
+
+
+def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path, prefix: str) -> dict:
+    """Train ``job`` into ``folder`` (the caller holds its lock) and write its ``result.json``."""
+    import torch
+
+    from ..models import trainable_parameter_count
+    from ..training.checkpoint import CheckpointError, has_checkpoint
+    from ..training.processes import DistContext, StopSignal
+    from .memory import PeakMemory
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = config.train_config(job.arm, folder / ADAPTER_NAME)
+    cfg.resume = has_checkpoint(cfg.checkpoint_folder)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = DistContext(device=_device(config.device))
+    reporter = JobProgress(folder / EVENTS_NAME, prefix)
+    stop = StopSignal()
+    stop.install()
+    try:
+        with PeakMemory(ctx.device) as peak:
+            trainer = _trainer_class()(cfg, reporter, ctx, stop, data, split=split)
+            try:
+                result = trainer.run()
+            except CheckpointError as exc:
+                print(f"{prefix} its checkpoint cannot be used ({exc}); starting the job again", file=sys.stderr)
+                cfg.resume = False
+                trainer = _trainer_class()(cfg, reporter, ctx, stop, data, split=split)
+                result = trainer.run()
+    finally:
+        stop.uninstall()
+        reporter.close()
+    if result.status == "stopped":
+        raise JobStopped(f"{job.name} stopped; its checkpoint is in {cfg.checkpoint_folder}: rerun with --resume")
+    trainable, total = trainable_parameter_count(trainer.model)
+    record = {
+        "job": job.name, "fold": job.fold, "arm": job.arm, "mode": ARMS[job.arm][0], "lora_targets": ARMS[job.arm][1],
+        "validation": _validation(folder / ADAPTER_NAME, split, data),
+        "best_epoch": result.folds[0]["best_epoch"], "epochs_run": result.folds[0]["epochs_run"],
+        "trainable_parameters": trainable, "total_parameters": total, "wall_s": round(trainer.elapsed(), 3),
+        "memory": peak.record, "device": str(ctx.device), "adapter": ADAPTER_NAME,
+    }
+    write_json_atomic(folder / RESULT_NAME, jsonable(record))
+    return record
+
+
+def _validation(adapter: Path, split: Split, data) -> list[dict]:
+    """The fold's validation nodules with the best epoch's logits, from the adapter's metrics.json.
+
+    The trainer lists them in the order of ``split.val``; each is checked against the sample it
+    must be, so a pairing across arms (DeLong) can never pair different nodules.
+    """
+    predictions = json.loads((adapter / "metrics.json").read_text(encoding="utf-8"))["validation_predictions"]
+    samples = data.samples
+    if len(predictions) != len(split.val):
+        raise RuntimeError(f"{adapter}: {len(predictions)} validation predictions for {len(split.val)} nodules")
+    out = []
+    for index, p in zip(split.val.tolist(), predictions):
+        s = samples[index]
+        if (p["nodule_id"], p["patient_id"], p["row"]) != (s.nodule_id, s.patient_id, s.row):
+            raise RuntimeError(f"{adapter}: validation prediction for {p['nodule_id']} where {s.nodule_id} was due")
+        out.append({"index": int(index), "nodule_id": s.nodule_id, "patient_id": s.patient_id, "row": s.row,
+                    "label": int(s.label), "logit": float(np.float64(p["logit"]))})
+    return out
