@@ -55,7 +55,7 @@ def build_config(args: argparse.Namespace):
                             epochs=args.epochs, batch_size=args.batch_size, pixels=args.pixels, views=args.views,
                             seed=args.seed, weights=args.weights, random_init=args.random_init, device=args.device,
                             threads=args.threads, resume=args.resume, overwrite=args.overwrite,
-                            n_boot=max(1, args.n_boot))
+                            n_boot=args.n_boot)
 
 
 def run(args: argparse.Namespace) -> int:

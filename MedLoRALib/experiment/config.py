@@ -88,6 +88,8 @@ class ExperimentConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if int(self.n_boot) < 100:
+            problems.append(f"--bootstrap must be at least 100 resamples, got {self.n_boot}")
         if self.resume and self.overwrite:
             problems.append("--resume continues an experiment and --overwrite discards it: give one of them")
         if problems:

@@ -63,17 +63,22 @@ class JobProgress(Reporter):
         self.log = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.prefix = prefix
         self.stream = stream or sys.stderr
+        self.loop_started: float | None = None
+        self.loop_s = 0.0  # optimizer steps and validation of this process's part of the job
 
     def emit(self, event: str, **fields) -> None:
         self.log.write(json.dumps({"event": event, "time": round(time.time(), 3), **jsonable(fields)}) + "\n")
         self.log.flush()
         text = None
         if event == "start":
+            self.loop_started = time.monotonic()
             text = (f"training on {fields.get('train_size')} nodules ({fields.get('patients_train')} patients), "
                     f"validating on {fields.get('val_size')} ({fields.get('patients_val')} patients); "
                     f"{fields.get('trainable_parameters')} trainable parameters"
                     + (f"; resuming at step {fields['resumed_step']}" if fields.get("resumed_step") else ""))
         elif event == "epoch":
+            if self.loop_started is not None:
+                self.loop_s = time.monotonic() - self.loop_started
             auc = fields.get("val_auc")
             text = (f"epoch {fields.get('epoch')}/{fields.get('epochs')}: train loss {fields.get('train_loss'):.4f}, "
                     f"val AUC {'n/a' if auc is None else f'{auc:.3f}'}, {fields.get('elapsed_s', 0):.0f} s")
@@ -116,12 +121,28 @@ def _device(preferred: str | None):
     return device
 
 
+def warm_up(config: ExperimentConfig) -> None:
+    """Import the model libraries and read the backbone once, untimed, so the first job's wall time
+    (whichever arm it is) does not carry the process's start-up."""
+    import torch
+
+    from ..models import build_model
+
+    with torch.random.fork_rng():
+        build_model(config.backbone, patch_spec=config.patch_spec(), mode="linear", weights=config.weights,
+                    allow_random_init=config.random_init)
+
+
 class JobStopped(MedLoRAError):
     """The job was stopped on request (SIGINT, SIGTERM); its checkpoint resumes it."""
 
 
 def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path, prefix: str) -> dict:
-    """Train ``job`` into ``folder`` (the caller holds its lock) and write its ``result.json``."""
+    """Train ``job`` into ``folder`` (the caller holds its lock) and write its ``result.json``.
+
+    ``wall_s`` is the trainer's elapsed time (setup, training, evaluation and writing the adapter,
+    summed over resumptions); ``train_loop_s`` the epochs alone (of the last resumption only).
+    """
     import torch
 
     from ..models import trainable_parameter_count
@@ -131,7 +152,7 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = config.train_config(job.arm, folder / ADAPTER_NAME)
-    cfg.resume = has_checkpoint(cfg.checkpoint_folder)
+    cfg.resume = resumed = has_checkpoint(cfg.checkpoint_folder)
     if config.threads:
         torch.set_num_threads(config.threads)
     ctx = DistContext(device=_device(config.device))
@@ -145,7 +166,7 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
                 result = trainer.run()
             except CheckpointError as exc:
                 print(f"{prefix} its checkpoint cannot be used ({exc}); starting the job again", file=sys.stderr)
-                cfg.resume = False
+                cfg.resume = resumed = False
                 trainer = _trainer_class()(cfg, reporter, ctx, stop, data, split=split)
                 result = trainer.run()
     finally:
@@ -159,7 +180,9 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
         "validation": _validation(folder / ADAPTER_NAME, split, data),
         "best_epoch": result.folds[0]["best_epoch"], "epochs_run": result.folds[0]["epochs_run"],
         "trainable_parameters": trainable, "total_parameters": total, "wall_s": round(trainer.elapsed(), 3),
+        "train_loop_s": round(reporter.loop_s, 3), "resumed": resumed,
         "memory": peak.record, "device": str(ctx.device), "adapter": ADAPTER_NAME,
+        "process": {"rank": int(os.environ.get("RANK", "0")), "pid": os.getpid()},
     }
     write_json_atomic(folder / RESULT_NAME, jsonable(record))
     return record

@@ -79,6 +79,7 @@ def arm_summary(arm: str, results: list[dict], *, n_boot: int, seed: int) -> dic
         folds.append({"fold": r["fold"], "n": len(y), "n_positive": int(sum(y)), "auc": M.roc_auc(y, z),
                       "auc_ci95": list(M.bootstrap_auc_ci(y, z, n_boot=n_boot, seed=seed)),
                       "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "wall_s": r["wall_s"],
+                      "train_loop_s": r["train_loop_s"], "resumed": r["resumed"],
                       "peak_memory_mib": r["memory"].get("peak_mib"),
                       "memory_increase_mib": r["memory"].get("increase_mib")})
     fold_aucs = [f["auc"] for f in folds]
@@ -92,6 +93,7 @@ def arm_summary(arm: str, results: list[dict], *, n_boot: int, seed: int) -> dic
         "trainable_parameters": int(trainable), "total_parameters": int(total),
         "trainable_percent": 100.0 * trainable / total,
         "wall_s_total": float(sum(r["wall_s"] for r in results)),
+        "train_loop_s_total": float(sum(r["train_loop_s"] for r in results)),
         "wall_s_per_fold": float(np.mean([r["wall_s"] for r in results])),
         "peak_memory_mib": _memory(results, "peak_mib"), "memory_increase_mib": _memory(results, "increase_mib"),
         "memory_kind": results[0]["memory"].get("kind"), "device": results[0].get("device"),
@@ -184,26 +186,27 @@ def markdown(state: dict, config: ExperimentConfig, summaries: dict[str, dict], 
     lines = [
         f"# LoRA vs full fine-tuning vs linear probe on {Path(ident['manifest']).name}", "",
         f"- Cohort: {cohort['nodules']} nodules ({cohort['benign']} benign, {cohort['malignant']} malignant) of "
-        f"{cohort['patients']} patients; {cohort['excluded']} manifest rows excluded by the label rule.",
+        f"{cohort['patients']} patients ({cohort['excluded']} manifest rows marked excluded).",
         f"- Validation: {ident['folds']}-fold cross-validation by patient (stratified, seed {ident['seed']}); every "
         "arm uses the same folds, so each nodule is validated once per arm by a model that never saw its patient.",
         f"- Backbone: {ident['backbone']} ({config.preset}: {preset.description})"
         + ("; **randomly initialised** (seeded), not pre-trained" if ident["random_init"] else "") + ".",
-        f"- Budget per fold and arm: at most {ident['epochs']} epochs (best validation epoch kept, patience "
+        f"- Budget per fold and arm: at most {ident['epochs']} epoch(s) (best validation epoch kept, patience "
         f"{ident['patience']}), batch {ident['batch_size']}, {ident['views']} patches of {ident['pixels']} px over "
         "50 mm, each mode at the trainer's default learning rate.", "",
         "## Out-of-fold ROC AUC and cost per arm", "",
-        "| arm | AUC (95% CI) | fold AUC mean ± SD | trainable parameters | wall time (all folds) | peak memory |",
-        "|---|---|---|---|---|---|",
+        "| arm | AUC (95% CI) | fold AUC mean ± SD | trainable parameters | training time | wall time | peak memory |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, s in summaries.items():
         lines.append(f"| {arm} | {_num(s['auc'])} ({_ci(s['auc_ci95'])}) | {_num(s['fold_auc_mean'])} ± "
                      f"{_num(s['fold_auc_sd'])} | {s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%) | "
-                     f"{s['wall_s_total']:.1f} s | {_mib(s['peak_memory_mib'])} |")
+                     f"{s['train_loop_s_total']:.1f} s | {s['wall_s_total']:.1f} s | {_mib(s['peak_memory_mib'])} |")
     any_arm = next(iter(summaries.values()))
     lines += ["", f"AUC over the pooled out-of-fold logits (each fold's best epoch; logits of different folds' "
-              f"models pooled), percentile bootstrap over nodules ({any_arm['n_boot']} resamples). Wall time: the "
-              f"trainer's elapsed time summed over folds, on {any_arm['device']}. Peak memory: the largest fold's "
+              f"models pooled), percentile bootstrap over nodules ({any_arm['n_boot']} resamples). Times are sums over folds on "
+              f"{any_arm['device']}: training time = the epochs (optimizer steps and validation), wall time = the "
+              "whole job (also model set-up, evaluation and writing the fold's adapter). Peak memory: the largest fold's "
               f"{any_arm['memory_kind']} (the increase over each job's start is in the arm files)."]
     lines += ["", "## LoRA vs full fine-tuning (DeLong, paired, pooled out-of-fold)", ""]
     if tests:
@@ -248,9 +251,9 @@ def write_report(config: ExperimentConfig, data, members: dict, jobs: list[Job])
             write_json_atomic(staging / arm_file(arm), s)
             files.append(arm_file(arm))
         _write_csv(staging / "folds.csv", ["fold", "arm", "n", "n_positive", "auc", "auc_ci_low", "auc_ci_high",
-                                           "best_epoch", "epochs_run", "wall_s", "peak_memory_mib"],
+                                           "best_epoch", "epochs_run", "train_loop_s", "wall_s", "peak_memory_mib"],
                    [[f["fold"], arm, f["n"], f["n_positive"], f["auc"], *f["auc_ci95"], f["best_epoch"],
-                     f["epochs_run"], f["wall_s"], f["peak_memory_mib"]] for arm, s in summaries.items()
+                     f["epochs_run"], f["train_loop_s"], f["wall_s"], f["peak_memory_mib"]] for arm, s in summaries.items()
                     for f in s["folds"]])
         index = pooled(next(iter(results.values())))[0]
         fold_of = {v["index"]: r["fold"] for r in next(iter(results.values())) for v in r["validation"]}

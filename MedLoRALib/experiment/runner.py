@@ -23,7 +23,7 @@ from ..errors import DatasetError, MedLoRAError
 from ..locks import OutputBusyError, OutputLock
 from .config import ExperimentConfig
 from .folder import FORMAT, JOBS, STATE_NAME, inspect_folder, prepare_folder, read_state
-from .jobs import Job, all_jobs, read_result, run_job
+from .jobs import Job, all_jobs, read_result, run_job, warm_up
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ class JobRunner:
         self.jobs = jobs
         self.jobs_dir = config.out / JOBS
         self.trained: list[str] = []
+        self.warm = False
 
     def done(self, job: Job) -> bool:
         return read_result(self.jobs_dir / job.name) is not None
@@ -131,6 +132,9 @@ class JobRunner:
         try:
             if self.done(job):  # finished while we looked
                 return "done"
+            if not self.warm:
+                warm_up(self.config)
+                self.warm = True
             self.say(f"{self._label(job)} training")
             record = run_job(self.config, job, self.splits[job.fold], self.data, self.jobs_dir / job.name,
                              self._label(job))
