@@ -105,7 +105,7 @@ def test_every_fold_and_arm_trained_with_progress(experiment):
             assert f"[{(k - 1) * 4 + ARMS.index(arm) + 1}/8] fold{k}-{arm}: done in" in err
             record = read_result(out / "jobs" / f"fold{k}-{arm}")
             assert record["arm"] == arm and record["fold"] == k
-            assert (out / "jobs" / f"fold{k}-{arm}" / "adapter" / "manifest.json").is_file()
+            assert not (out / "jobs" / f"fold{k}-{arm}" / "adapter").exists()  # only with --keep-adapters
             events = [json.loads(line) for line in (out / "jobs" / f"fold{k}-{arm}" / "events.jsonl").open()]
             assert [e["event"] for e in events][0] == "start" and "epoch" in [e["event"] for e in events]
     assert "epoch 1/1: train loss" in err
@@ -231,6 +231,28 @@ def test_two_processes_give_the_same_report_as_one(experiment, manifest, tmp_pat
     comparison = json.loads((out / "report" / "report.json").read_text())["comparisons"]
     assert _without(comparison) == _without(json.loads((source / "report" / "report.json").read_text())
                                             ["comparisons"][:1])
+
+
+@pytest.mark.slow
+def test_keep_adapters_writes_the_fold_model_the_result_came_from(cohort, tmp_path):
+    """With --keep-adapters the job's adapter is the trainer's own output, and its validation
+    predictions are the logits in result.json."""
+    from MedLoRALib.experiment.jobs import run_job
+
+    config = ExperimentConfig(manifest=cohort.manifest, out=tmp_path, folds=2, preset="tiny", pixels=32, epochs=1,
+                              keep_adapters=True)
+    split = make_folds(cohort, 2, 0)[0][1]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        record = run_job(config, Job(2, "lora_qv"), split, cohort, tmp_path / "fold2-lora_qv", "[x]")
+    assert "[x] epoch 1/1" in err.getvalue()
+    adapter = tmp_path / "fold2-lora_qv" / record["adapter"]
+    metrics = json.loads((adapter / "metrics.json").read_text())
+    assert [p["logit"] for p in metrics["validation_predictions"]] == pytest.approx(
+        [v["logit"] for v in record["validation"]])
+    assert [p["nodule_id"] for p in metrics["validation_predictions"]] == [v["nodule_id"] for v in record["validation"]]
+    assert (adapter / "manifest.json").is_file() and not (tmp_path / "fold2-lora_qv" / "adapter.checkpoint").exists()
+    assert read_result(tmp_path / "fold2-lora_qv") == json.loads(json.dumps(record))
 
 
 # --- bad input -----------------------------------------------------------------------------------

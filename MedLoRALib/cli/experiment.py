@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")
     parser.add_argument("--bootstrap", dest="n_boot", type=int, default=2000,
                         help="bootstrap resamples for the AUC intervals (default 2000)")
+    parser.add_argument("--keep-adapters", action="store_true",
+                        help="also write each fold × arm model as an adapter (jobs/<fold>-<arm>/adapter)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an experiment in --out: finished folds and arms are kept, a stopped one resumes")
     parser.add_argument("--overwrite", action="store_true",
@@ -55,7 +57,7 @@ def build_config(args: argparse.Namespace):
                             epochs=args.epochs, batch_size=args.batch_size, pixels=args.pixels, views=args.views,
                             seed=args.seed, weights=args.weights, random_init=args.random_init, device=args.device,
                             threads=args.threads, resume=args.resume, overwrite=args.overwrite,
-                            n_boot=args.n_boot)
+                            n_boot=args.n_boot, keep_adapters=args.keep_adapters)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,6 +66,7 @@ class ExperimentConfig:
     resume: bool = False
     overwrite: bool = False
     n_boot: int = 2000
+    keep_adapters: bool = False  # write each fold × arm model as an adapter folder (the trainer's output)
     poll_s: float = 2.0  # how often rank 0 looks for the other processes' results
 
     def __post_init__(self) -> None:

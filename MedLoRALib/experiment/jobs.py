@@ -5,7 +5,8 @@ folds' patients, validate on this one's) instead of a holdout split it would dra
 the checkpoints, early stopping and the adapter folder are the trainer's own. A job stopped part way
 leaves the trainer's checkpoint and resumes from it; a checkpoint that cannot be used (other
 settings, damaged) is discarded and the job restarts from its beginning. ``result.json`` is written
-last, atomically: a job with it is finished and skipped on a rerun.
+last, atomically: a job with it is finished and skipped on a rerun. The fold's model is written
+as an adapter (``adapter/``, with the trainer's plots) only with ``--keep-adapters``.
 
 Each job runs as a single process (no ``torch.distributed``): under ``torchrun`` the processes share
 out whole jobs (``runner``), they do not split one.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -93,17 +95,33 @@ class JobProgress(Reporter):
 
 def _trainer_class():
     from ..training.loop import Stage
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, TrainResult
 
     class FoldTrainer(Trainer):
-        """The trainer on one given fold: a single stage, no holdout drawn, no refit."""
+        """The trainer on one given fold: a single stage, no holdout drawn, no refit.
 
-        def __init__(self, *args, split: Split, **kwargs) -> None:
+        The stage's result (best epoch, validation indices and logits) is kept as ``stage_result``.
+        Unless ``keep_adapter``, the fold's model is not written as an adapter (the experiment
+        needs its predictions, not twenty adapters with their plots): the trainer's checkpoint is
+        removed as after any finished run.
+        """
+
+        def __init__(self, *args, split: Split, keep_adapter: bool = False, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.split = split
+            self.keep_adapter = keep_adapter
+            self.stage_result: dict | None = None
 
         def _stages(self, progress: dict) -> list[Stage]:
             return [Stage(self.split.name, self.split.train, self.split.val, self.config.epochs)]
+
+        def _finish(self, progress: dict) -> TrainResult:
+            self.stage_result = progress["folds"][0]
+            if self.keep_adapter:
+                return super()._finish(progress)
+            shutil.rmtree(self.config.checkpoint_folder, ignore_errors=True)
+            self.reporter.emit("done", elapsed_s=self.elapsed())
+            return TrainResult(status="done", history=progress["history"], folds=progress["folds"])
 
     return FoldTrainer
 
@@ -160,14 +178,17 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
     stop = StopSignal()
     stop.install()
     try:
+        def trainer_for(cfg):
+            return _trainer_class()(cfg, reporter, ctx, stop, data, split=split, keep_adapter=config.keep_adapters)
+
         with PeakMemory(ctx.device) as peak:
-            trainer = _trainer_class()(cfg, reporter, ctx, stop, data, split=split)
+            trainer = trainer_for(cfg)
             try:
                 result = trainer.run()
             except CheckpointError as exc:
                 print(f"{prefix} its checkpoint cannot be used ({exc}); starting the job again", file=sys.stderr)
                 cfg.resume = resumed = False
-                trainer = _trainer_class()(cfg, reporter, ctx, stop, data, split=split)
+                trainer = trainer_for(cfg)
                 result = trainer.run()
     finally:
         stop.uninstall()
@@ -177,32 +198,26 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
     trainable, total = trainable_parameter_count(trainer.model)
     record = {
         "job": job.name, "fold": job.fold, "arm": job.arm, "mode": ARMS[job.arm][0], "lora_targets": ARMS[job.arm][1],
-        "validation": _validation(folder / ADAPTER_NAME, split, data),
-        "best_epoch": result.folds[0]["best_epoch"], "epochs_run": result.folds[0]["epochs_run"],
+        "validation": _validation(trainer.stage_result, split, data),
+        "best_epoch": trainer.stage_result["best_epoch"], "epochs_run": trainer.stage_result["epochs_run"],
         "trainable_parameters": trainable, "total_parameters": total, "wall_s": round(trainer.elapsed(), 3),
         "train_loop_s": round(reporter.loop_s, 3), "resumed": resumed,
-        "memory": peak.record, "device": str(ctx.device), "adapter": ADAPTER_NAME,
+        "memory": peak.record, "device": str(ctx.device),
+        "adapter": ADAPTER_NAME if config.keep_adapters else None,
         "process": {"rank": int(os.environ.get("RANK", "0")), "pid": os.getpid()},
     }
     write_json_atomic(folder / RESULT_NAME, jsonable(record))
     return record
 
 
-def _validation(adapter: Path, split: Split, data) -> list[dict]:
-    """The fold's validation nodules with the best epoch's logits, from the adapter's metrics.json.
-
-    The trainer lists them in the order of ``split.val``; each is checked against the sample it
-    must be, so a pairing across arms (DeLong) can never pair different nodules.
-    """
-    predictions = json.loads((adapter / "metrics.json").read_text(encoding="utf-8"))["validation_predictions"]
-    samples = data.samples
-    if len(predictions) != len(split.val):
-        raise RuntimeError(f"{adapter}: {len(predictions)} validation predictions for {len(split.val)} nodules")
+def _validation(stage: dict, split: Split, data) -> list[dict]:
+    """The fold's validation nodules with the best epoch's logits, checked to be exactly the fold's
+    (a pairing across arms, as DeLong's test makes, must never pair different nodules)."""
+    if list(stage["val_indices"]) != split.val.tolist():
+        raise RuntimeError(f"the trainer validated {stage['name']} on other nodules than the fold's")
     out = []
-    for index, p in zip(split.val.tolist(), predictions):
-        s = samples[index]
-        if (p["nodule_id"], p["patient_id"], p["row"]) != (s.nodule_id, s.patient_id, s.row):
-            raise RuntimeError(f"{adapter}: validation prediction for {p['nodule_id']} where {s.nodule_id} was due")
+    for index, logit in zip(stage["val_indices"], stage["val_logits"]):
+        s = data.samples[index]
         out.append({"index": int(index), "nodule_id": s.nodule_id, "patient_id": s.patient_id, "row": s.row,
-                    "label": int(s.label), "logit": float(np.float64(p["logit"]))})
+                    "label": int(s.label), "logit": float(np.float64(logit))})
     return out
