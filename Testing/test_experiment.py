@@ -203,11 +203,49 @@ def test_resume_skips_finished_jobs_and_redoes_an_unfinished_one(experiment, man
     assert code == 0, err
     assert re.findall(r"(fold\d-\w+): training\n", err) == ["fold2-lora_all"]
     assert read_result(out / "jobs" / "fold2-lora_all")["validation"] == old["validation"]
-    # without --resume an earlier experiment is refused, and left as it was
+    # without --resume an earlier experiment is refused, and left as it was; so is a second run at once
     before = tree_digest(out)
     code, err = _run(["experiment", "--manifest", str(manifest), "--out", str(out), *FAST])
     assert code == 2 and "pass --resume to continue it" in err
+    with OutputLock(out, activity="written by medlora experiment"):
+        code, err = _run(["experiment", "--manifest", str(manifest), "--out", str(out), *FAST, "--resume"])
+    assert code == 2 and "is already being written by medlora experiment by process" in err
     assert tree_digest(out) == before
+
+
+@pytest.mark.slow
+def test_a_job_interrupted_mid_training_resumes_from_its_checkpoint(manifest, cohort, tmp_path):
+    """Ctrl-C (SIGINT) after the first epoch: exit 3 with the trainer's checkpoint; --resume continues the
+    job from it and ends with the logits of an uninterrupted run."""
+    import signal
+
+    from MedLoRALib.experiment.jobs import run_job
+
+    out = tmp_path / "exp"
+    argv = ["experiment", "--manifest", str(manifest), "--out", str(out), *FAST, "--arms", "lora_qv",
+            "--epochs", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "MedLoRALib", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "fold1-lora_qv: epoch 1/3" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 3, "".join(seen) + rest
+    assert "stopped; its checkpoint is in" in rest and "--resume" in rest
+    assert (out / "jobs" / "fold1-lora_qv" / "adapter.checkpoint" / "state.json").is_file()
+    assert read_result(out / "jobs" / "fold1-lora_qv") is None
+    code, err = _run([*argv, "--resume"])
+    assert code == 0, err
+    assert re.search(r"fold1-lora_qv: training on .*; resuming at step [1-9]", err)
+    assert not (out / "jobs" / "fold1-lora_qv" / "adapter.checkpoint").exists()
+    config = ExperimentConfig(manifest=manifest, out=tmp_path, folds=2, preset="tiny", pixels=32, epochs=3,
+                              threads=1)
+    with contextlib.redirect_stderr(io.StringIO()):
+        expected = run_job(config, Job(1, "lora_qv"), make_folds(cohort, 2, 0)[0][0], cohort, tmp_path / "ref", "")
+    assert read_result(out / "jobs" / "fold1-lora_qv")["validation"] == expected["validation"]
 
 
 @pytest.mark.slow
