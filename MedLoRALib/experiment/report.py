@@ -206,8 +206,11 @@ def markdown(state: dict, config: ExperimentConfig, summaries: dict[str, dict], 
     lines += ["", f"AUC over the pooled out-of-fold logits (each fold's best epoch; logits of different folds' "
               f"models pooled), percentile bootstrap over nodules ({any_arm['n_boot']} resamples). Times are sums over folds on "
               f"{any_arm['device']}: training time = the epochs (optimizer steps and validation), wall time = the "
-              "whole job (also model set-up, evaluation and writing the fold's adapter). Peak memory: the largest fold's "
-              f"{any_arm['memory_kind']} (the increase over each job's start is in the arm files)."]
+              "whole job (also model set-up and evaluation). Peak memory: the largest fold's "
+              f"{any_arm['memory_kind']} (the increase over each job's start is in the arm files)"
+              + (". On the CPU one process runs many jobs and keeps memory an earlier job freed, so a later job's "
+                 "figures can understate its need: for clean CPU figures run one arm per process (--arms)."
+                 if any_arm["memory_kind"] == "process peak RSS" else ".")]
     lines += ["", "## LoRA vs full fine-tuning (DeLong, paired, pooled out-of-fold)", ""]
     if tests:
         lines += ["| comparison | AUC difference (95% CI) | z | p |", "|---|---|---|---|"]
