@@ -158,8 +158,9 @@ class JobStopped(MedLoRAError):
 def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path, prefix: str) -> dict:
     """Train ``job`` into ``folder`` (the caller holds its lock) and write its ``result.json``.
 
-    ``wall_s`` is the trainer's elapsed time (setup, training, evaluation and writing the adapter,
-    summed over resumptions); ``train_loop_s`` the epochs alone (of the last resumption only).
+    ``wall_s`` is the trainer's elapsed time (set-up, epochs, evaluation, and the adapter with
+    ``keep_adapters``; summed over resumptions); ``train_loop_s`` the epochs alone (of the last
+    resumption only).
     """
     import torch
 
@@ -178,8 +179,9 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
     stop = StopSignal()
     stop.install()
     try:
-        def trainer_for(cfg):
-            return _trainer_class()(cfg, reporter, ctx, stop, data, split=split, keep_adapter=config.keep_adapters)
+        def trainer_for(settings):
+            return _trainer_class()(settings, reporter, ctx, stop, data, split=split,
+                                    keep_adapter=config.keep_adapters)
 
         with PeakMemory(ctx.device) as peak:
             trainer = trainer_for(cfg)

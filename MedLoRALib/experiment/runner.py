@@ -157,13 +157,15 @@ class JobRunner:
         """Until every job has its result: train the unclaimed ones, wait for the claimed ones."""
         waiting_for: set[str] = set()
         while True:
-            pending = [j for j in self.jobs if self.try_run(j) != "done"]
-            if not pending:
+            states = {job.name: self.try_run(job) for job in self.jobs}
+            busy = {name for name, state in states.items() if state == "busy"}
+            if "trained" in states.values():
+                continue  # look again at once: others may have finished meanwhile
+            if not busy:
                 return
-            names = {j.name for j in pending}
-            if names != waiting_for:
-                self.say(f"waiting for {len(names)} job(s) other processes are training: {', '.join(sorted(names))}")
-                waiting_for = names
+            if busy != waiting_for:
+                self.say(f"waiting for {len(busy)} job(s) other processes are training: {', '.join(sorted(busy))}")
+                waiting_for = busy
             time.sleep(self.config.poll_s)
 
 
