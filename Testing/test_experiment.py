@@ -142,10 +142,13 @@ def test_report_numbers_match_the_arm_and_fold_files(experiment):
         labels, logits = [r[1] for r in rows], [r[2] for r in rows]
         assert s["auc"] == pytest.approx(roc_auc(labels, logits), abs=1e-12)
         assert s["auc_ci95"] == pytest.approx(list(bootstrap_auc_ci(labels, logits, n_boot=200, seed=0)))
-        for f in s["folds"]:
+        for f in s["folds"]:  # each fold is its fold × arm metrics file, and that file is its predictions
             record = read_result(out / "jobs" / f"fold{f['fold']}-{arm}")
             v = record["validation"]
-            assert f["auc"] == pytest.approx(roc_auc([x["label"] for x in v], [x["logit"] for x in v]))
+            assert record["metrics"]["auc"] == pytest.approx(roc_auc([x["label"] for x in v], [x["logit"] for x in v]))
+            assert record["metrics"]["auc_ci95"] == pytest.approx(list(bootstrap_auc_ci(
+                [x["label"] for x in v], [x["logit"] for x in v], n_boot=200, seed=0)))
+            assert (f["auc"], f["auc_ci95"], f["n"]) == (record["metrics"]["auc"], record["metrics"]["auc_ci95"], len(v))
             assert f["wall_s"] == record["wall_s"]
         assert s["trainable_parameters"] == read_result(out / "jobs" / f"fold1-{arm}")["trainable_parameters"]
         assert s["wall_s_total"] == pytest.approx(sum(f["wall_s"] for f in s["folds"]))

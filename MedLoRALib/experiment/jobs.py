@@ -168,6 +168,7 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
     from ..training.checkpoint import CheckpointError, has_checkpoint
     from ..training.processes import DistContext, StopSignal
     from .memory import PeakMemory
+    from .report import fold_metrics
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = config.train_config(job.arm, folder / ADAPTER_NAME)
@@ -198,9 +199,10 @@ def run_job(config: ExperimentConfig, job: Job, split: Split, data, folder: Path
     if result.status == "stopped":
         raise JobStopped(f"{job.name} stopped; its checkpoint is in {cfg.checkpoint_folder}: rerun with --resume")
     trainable, total = trainable_parameter_count(trainer.model)
+    validation = _validation(trainer.stage_result, split, data)
     record = {
         "job": job.name, "fold": job.fold, "arm": job.arm, "mode": ARMS[job.arm][0], "lora_targets": ARMS[job.arm][1],
-        "validation": _validation(trainer.stage_result, split, data),
+        "metrics": fold_metrics(validation, n_boot=config.n_boot, seed=config.seed), "validation": validation,
         "best_epoch": trainer.stage_result["best_epoch"], "epochs_run": trainer.stage_result["epochs_run"],
         "trainable_parameters": trainable, "total_parameters": total, "wall_s": round(trainer.elapsed(), 3),
         "train_loop_s": round(reporter.loop_s, 3), "resumed": resumed,

@@ -69,16 +69,22 @@ def _memory(results: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
+def fold_metrics(validation: list[dict], *, n_boot: int, seed: int) -> dict:
+    """One fold × arm's metrics from its validation nodules (stored in its ``result.json``)."""
+    y = [v["label"] for v in validation]
+    z = [v["logit"] for v in validation]
+    return jsonable({"n": len(y), "n_positive": int(sum(y)), "auc": M.roc_auc(y, z),
+                     "auc_ci95": list(M.bootstrap_auc_ci(y, z, n_boot=n_boot, seed=seed)), "n_boot": n_boot})
+
+
 def arm_summary(arm: str, results: list[dict], *, n_boot: int, seed: int) -> dict:
-    """One arm's numbers: pooled out-of-fold AUC with its interval, per fold, and the cost."""
+    """One arm's numbers: pooled out-of-fold AUC with its interval, each fold's metrics file, and the cost."""
     _, labels, logits = pooled(results)
     folds = []
     for r in results:
-        y = [v["label"] for v in r["validation"]]
-        z = [v["logit"] for v in r["validation"]]
-        folds.append({"fold": r["fold"], "n": len(y), "n_positive": int(sum(y)), "auc": M.roc_auc(y, z),
-                      "auc_ci95": list(M.bootstrap_auc_ci(y, z, n_boot=n_boot, seed=seed)),
-                      "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "wall_s": r["wall_s"],
+        m = r["metrics"]
+        folds.append({"fold": r["fold"], "n": m["n"], "n_positive": m["n_positive"], "auc": m["auc"],
+                      "auc_ci95": m["auc_ci95"], "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "wall_s": r["wall_s"],
                       "train_loop_s": r["train_loop_s"], "resumed": r["resumed"],
                       "peak_memory_mib": r["memory"].get("peak_mib"),
                       "memory_increase_mib": r["memory"].get("increase_mib")})

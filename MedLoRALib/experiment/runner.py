@@ -170,11 +170,8 @@ class JobRunner:
 
 
 def _auc(record: dict) -> str:
-    from ..training.metrics import roc_auc
-
-    v = record["validation"]
-    auc = roc_auc([x["label"] for x in v], [x["logit"] for x in v])
-    return "n/a" if auc != auc else f"{auc:.3f}"
+    auc = record["metrics"]["auc"]
+    return "n/a" if auc is None else f"{auc:.3f}"
 
 
 def run_experiment(config: ExperimentConfig, *, procs: Processes | None = None,
