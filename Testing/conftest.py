@@ -71,3 +71,12 @@ def engine_server(tmp_path_factory):
     server = EngineServer(ScoringEngine(device="cpu", store=AdapterStore(store)), lambda _: None)
     server.store = store
     return server
+
+
+@pytest.fixture(scope="session")
+def tcia_download(tmp_path_factory, shared_data: Path):
+    """A tiny LIDC-IDRI download in TCIA's layout (``helpers.write_tcia_download``), made once per session:
+    (root, xml_root, truth). Shared: a test that changes it must restore it."""
+    from helpers import write_tcia_download
+
+    return write_tcia_download(tmp_path_factory.mktemp("tcia"), shared_data)

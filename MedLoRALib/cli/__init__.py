@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a LoRA adapter from a dataset manifest"),
     "dataset": ("dataset", "check a training manifest before training"),
     "cohort": ("cohort", "build a training manifest from a LIDC-IDRI download (TCIA layout)"),
+    "experiment": ("experiment", "LoRA vs full fine-tuning vs linear probe on the same patient folds, one report"),
     "explain": ("explain", "saliency maps of each nodule (attention rollout, gradient × input) as NRRD on the CT grid"),
     "serve": ("serve", "run the scoring engine (JSON lines on stdin/stdout)"),
     "phantom": ("phantom", "write synthetic chest CT phantoms with known nodules"),
