@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .adapters.package import build_model_for
 from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device, choose_precision, precision_context, prepare_for_precision
+from .ensemble import check_compatible, combine
 from .errors import AdapterError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
@@ -308,9 +310,51 @@ class ScoringEngine:
         attached = self._get(adapter)
         patches = extract_patches(image, centres_lps(nodules), attached.manifest.spec)
         results = self.score_patches(patches, attached.name, tta, precision)
-        for nodule, result in zip(nodules, results):
-            result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
-                          centre_lps=[float(v) for v in nodule.centre_lps])
+        _add_nodules(results, nodules)
+        return results
+
+    # --- ensembles: several adapters, one answer with its spread ----------------------------
+    def ensemble_manifests(self, adapters: Sequence[str]) -> dict[str, AdapterManifest]:
+        """The members' manifests by name, refused unless they read the same patches of one backbone.
+
+        ``full`` fine-tuned adapters may be members: they run their own network, but their
+        backbone name, starting weights and patch spec must match the others'.
+        """
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise AdapterError(f"an ensemble is a list of adapter names, got {adapters!r}")
+        names = [self._get(name).name for name in adapters]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise AdapterError(f"adapter {repeated[0]!r} is named twice in the ensemble: each member counts once "
+                               "in the mean and the spread")
+        manifests = {name: self._adapters[name].manifest for name in names}
+        check_compatible(manifests)
+        return manifests
+
+    def score_patches_ensemble(self, patches: np.ndarray, adapters: Sequence[str], tta: bool = True,
+                               precision: str | None = None) -> list[dict]:
+        """Score patches with every member on the loaded backbone(s) and combine (``ensemble.combine``).
+
+        Each member's forward is exactly ``score_patches`` (so its probability equals scoring it
+        alone); what is shared is the loaded backbone weights and the patches, cut once.
+        One result per patch: ``probability`` (the members' mean), ``spread`` (their standard
+        deviation), ``disagree`` (the members' own labels differ), ``label`` at ``threshold`` (the
+        members' mean threshold), ``adapters`` and ``members`` (each member's probability, logit, label).
+        """
+        manifests = self.ensemble_manifests(adapters)
+        array = self._check_patches(patches, self._get(next(iter(manifests))))
+        per_member = {name: self.score_patches(array, name, tta, precision) for name in manifests}
+        return _ensemble_results(per_member, manifests)
+
+    def score_ensemble(self, image: CTImage, nodules: list[Nodule], adapters: Sequence[str], tta: bool = True,
+                       precision: str | None = None) -> list[dict]:
+        """Cut each nodule's patch once (the members share a patch spec) and score it with every member."""
+        manifests = self.ensemble_manifests(adapters)
+        if not nodules:
+            return []
+        patches = extract_patches(image, centres_lps(nodules), next(iter(manifests.values())).spec)
+        results = self.score_patches_ensemble(patches, list(manifests), tta, precision)
+        _add_nodules(results, nodules)
         return results
 
     # --- explanations ---------------------------------------------------------------------
@@ -327,3 +371,34 @@ class ScoringEngine:
         array = self._check_patches(patches, attached)
         with self._activate(attached):
             return saliency_maps(attached.model, array, method), cell_pixels(attached.model, method)
+
+
+def _add_nodules(results: list[dict], nodules: list[Nodule]) -> None:
+    """Say in each result which nodule it is (same order)."""
+    for nodule, result in zip(nodules, results):
+        result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
+                      centre_lps=[float(v) for v in nodule.centre_lps])
+
+
+MEMBER_FIELDS = ("adapter", "adapter_version", "probability", "logit", "label", "random_init")
+
+
+def _ensemble_results(per_member: dict[str, list[dict]], manifests: dict[str, AdapterManifest]) -> list[dict]:
+    """Each patch's members' results combined by ``ensemble.combine`` (one rule for every report)."""
+    names = list(manifests)
+    probabilities = np.array([[r["probability"] for r in per_member[name]] for name in names])
+    scores = combine(probabilities, [manifests[name].threshold for name in names])
+    labels = scores.labels(next(iter(manifests.values())).label_names)
+    random_init = any(m.random_init for m in manifests.values())
+    return [{
+        "probability": float(scores.probability[i]),
+        "spread": float(scores.spread[i]),
+        "disagree": bool(scores.disagree[i]),
+        "label": labels[i],
+        "threshold": scores.threshold,
+        "adapter": "+".join(names),
+        "adapters": names,
+        "adapter_version": "+".join(manifests[name].version_id for name in names),
+        "random_init": random_init,
+        "members": [{key: per_member[name][i][key] for key in MEMBER_FIELDS} for name in names],
+    } for i in range(probabilities.shape[1])]
