@@ -6,6 +6,7 @@ here every number is checked against scoring each member alone.
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import re
 
@@ -148,3 +149,105 @@ def test_serve_answers_a_bad_ensemble_with_an_error_and_carries_on(engine, tmp_p
     both = server.handle(json.dumps({**request, "adapter": "site-a", "adapters": ["site-a", "site-b"]}))
     assert not both["ok"] and "either 'adapter'" in both["error"]["message"]
     assert server.handle(json.dumps({**request, "adapters": ["site-a", "site-b"]}))["ok"]  # still serving
+
+
+# --- CLI and DICOM SR on the real LIDC-IDRI-0001 series -------------------------------------------------
+def _content(item, meaning):
+    """TEXT values of the content items named ``meaning`` directly under ``item``."""
+    return [c.TextValue for c in getattr(item, "ContentSequence", [])
+            if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+@pytest.mark.slow
+def test_score_cli_with_an_ensemble_writes_its_columns_and_sr(lidc_0001, members, tmp_path, capsys):
+    import pydicom
+
+    from MedLoRALib.annotations import load_nodules
+    from MedLoRALib.cli import main
+    from MedLoRALib.ctio import load_ct
+    from MedLoRALib.report.sr import DISAGREE_CONCEPT, ENSEMBLE_RULE_PARAMETER, manifest_sha256
+
+    hd = pytest.importorskip("highdicom")
+    xml = next(lidc_0001.glob("*.xml"))
+    table, sr = tmp_path / "scores.csv", tmp_path / "scores.dcm"
+    adapters = [a for name in ("site-a", "site-b") for a in ("--adapter", str(members[name]))]
+    common = ["score", "--volume", str(lidc_0001), "--points", str(xml), *adapters, "--device", "cpu", "--no-tta"]
+    assert main([*common, "--out", str(table), "--sr", str(sr)]) == 0
+    assert "they disagree across their thresholds on" in capsys.readouterr().err
+    header = table.read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["p_site-a", "p_site-b"] and {"probability", "spread", "disagree"} <= set(header)
+    assert "view_probabilities" not in header  # a mean of members has no per-view probabilities of its own
+    (row,) = list(csv.DictReader(table.open(newline="")))
+
+    ct = load_ct(lidc_0001)
+    nodules = load_nodules(xml, image=ct)
+    engine = ScoringEngine(device="cpu")
+    alone = []
+    for name in ("site-a", "site-b"):
+        engine.attach_adapter(members[name])
+        alone.append(engine.score(ct, nodules, tta=False)[0]["probability"])
+    assert float(row["p_site-a"]) == pytest.approx(alone[0], abs=1e-6)
+    assert float(row["p_site-b"]) == pytest.approx(alone[1], abs=1e-6)
+    assert float(row["probability"]) == pytest.approx(np.mean(alone), abs=1e-6)
+    assert float(row["spread"]) == pytest.approx(np.std(alone), abs=1e-6)
+    assert row["disagree"] == ("true" if (alone[0] >= 0.5) != (alone[1] >= 0.5) else "false") == "true"
+    assert row["adapter"] == "site-a+site-b" and row["random_init"] == "true"
+
+    (group,) = hd.sr.srread(sr).content.get_planar_roi_measurement_groups()
+    assert np.allclose(group.roi.value, [nodules[0].centre_lps], atol=0.01)
+    by_derivation = {}
+    member_probabilities = {}
+    for measurement in group.get_measurements(name=pydicom.sr.codedict.codes.DCM.ProbabilityOfCancer):
+        names = _content(measurement[0], "Algorithm Name")  # TID 4019 inside this measurement (TID 300)
+        derivation = measurement.derivation
+        if derivation is not None:
+            by_derivation[derivation.meaning] = measurement.value
+        else:
+            (name,) = names
+            member_probabilities[name] = measurement.value
+    assert by_derivation["Mean"] == pytest.approx(float(row["probability"]), abs=1e-9)
+    assert by_derivation["Standard Deviation"] == pytest.approx(float(row["spread"]), abs=1e-9)
+    assert member_probabilities == pytest.approx({"site-a": alone[0], "site-b": alone[1]}, abs=1e-6)
+    (disagree,) = group.get_qualitative_evaluations(name=hd.sr.CodedConcept(*DISAGREE_CONCEPT))
+    assert disagree.value.meaning == "Yes"
+    parameters = _content(group[0], "Algorithm Parameters")  # the group's algorithm: the ensemble
+    assert _content(group[0], "Algorithm Name") == ["site-a+site-b"]
+    assert "members=site-a,site-b" in parameters and ENSEMBLE_RULE_PARAMETER in parameters
+    assert any(f"manifest_sha256={manifest_sha256(engine.manifest('site-b'))}" in p for p in parameters)
+
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(sr)], capture_output=True, text=True, timeout=60)
+        report = check.stdout + check.stderr
+        assert "Comprehensive3DSR" in report
+        assert [line for line in report.splitlines() if line.startswith("Error")] == [], report
+
+    json_out = tmp_path / "scores.json"
+    assert main([*common, "--out", str(json_out)]) == 0
+    data = json.loads(json_out.read_text())
+    assert data["adapter"]["ensemble"] is True and [m["name"] for m in data["adapter"]["members"]] == ["site-a",
+                                                                                                      "site-b"]
+    assert data["results"][0]["p_site-b"] == pytest.approx(alone[1], abs=1e-6)
+    assert main([*common, "--out", str(table), "--overwrite"]) == 0  # an ensemble table is ours to replace
+
+
+def test_score_cli_refuses_an_ensemble_of_other_preprocessing_before_loading(lidc_0001, members, tmp_path, capsys):
+    from helpers import tree_digest
+
+    from MedLoRALib.cli import main
+
+    wide, _ = save_tiny_adapter(tmp_path / "in", "wide", PatchSpec(views="ortho3", fov_mm=64.0, pixels=32), seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = tree_digest(tmp_path)
+    xml = next(lidc_0001.glob("*.xml"))
+    code = main(["score", "--volume", str(lidc_0001), "--points", str(xml), "--adapter", str(members["site-a"]),
+                 "--adapter", str(wide), "--device", "cpu", "--out", str(out / "x.csv"), "--sr", str(out / "x.dcm")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'site-a' and 'wide' cannot be combined" in err and "patch spec" in err
+    assert "Traceback" not in err and tree_digest(tmp_path) == before
+    code = main(["score", "--volume", str(lidc_0001), "--points", str(xml), "--adapter", str(members["site-a"]),
+                 "--adapter", str(members["site-a"]), "--device", "cpu"])
+    assert code == 2 and "also named 'site-a'" in capsys.readouterr().err
