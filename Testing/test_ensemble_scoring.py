@@ -9,6 +9,7 @@ import base64
 import csv
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -251,3 +252,103 @@ def test_score_cli_refuses_an_ensemble_of_other_preprocessing_before_loading(lid
     code = main(["score", "--volume", str(lidc_0001), "--points", str(xml), "--adapter", str(members["site-a"]),
                  "--adapter", str(members["site-a"]), "--device", "cpu"])
     assert code == 2 and "also named 'site-a'" in capsys.readouterr().err
+
+
+# --- Slicer logic on a real MRML scene (slicer-core) ----------------------------------------------------
+def _slicer_scene():
+    pytest.importorskip("slicer")
+    from MedLoRALib.slicer import mrml, selftest
+
+    headless = mrml.create_headless_scene()
+    (pair,) = selftest.build_scene(headless.scene, cases=1)
+    return headless, pair
+
+
+def _module_logic(scene, tmp_path, members, names):
+    import sys
+    from pathlib import Path
+
+    from MedLoRALib.adapters.store import AdapterStore
+    from MedLoRALib.slicer.module_logic import ModuleLogic
+
+    logic = ModuleLogic(scene, store=AdapterStore(tmp_path / "store"), workDir=str(tmp_path / "work"),
+                        libraryRoot=str(Path(__file__).resolve().parents[1]))
+    config = logic.session.engine.config
+    config.python, config.extra_args = sys.executable, ["--device", "cpu"]
+    config.env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    for name in names:
+        assert logic.importAdapter(str(members[name])) == name
+    return logic
+
+
+def test_results_table_holds_spread_disagree_and_members_and_reads_back():
+    pytest.importorskip("slicer")
+    from MedLoRALib.slicer import mrml, results
+
+    headless = mrml.create_headless_scene()  # a real MRML scene; no volume needed for the table
+    ensemble = results.ScoreRow(volume="v", nodule="n1", point_id="p1", r=1.0, a=2.0, s=3.0, probability=0.55,
+                                label=1, adapter="site-a+site-b", adapter_version="x+y", spread=0.25,
+                                disagree=True, members={"site-a": 0.8, "site-b": 0.3})
+    single = results.ScoreRow(volume="v", nodule="n2", point_id="p2", r=4.0, a=5.0, s=6.0, probability=0.2,
+                              label=0, adapter="site-a", adapter_version="x")
+    table = results.write_table(headless.scene, [ensemble, single])
+    titles = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert {"Spread", "Disagree", "P site-a", "P site-b"} <= set(titles)
+    column = table.GetTable().GetColumnByName
+    assert column("Spread").GetValue(0) == 0.25 and np.isnan(column("Spread").GetValue(1))
+    assert [column("Disagree").GetValue(i) for i in range(2)] == ["yes", ""]
+    assert column("P site-b").GetValue(0) == 0.3 and np.isnan(column("P site-b").GetValue(1))
+    assert results.read_table(table) == [ensemble, single]
+    assert results.score_suffix(ensemble) == "55% ±25 site-a+site-b (disagree)"
+    assert results.base_label("n1 · " + results.score_suffix(ensemble)) == "n1"
+
+
+def test_slicer_logic_refuses_a_mismatched_set_before_the_engine_starts(members, tmp_path):
+    headless, (volume, markups) = _slicer_scene()
+    wide, _ = save_tiny_adapter(tmp_path / "in", "wide", PatchSpec(views="ortho3", fov_mm=64.0, pixels=32), seed=4)
+    logic = _module_logic(headless.scene, tmp_path, {**members, "wide": wide}, ["site-a", "site-b", "wide"])
+    try:
+        assert "Ensemble of 2 adapters (site-a, site-b)" in logic.ensembleInfo(["site-a", "site-b"])
+        with pytest.raises(AdapterError, match=r"'site-a' and 'wide' cannot be combined.*patch spec"):
+            logic.ensembleInfo(["site-a", "wide"])
+        with pytest.raises(AdapterError, match=r"'site-a' and 'wide' cannot be combined"):
+            logic.beginScore(volume, markups, ["site-a", "wide"], device="cpu")
+        assert logic.job is None and not logic.session.engine.is_running()
+    finally:
+        logic.close()
+
+
+@pytest.mark.slow
+def test_slicer_logic_scores_an_ensemble_through_the_engine_into_the_table(members, tmp_path):
+    from MedLoRALib.slicer import results
+    from MedLoRALib.slicer.scoring import cut_patches
+
+    headless, (volume, markups) = _slicer_scene()
+    logic = _module_logic(headless.scene, tmp_path, members, ["site-a", "site-b"])
+    try:
+        logic.beginScore(volume, markups, ["site-a", "site-b"], tta=False, device="cpu")
+        job = None
+        for _ in range(3000):
+            job = logic.tick()
+            if job is not None:
+                break
+            time.sleep(0.02)
+        assert job is not None and not job.error, logic.jobStatus()
+        rows, table = job.rows, job.results_table
+    finally:
+        logic.close()
+    titles = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert titles[-2:] == ["P site-a", "P site-b"] and {"Spread", "Disagree"} <= set(titles)
+    assert results.read_table(table) == rows and len(rows) == markups.GetNumberOfControlPoints() == 4
+    engine = ScoringEngine(device="cpu")
+    for name in ("site-a", "site-b"):
+        engine.attach_adapter(members[name])
+    patches = cut_patches(volume, markups, SPEC).patches
+    alone = _alone(engine, ["site-a", "site-b"], patches)
+    np.testing.assert_allclose([[r.members[n] for r in rows] for n in ("site-a", "site-b")], alone, atol=1e-5)
+    np.testing.assert_allclose([r.probability for r in rows], alone.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose([r.spread for r in rows], alone.std(axis=0), atol=1e-5)
+    assert [r.disagree for r in rows] == ((alone >= 0.5).any(0) & ~(alone >= 0.5).all(0)).tolist()
+    assert all(r.adapter == "site-a+site-b" for r in rows)
+    label = markups.GetNthControlPointLabel(0)
+    assert f"{round(100 * rows[0].probability)}% ±{round(100 * rows[0].spread)} site-a+site-b" in label
