@@ -352,3 +352,31 @@ def test_slicer_logic_scores_an_ensemble_through_the_engine_into_the_table(membe
     assert all(r.adapter == "site-a+site-b" for r in rows)
     label = markups.GetNthControlPointLabel(0)
     assert f"{round(100 * rows[0].probability)}% ±{round(100 * rows[0].spread)} site-a+site-b" in label
+
+
+def test_sr_refuses_ensemble_results_that_do_not_fit_their_members(tmp_path):
+    pytest.importorskip("highdicom")
+    from MedLoRALib.adapters import AdapterManifest
+    from MedLoRALib.image import StudyIds
+    from MedLoRALib.nodule import Nodule
+    from MedLoRALib.report.sr import SeriesRef, SRError, write_score_sr
+
+    a = AdapterManifest(name="a", backbone="medlora_tiny", backbone_sha256="ab" * 32, lora={"rank": 4})
+    b = AdapterManifest(name="b", backbone="medlora_tiny", backbone_sha256="ab" * 32, lora={"rank": 4})
+    series = SeriesRef(StudyIds(series_uid="1.2.3"), source=str(tmp_path))
+    nodules = [Nodule(centre_lps=(1.0, 2.0, 3.0), nodule_id="n1")]
+    good = {"probability": 0.5, "label": "malignant", "spread": 0.1, "disagree": True,
+            "members": [{"adapter": "a", "probability": 0.4}, {"adapter": "b", "probability": 0.6}]}
+    out = tmp_path / "sr.dcm"
+    cases = {
+        "not an ensemble result": {k: v for k, v in good.items() if k != "spread"},
+        r"members are not the adapters \['a', 'b'\]": {**good, "members": good["members"][::-1]},
+        "member without a probability": {**good, "members": [good["members"][0], {"adapter": "b"}]},
+    }
+    for message, result in cases.items():
+        with pytest.raises(SRError, match=message):
+            write_score_sr(out, series, nodules, [result], [a, b])
+    wide = AdapterManifest.from_dict({**b.to_dict(), "patch_spec": PatchSpec(pixels=48).to_dict()})
+    with pytest.raises(AdapterError, match="'a' and 'b' cannot be combined"):
+        write_score_sr(out, series, nodules, [good], [a, wide])
+    assert not out.exists()
