@@ -310,7 +310,9 @@ class ScoringEngine:
         attached = self._get(adapter)
         patches = extract_patches(image, centres_lps(nodules), attached.manifest.spec)
         results = self.score_patches(patches, attached.name, tta, precision)
-        _add_nodules(results, nodules)
+        for nodule, result in zip(nodules, results):
+            result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
+                          centre_lps=[float(v) for v in nodule.centre_lps])
         return results
 
     # --- ensembles: several adapters, one answer with its spread ----------------------------
@@ -354,7 +356,9 @@ class ScoringEngine:
             return []
         patches = extract_patches(image, centres_lps(nodules), next(iter(manifests.values())).spec)
         results = self.score_patches_ensemble(patches, list(manifests), tta, precision)
-        _add_nodules(results, nodules)
+        for nodule, result in zip(nodules, results):
+            result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
+                          centre_lps=[float(v) for v in nodule.centre_lps])
         return results
 
     # --- explanations ---------------------------------------------------------------------
@@ -371,13 +375,6 @@ class ScoringEngine:
         array = self._check_patches(patches, attached)
         with self._activate(attached):
             return saliency_maps(attached.model, array, method), cell_pixels(attached.model, method)
-
-
-def _add_nodules(results: list[dict], nodules: list[Nodule]) -> None:
-    """Say in each result which nodule it is (same order)."""
-    for nodule, result in zip(nodules, results):
-        result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
-                      centre_lps=[float(v) for v in nodule.centre_lps])
 
 
 MEMBER_FIELDS = ("adapter", "adapter_version", "probability", "logit", "label", "random_init")
