@@ -32,7 +32,7 @@ import torch
 from . import __version__
 from .adapters.archive import AdapterFiles, read_checked
 from .adapters.manifest import AdapterManifest
-from .adapters.package import build_model_for
+from .adapters.package import build_model_for, lora_spec_of
 from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device, choose_precision, precision_context, prepare_for_precision
@@ -41,6 +41,7 @@ from .errors import AdapterError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
 from .models.classifier import NoduleClassifier
+from .models.lora import frozen_prefix_blocks
 from .nodule import Nodule, centres_lps
 from .patches import extract_patches
 
@@ -286,8 +287,12 @@ class ScoringEngine:
         """
         attached = self._get(adapter)
         array = self._check_patches(patches, attached)
+        return self._results(attached, self._view_logits(attached, array, tta, precision))
+
+    def _results(self, attached: _Attached, view_logits: np.ndarray) -> list[dict]:
+        """Results of (N, views) raw logits: the adapter's temperature, fusion, threshold and provenance."""
         manifest = attached.manifest
-        view_logits = self._view_logits(attached, array, tta, precision).astype(np.float64) / float(manifest.temperature)
+        view_logits = view_logits.astype(np.float64) / float(manifest.temperature)
         fused = view_logits.mean(axis=1) if attached.model.fusion == "mean" else view_logits.max(axis=1)
         probabilities = 1.0 / (1.0 + np.exp(-fused))
         view_probabilities = 1.0 / (1.0 + np.exp(-view_logits))
@@ -344,9 +349,62 @@ class ScoringEngine:
         members' mean threshold), ``adapters`` and ``members`` (each member's probability, logit, label).
         """
         manifests = self.ensemble_manifests(adapters)
-        array = self._check_patches(patches, self._get(next(iter(manifests))))
-        per_member = {name: self.score_patches(array, name, tta, precision) for name in manifests}
+        members = [self._adapters[name] for name in manifests]
+        array = self._check_patches(patches, members[0])
+        shared = self._shared_prefix_view_logits(members, array, tta, precision)
+        per_member = {m.name: self._results(m, shared[m.name]) if shared is not None
+                      else self.score_patches(array, m.name, tta, precision) for m in members}
         return _ensemble_results(per_member, manifests)
+
+    def shared_prefix_blocks(self, adapters: Sequence[str]) -> int:
+        """How many leading ViT blocks an ensemble computes once for all its members.
+
+        Non-zero only when every member sits on one loaded backbone and none adapts those blocks
+        (LoRA on the last N blocks only, or a linear probe): LoRA changes every block it sits on,
+        so with LoRA on every block (the default) only the patch embedding precedes it, and that
+        (about 1 % of the forward) is not worth a separate path.
+        """
+        members = [self._get(name) for name in adapters]
+        if len(members) < 2 or any(m.backbone is None for m in members) or len({id(m.backbone) for m in members}) > 1:
+            return 0
+        depth = len(members[0].model.vit.blocks)
+        return min(depth if m.lora_name is None else frozen_prefix_blocks(depth, lora_spec_of(m.manifest))
+                   for m in members)
+
+    def _shared_prefix_view_logits(self, members: list[_Attached], array: np.ndarray, tta,
+                                   precision: str | None) -> dict[str, np.ndarray] | None:
+        """Each member's (N, views) raw logits with the blocks no member adapts run once per batch.
+
+        The batches, TTA variants and precision are those of ``_view_logits``, so each member's
+        logits are those it gives alone. ``None`` where nothing is shared (or for int8 models, TTA
+        settings other than on/off, or a CUDA out-of-memory): then each member runs on its own.
+        """
+        prefix = self.shared_prefix_blocks([m.name for m in members])
+        precision = choose_precision(self.device, precision) if precision else self.precision
+        if prefix == 0 or precision == "int8" or not isinstance(tta, bool):
+            return None
+        variants = TTA_TRANSFORMS if tta else ((0, False),)
+        first = members[0].model
+        chunk = max(1, self.max_batch_images // (first.views * len(variants)))
+        out: dict[str, list[np.ndarray]] = {m.name: [] for m in members}
+        try:
+            with torch.inference_mode(), precision_context(self.device, precision):
+                for start in range(0, len(array), chunk):
+                    batch = torch.from_numpy(array[start:start + chunk]).to(self.device)
+                    stacked = torch.cat([apply_tta(batch, k, flip) for k, flip in variants])
+                    with self._activate(members[0]):  # no member has LoRA in the shared blocks
+                        tokens = first.tokens(first._images(stacked), prefix)
+                    for member in members:
+                        with self._activate(member):
+                            logits = member.model.head(member.model.features_from(tokens, prefix)).float()
+                        logits = logits.reshape(len(variants), batch.shape[0], -1).mean(dim=0)
+                        out[member.name].append(logits.cpu().numpy())
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        return {name: np.concatenate(parts) if parts else np.zeros((0, first.views), np.float32)
+                for name, parts in out.items()}
 
     def score_ensemble(self, image: CTImage, nodules: list[Nodule], adapters: Sequence[str], tta: bool = True,
                        precision: str | None = None) -> list[dict]:

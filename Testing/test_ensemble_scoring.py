@@ -111,6 +111,37 @@ def test_a_set_with_other_preprocessing_or_backbone_is_refused_naming_both(engin
         engine.score_patches_ensemble(PATCHES, ["site-a", "nowhere"])
 
 
+def test_blocks_no_member_adapts_run_once_for_the_ensemble(tmp_path):
+    """LoRA on the last 2 of the tiny ViT's 6 blocks (and a linear probe): blocks 0-3 are computed once."""
+    from MedLoRALib.models import LoraSpec
+
+    engine = ScoringEngine(device="cpu")
+    last2 = LoraSpec(rank=4, targets="qkv", last_n_blocks=2)  # fused qkv: the linear probe shares that backbone
+    for name, options in {"late-a": dict(seed=1, lora=last2, head_bias=2.0), "late-b": dict(seed=2, lora=last2),
+                          "probe": dict(seed=3, mode="linear")}.items():
+        engine.attach_adapter(save_tiny_adapter(tmp_path, name, SPEC, **options)[0])
+    names = ["late-a", "late-b", "probe"]
+    assert engine.shared_prefix_blocks(names) == 4 and engine.backbone_loads == 1
+    blocks = engine._adapters["late-a"].model.vit.blocks
+    calls = {0: 0, 5: 0}
+    hooks = [blocks[i].register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    try:
+        for tta in (False, True):
+            calls.update({0: 0, 5: 0})
+            results = engine.score_patches_ensemble(PATCHES, names, tta=tta)
+            assert calls == {0: 1, 5: 3}  # one batch: the shared block once, an adapted one per member
+            alone = _alone(engine, names, tta=tta)
+            members = np.array([[m["probability"] for m in r["members"]] for r in results]).T
+            np.testing.assert_allclose(members, alone, rtol=0, atol=1e-6)
+            np.testing.assert_allclose([r["spread"] for r in results], alone.std(axis=0), rtol=0, atol=1e-6)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert engine.shared_prefix_blocks(["late-a", "probe"]) == 4
+    engine.attach_adapter(save_tiny_adapter(tmp_path, "every", SPEC, seed=4, lora=LoraSpec(targets="qkv"))[0])
+    assert engine.shared_prefix_blocks(["late-a", "every"]) == 0  # LoRA on every block: only the embedding
+
+
 # --- engine protocol ------------------------------------------------------------------------------
 def _encode(patches):
     data = base64.b64encode(np.ascontiguousarray(patches, np.float32).tobytes()).decode("ascii")
