@@ -342,9 +342,9 @@ class ScoringEngine:
                                precision: str | None = None) -> list[dict]:
         """Score patches with every member on the loaded backbone(s) and combine (``ensemble.combine``).
 
-        Each member's forward is exactly ``score_patches`` (so its probability equals scoring it
-        alone); what is shared is the loaded backbone weights and the patches, cut once.
-        One result per patch: ``probability`` (the members' mean), ``spread`` (their standard
+        Shared: the loaded backbone weights, the patches (checked once) and, where no member adapts
+        them, the leading ViT blocks (``shared_prefix_blocks``); each member's probability equals
+        scoring it alone (same batches, same operations). One result per patch: ``probability`` (the members' mean), ``spread`` (their standard
         deviation), ``disagree`` (the members' own labels differ), ``label`` at ``threshold`` (the
         members' mean threshold), ``adapters`` and ``members`` (each member's probability, logit, label).
         """

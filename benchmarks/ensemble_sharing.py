@@ -3,14 +3,16 @@
 Three random-init adapters on one DINOv2 ViT-S/14 at 112 px (ortho3), first with LoRA on every block
 (nothing but the patch embedding precedes the first LoRA block, so nothing is shared), then with LoRA
 on the last 4 of the 12 blocks (the first 8 run once for all members). Prints the median seconds of
-each and the speed-up; every member's probabilities are checked equal in both ways.
+each (the two alternate, A B then B A) and the speed-up; every member's probabilities are checked equal
+in both ways. With LoRA on every block the two do the same work: that row shows the timing noise.
 
-    PYTHONPATH=. python benchmarks/ensemble_sharing.py [--nodules 8] [--repeats 3] [--tta]
+    PYTHONPATH=. python benchmarks/ensemble_sharing.py [--nodules 8] [--repeats 4] [--tta]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -52,16 +54,20 @@ def measure(lora: LoraSpec, patches: np.ndarray, tta: bool, repeats: int, folder
     for index, name in enumerate(names):
         got = [r["members"][index]["probability"] for r in together]
         assert np.allclose(got, [r["probability"] for r in alone[index]], rtol=0, atol=1e-6), name
-    ensemble_s = median_time(lambda: engine.score_patches_ensemble(patches, names, tta=tta), repeats)
-    one_by_one_s = median_time(lambda: [engine.score_patches(patches, name, tta=tta) for name in names], repeats)
-    return {"shared_blocks": engine.shared_prefix_blocks(names), "ensemble_s": ensemble_s,
-            "one_by_one_s": one_by_one_s, "backbone_loads": engine.backbone_loads}
+    runs = {"ensemble_s": lambda: engine.score_patches_ensemble(patches, names, tta=tta),
+            "one_by_one_s": lambda: [engine.score_patches(patches, name, tta=tta) for name in names]}
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for repeat in range(repeats):  # A B, B A, ...: load drift and whatever runs first weigh on both alike
+        for key in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
+            times[key].append(median_time(runs[key], 1, warmup=0))
+    return {"shared_blocks": engine.shared_prefix_blocks(names), "backbone_loads": engine.backbone_loads,
+            **{key: statistics.median(values) for key, values in times.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodules", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--tta", action="store_true")
     args = parser.parse_args()
     patches = np.random.default_rng(0).normal(0, 1, size=(args.nodules, *SPEC.shape)).astype(np.float32)
