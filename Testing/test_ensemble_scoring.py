@@ -312,7 +312,7 @@ def _module_logic(scene, tmp_path, members, names):
     return logic
 
 
-def test_results_table_holds_spread_disagree_and_members_and_reads_back():
+def test_results_table_holds_spread_disagree_and_members_and_reads_back(tmp_path):
     pytest.importorskip("slicer")
     from MedLoRALib.slicer import mrml, results
 
@@ -332,6 +332,9 @@ def test_results_table_holds_spread_disagree_and_members_and_reads_back():
     assert results.read_table(table) == [ensemble, single]
     assert results.score_suffix(ensemble) == "55% ±25 site-a+site-b (disagree)"
     assert results.base_label("n1 · " + results.score_suffix(ensemble)) == "n1"
+    exported = list(csv.DictReader(results.export_csv([ensemble, single], tmp_path / "r.csv").open(newline="")))
+    assert [(r["spread"], r["disagree"], r["p_site-a"], r["p_site-b"]) for r in exported] == [
+        ("0.250000", "1", "0.800000", "0.300000"), ("", "", "", "")]
 
 
 def test_slicer_logic_refuses_a_mismatched_set_before_the_engine_starts(members, tmp_path):
