@@ -144,6 +144,7 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 (self.ui.restartEngineButton, self.onRestartEngine)):
             button.connect("clicked()", handler)
         self.ui.adapterComboBox.connect("currentTextChanged(QString)", self.onAdapterChanged)
+        self.ui.ensembleListWidget.connect("itemSelectionChanged()", self.onEnsembleChanged)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
         self.ui.pythonPathLineEdit.currentPath = self.ops.enginePython()
         self.ui.pythonPathLineEdit.connect("currentPathChanged(QString)", self.ops.setEnginePython)
@@ -230,6 +231,8 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         names = self._run(_("Listing adapters"), self.ops.adapterNames) or []
         self.ui.adapterComboBox.clear()
         self.ui.adapterComboBox.addItems(names)
+        self.ui.ensembleListWidget.clear()
+        self.ui.ensembleListWidget.addItems(names)
 
     def _chosenPoint(self):
         """The point the label and crop buttons act on: the selected results row, else the point number."""
@@ -253,18 +256,36 @@ class MedLoRAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             info = self._run(_("Adapter"), self.ops.adapterInfo, name)
             self.ui.adapterInfoLabel.text = info or ""
 
+    def _ensembleNames(self):
+        return [item.text() for item in self.ui.ensembleListWidget.selectedItems()]
+
+    def _scoringAdapters(self):
+        """The ensemble when two or more adapters are selected in its list, else the chosen adapter."""
+        names = self._ensembleNames()
+        return names if len(names) > 1 else self.ui.adapterComboBox.currentText
+
+    def onEnsembleChanged(self):
+        names = self._ensembleNames()
+        if len(names) < 2:
+            self.onAdapterChanged(self.ui.adapterComboBox.currentText)
+            return
+        try:
+            self.ui.adapterInfoLabel.text = self.ops.ensembleInfo(names)
+        except MedLoRAError as exc:  # said beside the list as the user picks, not in a dialog
+            self.ui.adapterInfoLabel.text = str(exc)
+
     def onScore(self):
         if not self._ready():
             return
         p = self._parameterNode
         job = self._run(_("Scoring"), self.ops.beginScore, p.inputVolume, p.inputMarkups,
-                        self.ui.adapterComboBox.currentText, p.resultsTable, p.testTimeAugmentation, p.device)
+                        self._scoringAdapters(), p.resultsTable, p.testTimeAugmentation, p.device)
         self._started(job, _("Scoring…"))
 
     def onScoreAll(self):
         if not self._ready():
             return
-        job = self._run(_("Scoring all studies"), self.ops.beginScoreAll, self.ui.adapterComboBox.currentText,
+        job = self._run(_("Scoring all studies"), self.ops.beginScoreAll, self._scoringAdapters(),
                         self._chooseMarkups, self._parameterNode.device)
         self._started(job, _("Scoring all loaded studies…"))
 

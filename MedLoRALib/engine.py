@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,16 @@ import torch
 from . import __version__
 from .adapters.archive import AdapterFiles, read_checked
 from .adapters.manifest import AdapterManifest
-from .adapters.package import build_model_for
+from .adapters.package import build_model_for, lora_spec_of
 from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device, choose_precision, precision_context, prepare_for_precision
+from .ensemble import check_compatible, combine
 from .errors import AdapterError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
 from .models.classifier import NoduleClassifier
+from .models.lora import frozen_prefix_blocks
 from .nodule import Nodule, centres_lps
 from .patches import extract_patches
 
@@ -284,8 +287,12 @@ class ScoringEngine:
         """
         attached = self._get(adapter)
         array = self._check_patches(patches, attached)
+        return self._results(attached, self._view_logits(attached, array, tta, precision))
+
+    def _results(self, attached: _Attached, view_logits: np.ndarray) -> list[dict]:
+        """Results of (N, views) raw logits: the adapter's temperature, fusion, threshold and provenance."""
         manifest = attached.manifest
-        view_logits = self._view_logits(attached, array, tta, precision).astype(np.float64) / float(manifest.temperature)
+        view_logits = view_logits.astype(np.float64) / float(manifest.temperature)
         fused = view_logits.mean(axis=1) if attached.model.fusion == "mean" else view_logits.max(axis=1)
         probabilities = 1.0 / (1.0 + np.exp(-fused))
         view_probabilities = 1.0 / (1.0 + np.exp(-view_logits))
@@ -313,6 +320,105 @@ class ScoringEngine:
                           centre_lps=[float(v) for v in nodule.centre_lps])
         return results
 
+    # --- ensembles: several adapters, one answer with its spread ----------------------------
+    def ensemble_manifests(self, adapters: Sequence[str]) -> dict[str, AdapterManifest]:
+        """The members' manifests by name, refused unless they read the same patches of one backbone.
+
+        ``full`` fine-tuned adapters may be members: they run their own network, but their
+        backbone name, starting weights and patch spec must match the others'.
+        """
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise AdapterError(f"an ensemble is a list of adapter names, got {adapters!r}")
+        names = [self._get(name).name for name in adapters]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise AdapterError(f"adapter {repeated[0]!r} is named twice in the ensemble: each member counts once "
+                               "in the mean and the spread")
+        manifests = {name: self._adapters[name].manifest for name in names}
+        check_compatible(manifests)
+        return manifests
+
+    def score_patches_ensemble(self, patches: np.ndarray, adapters: Sequence[str], tta: bool = True,
+                               precision: str | None = None) -> list[dict]:
+        """Score patches with every member on the loaded backbone(s) and combine (``ensemble.combine``).
+
+        Shared: the loaded backbone weights, the patches (checked once) and, where no member adapts
+        them, the leading ViT blocks (``shared_prefix_blocks``); each member's probability equals
+        scoring it alone (same batches, same operations). One result per patch: ``probability`` (the members' mean), ``spread`` (their standard
+        deviation), ``disagree`` (the members' own labels differ), ``label`` at ``threshold`` (the
+        members' mean threshold), ``adapters`` and ``members`` (each member's probability, logit, label).
+        """
+        manifests = self.ensemble_manifests(adapters)
+        members = [self._adapters[name] for name in manifests]
+        array = self._check_patches(patches, members[0])
+        shared = self._shared_prefix_view_logits(members, array, tta, precision)
+        per_member = {m.name: self._results(m, shared[m.name]) if shared is not None
+                      else self.score_patches(array, m.name, tta, precision) for m in members}
+        return _ensemble_results(per_member, manifests)
+
+    def shared_prefix_blocks(self, adapters: Sequence[str]) -> int:
+        """How many leading ViT blocks an ensemble computes once for all its members.
+
+        Non-zero only when every member sits on one loaded backbone and none adapts those blocks
+        (LoRA on the last N blocks only, or a linear probe): LoRA changes every block it sits on,
+        so with LoRA on every block (the default) only the patch embedding precedes it, and that
+        (about 1 % of the forward) is not worth a separate path.
+        """
+        members = [self._get(name) for name in adapters]
+        if len(members) < 2 or any(m.backbone is None for m in members) or len({id(m.backbone) for m in members}) > 1:
+            return 0
+        depth = len(members[0].model.vit.blocks)
+        return min(depth if m.lora_name is None else frozen_prefix_blocks(depth, lora_spec_of(m.manifest))
+                   for m in members)
+
+    def _shared_prefix_view_logits(self, members: list[_Attached], array: np.ndarray, tta,
+                                   precision: str | None) -> dict[str, np.ndarray] | None:
+        """Each member's (N, views) raw logits with the blocks no member adapts run once per batch.
+
+        The batches, TTA variants and precision are those of ``_view_logits``, so each member's
+        logits are those it gives alone. ``None`` where nothing is shared (or for int8 models, TTA
+        settings other than on/off, or a CUDA out-of-memory): then each member runs on its own.
+        """
+        prefix = self.shared_prefix_blocks([m.name for m in members])
+        precision = choose_precision(self.device, precision) if precision else self.precision
+        if prefix == 0 or precision == "int8" or not isinstance(tta, bool):
+            return None
+        variants = TTA_TRANSFORMS if tta else ((0, False),)
+        first = members[0].model
+        chunk = max(1, self.max_batch_images // (first.views * len(variants)))
+        out: dict[str, list[np.ndarray]] = {m.name: [] for m in members}
+        try:
+            with torch.inference_mode(), precision_context(self.device, precision):
+                for start in range(0, len(array), chunk):
+                    batch = torch.from_numpy(array[start:start + chunk]).to(self.device)
+                    stacked = torch.cat([apply_tta(batch, k, flip) for k, flip in variants])
+                    with self._activate(members[0]):  # no member has LoRA in the shared blocks
+                        tokens = first.tokens(first._images(stacked), prefix)
+                    for member in members:
+                        with self._activate(member):
+                            logits = member.model.head(member.model.features_from(tokens, prefix)).float()
+                        logits = logits.reshape(len(variants), batch.shape[0], -1).mean(dim=0)
+                        out[member.name].append(logits.cpu().numpy())
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+        return {name: np.concatenate(parts) if parts else np.zeros((0, first.views), np.float32)
+                for name, parts in out.items()}
+
+    def score_ensemble(self, image: CTImage, nodules: list[Nodule], adapters: Sequence[str], tta: bool = True,
+                       precision: str | None = None) -> list[dict]:
+        """Cut each nodule's patch once (the members share a patch spec) and score it with every member."""
+        manifests = self.ensemble_manifests(adapters)
+        if not nodules:
+            return []
+        patches = extract_patches(image, centres_lps(nodules), next(iter(manifests.values())).spec)
+        results = self.score_patches_ensemble(patches, list(manifests), tta, precision)
+        for nodule, result in zip(nodules, results):
+            result.update(nodule_id=nodule.nodule_id, case_id=nodule.case_id,
+                          centre_lps=[float(v) for v in nodule.centre_lps])
+        return results
+
     # --- explanations ---------------------------------------------------------------------
     def explain_patches(self, patches: np.ndarray, method: str = "rollout",
                         adapter: str | None = None) -> tuple[np.ndarray, int]:
@@ -327,3 +433,27 @@ class ScoringEngine:
         array = self._check_patches(patches, attached)
         with self._activate(attached):
             return saliency_maps(attached.model, array, method), cell_pixels(attached.model, method)
+
+
+MEMBER_FIELDS = ("adapter", "adapter_version", "probability", "logit", "label", "random_init")
+
+
+def _ensemble_results(per_member: dict[str, list[dict]], manifests: dict[str, AdapterManifest]) -> list[dict]:
+    """Each patch's members' results combined by ``ensemble.combine`` (one rule for every report)."""
+    names = list(manifests)
+    probabilities = np.array([[r["probability"] for r in per_member[name]] for name in names])
+    scores = combine(probabilities, [manifests[name].threshold for name in names])
+    labels = scores.labels(next(iter(manifests.values())).label_names)
+    random_init = any(m.random_init for m in manifests.values())
+    return [{
+        "probability": float(scores.probability[i]),
+        "spread": float(scores.spread[i]),
+        "disagree": bool(scores.disagree[i]),
+        "label": labels[i],
+        "threshold": scores.threshold,
+        "adapter": "+".join(names),
+        "adapters": names,
+        "adapter_version": "+".join(manifests[name].version_id for name in names),
+        "random_init": random_init,
+        "members": [{key: per_member[name][i][key] for key in MEMBER_FIELDS} for name in names],
+    } for i in range(probabilities.shape[1])]

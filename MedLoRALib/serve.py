@@ -44,6 +44,7 @@ DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20
 MAX_PIXELS = 1024        # load_backbone: a ViT at more pixels per edge is no patch model (memory)
 MAX_PATCH_DIMS = 8       # score: patches are (N, planes, P, P)
 MAX_DIM_SIZE = 2**31 - 1
+MAX_ENSEMBLE = 64        # score: adapters in one ensemble request
 _ID_SCAN_BYTES = 4096    # bytes kept of an over-long line, to find its id
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(-?\d{1,40}|"(?:[^"\\]|\\.){0,256}"|null)\s*[,}]')
 _SKIP_CHUNK = 1 << 20
@@ -202,6 +203,18 @@ def _text(params: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
+def _names(params: dict, key: str) -> list[str] | None:
+    """An optional list of adapter names (an ensemble); None when absent."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if not (isinstance(value, list) and value and len(value) <= MAX_ENSEMBLE
+            and all(isinstance(v, str) and v and "\x00" not in v for v in value)):
+        raise ProtocolError(f"'{key}' must be a list of 1 to {MAX_ENSEMBLE} adapter names (non-empty strings), "
+                            f"got {_short(value)}")
+    return value
+
+
 def _flag(params: dict, key: str, default: bool) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
@@ -323,7 +336,13 @@ class EngineServer:
     def _score(self, request: dict) -> dict:
         tta = _flag(request, "tta", True)
         patches = decode_patches(request.get("patches"))
-        results = self.engine.score_patches(patches, adapter=_text(request, "adapter", False), tta=tta)
+        adapters = _names(request, "adapters")
+        if adapters is None:
+            results = self.engine.score_patches(patches, adapter=_text(request, "adapter", False), tta=tta)
+        elif "adapter" in request:
+            raise ProtocolError("give either 'adapter' (one adapter) or 'adapters' (an ensemble), not both")
+        else:
+            results = self.engine.score_patches_ensemble(patches, adapters, tta=tta)
         where = first_non_finite(results, "results")
         if where is not None:
             index = int(re.match(r"results\[(\d+)\]", where).group(1))

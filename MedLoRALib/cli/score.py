@@ -6,6 +6,12 @@ files) are one study each, found as ``medlora crop`` finds them, and ``--points`
 which study each nodule belongs to; a progress bar shows the studies. Patches are cut
 with the adapter's own patch spec. A study that cannot be read is reported and skipped.
 Every row says whether the adapter's backbone was randomly initialised.
+
+``--adapter`` given several times scores with an ensemble (``ensemble.py``): the adapters must
+read the same patches of the same backbone (refused before any model loads otherwise); the
+patches are cut once and each member runs on the one loaded backbone. Each row then holds the
+members' mean ``probability``, their ``spread`` (standard deviation, the uncertainty),
+``disagree`` (the members' own labels differ) and each member's probability as ``p_<adapter>``.
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ from .inputs import add_input_arguments, read_inputs
 
 COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
            "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note")
+ENSEMBLE_COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "spread", "disagree",
+                    "label", "threshold", "adapter", "adapter_version", "random_init", "note")  # + p_<adapter> each
 RANDOM_INIT_NOTE = "backbone randomly initialised: not a clinical result"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser)
-    parser.add_argument("--adapter", required=True, help="adapter folder, .zip, or name in the adapter store")
+    parser.add_argument("--adapter", required=True, action="append",
+                        help="adapter folder, .zip, or name in the adapter store; repeat it to score with an "
+                             "ensemble (mean probability, spread between adapters, disagreement)")
     parser.add_argument("--out", help="results file, .csv or .json (default: CSV on stdout)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, or $MEDLORA_DEVICE)")
     parser.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
@@ -57,15 +67,42 @@ def result_rows(results: list[dict], study: str, threshold: float) -> list[dict]
     return rows
 
 
-def render(rows: list[dict], as_json: bool, adapter: dict) -> str:
+def member_column(adapter: str) -> str:
+    return f"p_{adapter}"
+
+
+def ensemble_rows(results: list[dict], study: str) -> list[dict]:
+    """One row per nodule of ``ScoringEngine.score_ensemble`` results (``ENSEMBLE_COLUMNS`` + ``p_<adapter>``)."""
+    rows = []
+    for result in results:
+        x, y, z = result["centre_lps"]
+        rows.append({
+            "study": study, "nodule_id": result["nodule_id"], "case_id": result["case_id"],
+            "x_lps": round(x, 3), "y_lps": round(y, 3), "z_lps": round(z, 3),
+            "probability": result["probability"], "spread": result["spread"], "disagree": result["disagree"],
+            "label": result["label"], "threshold": result["threshold"], "adapter": result["adapter"],
+            "adapter_version": result["adapter_version"], "random_init": result["random_init"],
+            "note": RANDOM_INIT_NOTE if result["random_init"] else "",
+            **{member_column(m["adapter"]): m["probability"] for m in result["members"]},
+        })
+    return rows
+
+
+def render(rows: list[dict], as_json: bool, adapter: dict, members: list[str] | None = None) -> str:
+    """The results as JSON, or as CSV (``COLUMNS``; with ``members``, an ensemble's columns)."""
     if as_json:
         return json.dumps({"adapter": adapter, "results": rows}, indent=2) + "\n"
+    columns = COLUMNS if not members else ENSEMBLE_COLUMNS + tuple(member_column(m) for m in members)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "random_init": str(row["random_init"]).lower(),
-                         "view_probabilities": ";".join(f"{p:.6f}" for p in row["view_probabilities"])})
+        cells = {**row, "random_init": str(row["random_init"]).lower()}
+        if members:
+            cells["disagree"] = str(row["disagree"]).lower()
+        else:
+            cells["view_probabilities"] = ";".join(f"{p:.6f}" for p in row["view_probabilities"])
+        writer.writerow(cells)
     return buffer.getvalue()
 
 
@@ -93,7 +130,7 @@ def check_results_output(out: Path, overwrite: bool) -> None:
             head = handle.read(4096)
     except (OSError, UnicodeDecodeError):
         head = ""
-    ours = head.startswith(",".join(COLUMNS)) or (head.lstrip().startswith("{") and '"results"' in head
+    ours = head.startswith((",".join(COLUMNS), ",".join(ENSEMBLE_COLUMNS))) or (head.lstrip().startswith("{") and '"results"' in head
                                                    and '"adapter"' in head)
     if not ours:
         raise MedLoRAError(f"--out {out} is not a medlora score results file, so MedLoRA will not replace it even "
@@ -101,18 +138,56 @@ def check_results_output(out: Path, overwrite: bool) -> None:
 
 
 def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool,
-                 sr: Path | None = None) -> list[dict]:
+                 sr: Path | None = None, members: list[str] | None = None) -> list[dict]:
     from ..annotations import load_nodules, validate_inside
 
     nodules = load_nodules(points, image=ct, fmt=fmt)
     if nodules:
         validate_inside(nodules, ct, check_body=not args.no_body_check)
-    results = engine.score(ct, nodules, tta=tta)
+    if members:
+        results = engine.score_ensemble(ct, nodules, members, tta=tta)
+        manifests = [engine.manifest(name) for name in members]
+    else:
+        results = engine.score(ct, nodules, tta=tta)
+        manifests = engine.manifest()
     if sr is not None and results:
         from ..report.sr import write_score_sr
 
-        write_score_sr(sr, ct, nodules, results, engine.manifest(), tta=tta, overwrite=args.overwrite)
-    return result_rows(results, study, engine.manifest().threshold)
+        write_score_sr(sr, ct, nodules, results, manifests, tta=tta, overwrite=args.overwrite)
+    return ensemble_rows(results, study) if members else result_rows(results, study, engine.manifest().threshold)
+
+
+def read_ensemble(adapters: list[str], store) -> dict[str, Path]:
+    """Where each member of ``--adapter A --adapter B ...`` is, by name; a set that cannot be combined is
+    refused from the manifests alone, before any model loads."""
+    from ..adapters import read_manifest
+    from ..adapters.store import resolve_adapter
+    from ..ensemble import check_compatible
+
+    locations, manifests = {}, {}
+    for given in adapters:
+        location = resolve_adapter(given, store)
+        manifest = read_manifest(location)
+        if manifest.name in manifests:
+            raise MedLoRAError(f"--adapter {given}: another --adapter is also named {manifest.name!r}; each member "
+                               "of an ensemble needs its own name (medlora adapters import ... --name NEW)")
+        locations[manifest.name], manifests[manifest.name] = location, manifest
+    check_compatible(manifests)
+    return locations
+
+
+def _adapter_info(engine, members: list[str] | None, tta: bool) -> dict:
+    """The JSON output's ``adapter``: the one adapter, or the ensemble and its members."""
+    def info(m):
+        return {"name": m.name, "version": m.version_id, "backbone": m.backbone, "random_init": m.random_init,
+                "threshold": m.threshold}
+
+    if not members:
+        return {**info(engine.manifest()), "tta": tta}
+    manifests = [engine.manifest(name) for name in members]
+    return {"name": "+".join(members), "ensemble": True, "members": [info(m) for m in manifests],
+            "backbone": manifests[0].backbone, "random_init": any(m.random_init for m in manifests),
+            "threshold": sum(m.threshold for m in manifests) / len(manifests), "tta": tta}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,15 +217,19 @@ def run(args: argparse.Namespace) -> int:
             check_sr_output(sr, args.overwrite)
         elif sr.exists() and not sr.is_dir():
             raise MedLoRAError(f"--sr {sr}: with a folder of studies, --sr names a folder (one STUDY.dcm per study)")
-    engine = ScoringEngine(device=args.device, store=AdapterStore(args.store) if args.store else None)
-    manifest = engine.attach_adapter(args.adapter, weights=args.weights)
-    if manifest.random_init:
-        print(f"medlora score: warning: adapter {manifest.name!r} was trained on a randomly initialised backbone; "
-              "its scores are not clinical results (every row says so)", file=sys.stderr)
+    store = AdapterStore(args.store) if args.store else None
+    ensemble = read_ensemble(args.adapter, store) if len(args.adapter) > 1 else None
+    engine = ScoringEngine(device=args.device, store=store)
+    for given, name in zip(args.adapter, ensemble or [None]):
+        manifest = engine.attach_adapter(ensemble[name] if ensemble else given, name=name, weights=args.weights)
+        if manifest.random_init:
+            print(f"medlora score: warning: adapter {manifest.name!r} was trained on a randomly initialised "
+                  "backbone; its scores are not clinical results (every row says so)", file=sys.stderr)
+    members = list(ensemble) if ensemble else None
     tta = not args.no_tta
     rows: list[dict] = []
     if studies is None:
-        rows = _score_study(engine, ct, points, fmt, volume.name, args, tta, sr)
+        rows = _score_study(engine, ct, points, fmt, volume.name, args, tta, sr, members)
         if not rows:
             raise AnnotationError(f"{points} has nodules, but none for this CT ({volume.name}): check that the "
                                   "file names this series or image")
@@ -162,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 ct = load_ct(study.path, series_uid=args.series_uid)
                 rows += _score_study(engine, ct, points, fmt, study.name, args, tta,
-                                     sr / f"{study.name}.dcm" if sr is not None else None)
+                                     sr / f"{study.name}.dcm" if sr is not None else None, members)
             except MedLoRAError as exc:
                 failed.append(f"{study.name}: {exc}")
         if failed:
@@ -173,14 +252,20 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             raise AnnotationError(f"no nodule in {points} could be scored in the {len(studies)} studies in "
                                   f"{volume} ({len(failed)} failed); check the series UIDs / image names")
-    adapter_info = {"name": manifest.name, "version": manifest.version_id, "backbone": manifest.backbone,
-                    "random_init": manifest.random_init, "threshold": manifest.threshold, "tta": tta}
-    text = render(rows, as_json=out is not None and out.suffix.lower() == ".json", adapter=adapter_info)
+    adapter_info = _adapter_info(engine, members, tta)
+    text = render(rows, as_json=out is not None and out.suffix.lower() == ".json", adapter=adapter_info,
+                  members=members)
+    if members:
+        disagree = sum(row["disagree"] for row in rows)
+        print(f"medlora score: ensemble of {len(members)} adapters ({', '.join(members)}): they disagree across "
+              f"their thresholds on {disagree} of {len(rows)} nodule(s); largest spread "
+              f"{max(row['spread'] for row in rows):.3f}", file=sys.stderr)
     if out is None:
         sys.stdout.write(text)
     else:
         write_text_atomic(out, text)
-        print(f"scored {len(rows)} nodule(s) with adapter {manifest.name!r}; results in {out}", file=sys.stderr)
+        print(f"scored {len(rows)} nodule(s) with adapter {adapter_info['name']!r}; results in {out}",
+              file=sys.stderr)
     if sr is not None:
         print(f"DICOM SR (TID 1500) written to {sr}", file=sys.stderr)
     return 2 if failed else 0

@@ -88,20 +88,26 @@ class NoduleClassifier(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, normed features (M, embed_dim) of (M, 3, P, P) images."""
-        vit = self.vit
         frozen = self.frozen_blocks if self.training else 0
         with torch.no_grad() if frozen else nullcontext():
-            x = vit.patch_embed(images)
-            x = vit._pos_embed(x)
-            x = vit.patch_drop(x)
-            x = vit.norm_pre(x)
-            for block in vit.blocks[:frozen]:
-                x = block(x)
-        for block in vit.blocks[frozen:]:
+            x = self.tokens(images, frozen)
+        return self.features_from(x, frozen)
+
+    def tokens(self, images: torch.Tensor, blocks: int = 0) -> torch.Tensor:
+        """Tokens after the patch embedding and the first ``blocks`` blocks (the part adapters with
+        LoRA only in later blocks share; the scoring engine computes it once for an ensemble)."""
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block in vit.blocks[:blocks]:
             x = block(x)
-        x = self.norm(x)
-        x = vit.pool(x)
-        return self.fc_norm(x)
+        return x
+
+    def features_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Pooled, normed features from ``tokens(images, start)``: the remaining blocks, norm and pooling."""
+        vit = self.vit
+        for block in vit.blocks[start:]:
+            x = block(x)
+        return self.fc_norm(vit.pool(self.norm(x)))
 
     def view_logits(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, views) logits, one per plane (one for ortho3)."""

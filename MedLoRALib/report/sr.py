@@ -18,6 +18,15 @@ of the scored CT series as evidence. It holds one TID 1410 measurement group per
   naming the backbone, its weights' SHA-256, the manifest's SHA-256 (``manifest_sha256``), the
   threshold, temperature, view set and test-time augmentation.
 
+An ensemble (``manifest`` a list of several adapters' manifests, ``results`` from
+``ScoringEngine.score_ensemble``) is reported in the same groups: the probability is the members'
+mean (derivation SCT "Mean"), its spread between members a second "Probability of cancer" with
+derivation SCT "Standard Deviation", one "Probability of cancer" per member with that member's own
+TID 4019 Algorithm Identification (TID 300 allows one per measurement), and the disagreement as a
+qualitative evaluation (``DISAGREE_CONCEPT``: SCT Yes / No). The group's Algorithm Identification
+then names the ensemble: its name and version join the members' (``a+b``) and its parameters list
+every member with its version and manifest hash.
+
 An adapter trained on a randomly initialised backbone is never passed off as clinical: its
 Algorithm Identification carries the parameter ``RANDOM_INIT_PARAMETER``, the series description
 says "NOT CLINICAL", and the document is marked PRELIMINARY and UNVERIFIED (every MedLoRA SR is:
@@ -42,6 +51,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 from .. import __version__
 from ..adapters.manifest import AdapterManifest
@@ -59,6 +69,10 @@ RANDOM_INIT_PARAMETER = "random_init=true: backbone randomly initialised; NOT A 
 LABEL_CONCEPT = ("LABEL", PRIVATE_SCHEME, "Malignancy label at adapter threshold")  # (value, scheme, meaning)
 NOT_CLINICAL = "NOT CLINICAL (random-init backbone)"
 COORDINATE_PARAMETER = "coordinates: DICOM patient coordinates (LPS) in mm"
+DISAGREE_CONCEPT = ("DISAGREE", PRIVATE_SCHEME, "Adapters disagree at their thresholds")
+ENSEMBLE_RULE_PARAMETER = ("ensemble: probability = mean of the members' probabilities; spread = their standard "
+                           "deviation (ddof=0); disagree = the members' labels at their own thresholds differ; "
+                           "label at the mean of their thresholds")
 # Type 2 patient/study attributes highdicom copies from the first image; empty when the CT lacks them.
 _TYPE2_FROM_EVIDENCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                         "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -110,6 +124,23 @@ def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> 
     params.append(f"medlora_version={__version__}")
     params.append(COORDINATE_PARAMETER)
     if manifest.random_init:
+        params.append(RANDOM_INIT_PARAMETER)
+    return params
+
+
+def ensemble_parameters(manifests: Sequence[AdapterManifest], tta: bool | None = None) -> list[str]:
+    """The Algorithm Parameters (TID 4019) of an ensemble: its members and how they were combined."""
+    first = manifests[0]
+    params = [f"members={','.join(m.name for m in manifests)}",
+              *(f"member {m.name}: version={m.version_id} manifest_sha256={manifest_sha256(m)} mode={m.mode} "
+                f"threshold={float(m.threshold)!r}" for m in manifests),
+              ENSEMBLE_RULE_PARAMETER, f"backbone={first.backbone}", f"backbone_sha256={first.backbone_sha256}",
+              f"threshold={sum(float(m.threshold) for m in manifests) / len(manifests)!r}",
+              f"views={first.spec.views}"]
+    if tta is not None:
+        params.append(f"tta={str(bool(tta)).lower()}")
+    params += [f"medlora_version={__version__}", COORDINATE_PARAMETER]
+    if any(m.random_init for m in manifests):
         params.append(RANDOM_INIT_PARAMETER)
     return params
 
@@ -250,6 +281,45 @@ def _manifest(manifest: AdapterManifest | dict) -> AdapterManifest:
     return AdapterManifest.from_dict(manifest, "the adapter manifest given for the SR")
 
 
+Manifests = Union[AdapterManifest, dict, Sequence[Union[AdapterManifest, dict]]]  # one adapter, or an ensemble
+
+
+def _members(manifest) -> list[AdapterManifest]:
+    """One adapter's manifest, or an ensemble's (a list), as a list; an ensemble is checked to be one."""
+    if isinstance(manifest, (list, tuple)):
+        members = [_manifest(m) for m in manifest]
+        if len(members) > 1:
+            from ..ensemble import check_compatible
+
+            check_compatible({m.name: m for m in members})
+        if not members:
+            raise SRError("no adapter manifest given for the SR")
+        return members
+    return [_manifest(manifest)]
+
+
+def _finite_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def _checked_ensemble(results: Sequence[dict], members: Sequence[AdapterManifest]) -> list[tuple[float, bool, list]]:
+    """(spread, disagree, member probabilities) per result of ``ScoringEngine.score_ensemble``."""
+    names = [m.name for m in members]
+    rows = []
+    for index, result in enumerate(results, start=1):
+        spread, disagree, got = result.get("spread"), result.get("disagree"), result.get("members")
+        if not _finite_fraction(spread) or not isinstance(disagree, bool):
+            raise SRError(f"result {index} is not an ensemble result (needs spread in [0, 1] and disagree true/false; "
+                          f"got {spread!r}, {disagree!r}): score with ScoringEngine.score_ensemble.")
+        if not isinstance(got, list) or [m.get("adapter") if isinstance(m, dict) else None for m in got] != names:
+            raise SRError(f"result {index}'s members are not the adapters {names} in that order.")
+        probabilities = [m.get("probability") for m in got]
+        if not all(_finite_fraction(p) for p in probabilities):
+            raise SRError(f"result {index} has a member without a probability in [0, 1] ({probabilities!r}).")
+        rows.append((float(spread), disagree, [float(p) for p in probabilities]))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # The document
 # --------------------------------------------------------------------------------------------
@@ -273,8 +343,23 @@ def _private_scheme_item():
     return item
 
 
+def _ensemble_items(spread: float, disagree: bool, probabilities: Sequence[float], member_algorithms: Sequence):
+    """An ensemble's measurements and evaluation beside its mean probability (see the module docstring)."""
+    from highdicom.sr import CodedConcept, Measurement, QualitativeEvaluation
+    from pydicom.sr.codedict import codes
+
+    unit = CodedConcept(PROBABILITY_UNIT, "UCUM", "no units")
+    measurements = [Measurement(name=codes.DCM.ProbabilityOfCancer, value=spread, unit=unit,
+                                derivation=codes.SCT.StandardDeviation)]
+    measurements += [Measurement(name=codes.DCM.ProbabilityOfCancer, value=p, unit=unit, algorithm_id=algorithm)
+                     for p, algorithm in zip(probabilities, member_algorithms)]
+    evaluation = QualitativeEvaluation(name=CodedConcept(*DISAGREE_CONCEPT),
+                                       value=codes.SCT.Yes if disagree else codes.SCT.No)
+    return measurements, [evaluation]
+
+
 def _measurement_group(nodule: Nodule, index: int, probability: float, label: str, frame_uid: str,
-                       algorithm, tracking_seed: Sequence[str]):
+                       algorithm, tracking_seed: Sequence[str], ensemble: tuple | None = None):
     import numpy as np
     from highdicom.sr import (
         CodedConcept,
@@ -296,14 +381,16 @@ def _measurement_group(nodule: Nodule, index: int, probability: float, label: st
                            graphic_data=np.array([nodule.centre_lps], dtype=float),
                            frame_of_reference_uid=frame_uid)
     probability_item = Measurement(name=codes.DCM.ProbabilityOfCancer, value=probability,
-                                   unit=CodedConcept(PROBABILITY_UNIT, "UCUM", "no units"))
+                                   unit=CodedConcept(PROBABILITY_UNIT, "UCUM", "no units"),
+                                   derivation=codes.SCT.Mean if ensemble else None)
     label_item = QualitativeEvaluation(
         name=CodedConcept(*LABEL_CONCEPT),
         value=_label_code(label))
+    more_measurements, more_evaluations = _ensemble_items(*ensemble) if ensemble else ([], [])
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, referenced_region=region, finding_type=codes.SCT.Nodule,
         finding_sites=[FindingSite(codes.SCT.Lung)], algorithm_id=algorithm,
-        measurements=[probability_item], qualitative_evaluations=[label_item],
+        measurements=[probability_item, *more_measurements], qualitative_evaluations=[label_item, *more_evaluations],
         geometric_purpose=codes.DCM.Center)
 
 
@@ -331,14 +418,15 @@ def _quiet_highdicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest: AdapterManifest | dict,
+def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest: Manifests,
                    headers: Sequence, *, tta: bool | None = None, settings: SRSettings | None = None):
     """The SR as a ``highdicom.sr.Comprehensive3DSR`` (see the module docstring for its content).
 
     Args:
         nodules: the scored nodules, centres in LPS mm.
         results: one ``ScoringEngine.score``/``score_patches`` result per nodule, same order.
-        manifest: the adapter's manifest (object, or its dict as the engine returns it).
+        manifest: the adapter's manifest (object, or its dict as the engine returns it), or a list of
+            the members' manifests for ensemble results (``ScoringEngine.score_ensemble``).
         headers: ``read_series_headers(ct)``.
         tta: whether test-time augmentation was used (recorded when given).
         settings: series number and description.
@@ -356,9 +444,11 @@ def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest:
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    manifest = _manifest(manifest)
+    members = _members(manifest)
+    manifest = members[0]
     settings = settings or SRSettings()
     rows = _checked_results(nodules, results, manifest)
+    ensemble = _checked_ensemble(results, members) if len(members) > 1 else None
     if not headers:
         raise SRError("no DICOM headers of the CT's series were given; read them with read_series_headers(ct).")
     first = headers[0].copy()
@@ -368,20 +458,24 @@ def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest:
     evidence = [first, *headers[1:]]
     frame_uid = str(first.FrameOfReferenceUID)
 
-    algorithm = AlgorithmIdentification(name=manifest.name, version=manifest.version_id,
-                                        parameters=algorithm_parameters(manifest, tta))
+    name, version = "+".join(m.name for m in members), "+".join(m.version_id for m in members)
+    algorithm = AlgorithmIdentification(name=name, version=version, parameters=(
+        ensemble_parameters(members, tta) if ensemble else algorithm_parameters(manifest, tta)))
+    member_algorithms = [AlgorithmIdentification(name=m.name, version=m.version_id,
+                                                 parameters=algorithm_parameters(m, tta)) for m in members]
     device = DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(prefix=None, entropy_srcs=["MedLoRA", manifest.name, manifest.version_id]),
-        name=f"MedLoRA {__version__}", manufacturer_name=MANUFACTURER, model_name=manifest.name)
+        uid=generate_uid(prefix=None, entropy_srcs=["MedLoRA", name, version]),
+        name=f"MedLoRA {__version__}", manufacturer_name=MANUFACTURER, model_name=name[:64])
     context = ObservationContext(observer_device_context=ObserverContext(
         observer_type=codes.cid270.Device, observer_identifying_attributes=device))
-    seed = [str(first.StudyInstanceUID), str(first.SeriesInstanceUID), manifest.version_id]
-    groups = [_measurement_group(nodule, index, probability, label, frame_uid, algorithm, seed)
+    seed = [str(first.StudyInstanceUID), str(first.SeriesInstanceUID), version]
+    groups = [_measurement_group(nodule, index, probability, label, frame_uid, algorithm, seed,
+                                 (*ensemble[index - 1], member_algorithms) if ensemble else None)
               for index, (nodule, probability, label) in enumerate(rows, start=1)]
     report = MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                imaging_measurements=groups)
     description = settings.series_description
-    if manifest.random_init:
+    if any(m.random_init for m in members):
         description = f"{NOT_CLINICAL} - {description}"
     sr = Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=UID(), series_number=settings.series_number,
@@ -416,7 +510,7 @@ def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
 
 
 def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Sequence[Nodule], results: Sequence[dict],
-                   manifest: AdapterManifest | dict, *, tta: bool | None = None,
+                   manifest: Manifests, *, tta: bool | None = None,
                    dicom_files: Sequence[str | os.PathLike] | None = None, overwrite: bool = False,
                    settings: SRSettings | None = None) -> Path:
     """Write the scores of one study's nodules as a DICOM SR file (atomically).
@@ -429,7 +523,8 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Seq
         nodules: the scored nodules (centres in LPS mm), in the order of ``results``.
         results: the engine's result per nodule (``probability``, ``label``; ``nodule_id`` and
             ``centre_lps`` are checked against the nodules when present).
-        manifest: the adapter's manifest (``engine.manifest()``, or its dict).
+        manifest: the adapter's manifest (``engine.manifest()``, or its dict); for an ensemble's results
+            (``engine.score_ensemble``), the list of its members' manifests, in the members' order.
         tta: whether test-time augmentation was used (recorded in the algorithm parameters).
         dicom_files: the series' files when ``ct.source`` is not its folder.
         settings: series number and description of the SR.
@@ -440,7 +535,10 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Seq
     out = Path(out)
     require_highdicom()
     check_sr_output(out, overwrite)
-    _checked_results(nodules, results, _manifest(manifest))  # before the headers: bad results fail fast
+    members = _members(manifest)
+    _checked_results(nodules, results, members[0])  # before the headers: bad results fail fast
+    if len(members) > 1:
+        _checked_ensemble(results, members)
     headers = read_series_headers(ct, dicom_files)
     with _quiet_highdicom():
         sr = build_score_sr(nodules, results, manifest, headers, tta=tta, settings=settings)

@@ -180,8 +180,28 @@ class ModuleLogic:
                 + (f"; validation AUC {auc:.3f} on {manifest.metrics.get('n', '?')} nodules" if auc is not None else "")
                 + f"; created {manifest.created[:10]}")
 
+    def ensembleInfo(self, names):
+        """One paragraph on a set of adapters scored together; ``AdapterError`` when they cannot be combined."""
+        from ..ensemble import check_compatible
+
+        manifests = {name: self.session.store.info(name) for name in names}
+        check_compatible(manifests)
+        thresholds = [m.threshold for m in manifests.values()]
+        return (f"Ensemble of {len(manifests)} adapters ({', '.join(manifests)}) on {next(iter(manifests.values())).backbone}: "
+                f"the table gets their mean probability (label at the mean threshold "
+                f"{sum(thresholds) / len(thresholds):.2f}), the spread between them, whether they disagree "
+                "across their thresholds, and each one's probability.")
+
     def _attach(self, name):
-        """The store's adapter by name, registered for the engine (loaded there when first needed)."""
+        """The store's adapter by name, registered for the engine (loaded there when first needed).
+
+        A list of two or more names (an ensemble) registers each and returns the list.
+        """
+        if isinstance(name, (list, tuple)):
+            names = [n for n in name if n]
+            if len(names) > 1:
+                return [self._attach(n) for n in names]
+            name = names[0] if names else None
         if not name:
             raise MedLoRAError("choose an adapter first (or import one in the Adapters section).")
         if name not in self.session.adapters:

@@ -5,7 +5,9 @@ with several adapters loaded), the adapters registered for it, and turns a volum
 marked points into patches (cut here, torch-free) and a ``ScoreJob``. Nothing here waits
 on the engine unless asked to: a score job starts the engine, loads the adapters it lacks
 and sends the patches as a sequence of non-blocking steps, advanced by ``poll`` (a Qt timer
-in Slicer). The plain ``score`` waits (scripts, tests). Engines that were asked to stop are
+in Slicer). The plain ``score`` waits (scripts, tests). Given several adapters, a score job asks
+the engine for an ensemble (one ``score`` request with ``adapters``): the set is checked here from the
+manifests (``ensemble.check_compatible``) before any patch is cut. Engines that were asked to stop are
 reaped in the background (``process.Reaper``), so a restart never waits for the old one.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from ..adapters import AdapterManifest, read_manifest
 from ..adapters.store import check_name
+from ..ensemble import check_compatible
 from ..errors import MedLoRAError
 from ..nodule import centres_lps
 from ..patches import PatchSpec, check_inside, extract_patches
@@ -83,6 +86,9 @@ def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, vers
             row.adapter = str(result.get("adapter", adapter))
             row.adapter_version = str(result.get("adapter_version", version))
             row.random_init = bool(result.get("random_init", False))
+            if "spread" in result:  # an ensemble's result
+                row.spread, row.disagree = float(result["spread"]), bool(result["disagree"])
+                row.members = {str(m["adapter"]): float(m["probability"]) for m in result["members"]}
         else:
             row.error = batch.errors[i]
         rows.append(row)
@@ -181,6 +187,7 @@ class ScoreJob:
     tta: bool = True
     table_node: object = None
     write_results_table: bool = True
+    members: list[str] | None = None  # an ensemble's adapters (``adapter`` then joins their names)
     call: EngineCall | None = None  # None when no point lies inside the volume
     rows: list[ScoreRow] | None = None
     cancelled: bool = False
@@ -216,8 +223,9 @@ class ScoreJob:
 
     def start(self) -> ScoreJob:
         if len(self.batch.patches):
+            chosen = {"adapters": self.members} if self.members else {"adapter": self.adapter}
             self.call = EngineCall(self.session, "score", lambda: {
-                "patches": encode_patches(self.batch.patches), "adapter": self.adapter, "tta": self.tta})
+                "patches": encode_patches(self.batch.patches), **chosen, "tta": self.tta})
         return self
 
     def poll(self) -> bool:
@@ -363,16 +371,41 @@ class ScoringSession:
             raise MedLoRAError("no adapter attached: choose an adapter (or import one) before scoring.")
         return name, self.adapters[name]
 
+    def ensemble(self, adapters: list[str]) -> dict[str, AdapterManifest]:
+        """The registered members' manifests, refused (``AdapterError``) unless they read the same patches
+        of the same backbone; torch-free, so a bad set is refused before anything is cut or sent."""
+        manifests = {}
+        for given in adapters:
+            name, manifest_dict = self._adapter(given)
+            if name in manifests:
+                raise MedLoRAError(f"adapter '{name}' is chosen twice for the ensemble; choose each once.")
+            manifests[name] = AdapterManifest.from_dict(manifest_dict, f"adapter {name}")
+        check_compatible(manifests)
+        return manifests
+
     # --- scoring -------------------------------------------------------------------------
-    def begin_score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
+    def begin_score(self, volume_node, markups_node, adapter: str | list[str] | None = None, table_node=None,
                     tta: bool = True, write_results_table: bool = True) -> ScoreJob:
-        """Cut patches here and start a score job; poll it (never blocks)."""
-        name, manifest_dict = self._adapter(adapter)
-        manifest = AdapterManifest.from_dict(manifest_dict, f"adapter {name}")
+        """Cut patches here and start a score job; poll it (never blocks).
+
+        ``adapter``: a registered adapter's name, or a list of names to score with as an ensemble.
+        """
+        if isinstance(adapter, (list, tuple)) and len(adapter) > 1:
+            manifests = self.ensemble(list(adapter))
+            members = list(manifests)
+            manifest = manifests[members[0]]
+            name, version = "+".join(members), "+".join(m.version_id for m in manifests.values())
+        else:
+            if isinstance(adapter, (list, tuple)):
+                adapter = adapter[0] if adapter else None
+            members = None
+            name, manifest_dict = self._adapter(adapter)
+            manifest = AdapterManifest.from_dict(manifest_dict, f"adapter {name}")
+            version = manifest.version_id
         batch = cut_patches(volume_node, markups_node, manifest.spec)
         job = ScoreJob(session=self, batch=batch, markups_node=markups_node, adapter=name,
-                       version=manifest.version_id, label_names=tuple(manifest.label_names), tta=tta,
-                       table_node=table_node, write_results_table=write_results_table)
+                       version=version, label_names=tuple(manifest.label_names), tta=tta,
+                       table_node=table_node, write_results_table=write_results_table, members=members)
         return job.start()
 
     def begin_explanation(self, volume_node, point: ScenePoint, method: str = "gradxinput",
@@ -392,7 +425,7 @@ class ScoringSession:
         return ExplainJob(session=self, volume_node=volume_node, image=image, point=point, adapter=name, spec=spec,
                           method=method, opacity=opacity).start()
 
-    def score(self, volume_node, markups_node, adapter: str | None = None, table_node=None,
+    def score(self, volume_node, markups_node, adapter: str | list[str] | None = None, table_node=None,
               tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
         """Score every control point, waiting; returns the results table node and the rows."""
         job = self.begin_score(volume_node, markups_node, adapter, table_node, tta, write_results_table)
