@@ -35,7 +35,7 @@ from .adapters.package import build_model_for
 from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device, choose_precision, precision_context, prepare_for_precision
-from .errors import AdapterError, PatchError
+from .errors import AdapterError, MedLoRAError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
 from .models.classifier import NoduleClassifier
@@ -45,6 +45,33 @@ from .patches import extract_patches
 log = logging.getLogger(__name__)
 
 TTA_TRANSFORMS = tuple(itertools.product((0, 1, 2, 3), (False, True)))  # (quarter turns, flip columns)
+# Named subsets of the eight in-plane flips/rotations (benchmarks/tta.py measures what each costs in AUC).
+TTA_SETS = {
+    "d8": TTA_TRANSFORMS,  # every flip and quarter turn (the default)
+    "rot4": ((0, False), (1, False), (2, False), (3, False)),  # the four quarter turns
+    "flip4": ((0, False), (0, True), (2, False), (2, True)),  # identity, column flip, 180°, row flip
+    "flip2": ((0, False), (0, True)),  # identity and column flip
+    "rot2": ((0, False), (2, False)),  # identity and 180°
+    "none": ((0, False),),
+}
+TTA_BY_COUNT = {8: "d8", 4: "flip4", 2: "flip2", 1: "none"}
+
+
+class TTAError(MedLoRAError):
+    """A test-time augmentation setting the engine does not know."""
+
+
+def tta_variants(tta: bool | int | str) -> tuple[tuple[int, bool], ...]:
+    """The (quarter turns, flip) variants of a ``tta`` setting: True (all 8), False (none),
+    a count (8, 4, 2, 1) or a name from ``TTA_SETS``."""
+    if isinstance(tta, bool):
+        return TTA_TRANSFORMS if tta else TTA_SETS["none"]
+    if isinstance(tta, (int, np.integer)) and int(tta) in TTA_BY_COUNT:
+        return TTA_SETS[TTA_BY_COUNT[int(tta)]]
+    if isinstance(tta, str) and tta in TTA_SETS:
+        return TTA_SETS[tta]
+    raise TTAError(f"unknown test-time augmentation {tta!r}: use true, false, a count "
+                   f"({', '.join(map(str, TTA_BY_COUNT))}) or a set ({', '.join(TTA_SETS)})")
 
 
 @dataclass
@@ -216,21 +243,21 @@ class ScoringEngine:
         array = np.ascontiguousarray(array, dtype=np.float32)
         return array if array.flags.writeable else array.copy()  # torch wants writable memory
 
-    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool,
+    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool | int | str,
                              precision: str = "fp32") -> torch.Tensor:
         """(B, views) logits, averaged over the TTA variants (all variants in one forward pass)."""
-        variants = TTA_TRANSFORMS if tta else ((0, False),)
+        variants = tta_variants(tta)
         stacked = torch.cat([apply_tta(batch, k, flip) for k, flip in variants])
         with precision_context(self.device, precision):
             logits = model.view_logits(stacked).float()
         return logits.reshape(len(variants), batch.shape[0], -1).mean(dim=0)
 
-    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool,
+    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool | int | str,
                      precision: str | None = None) -> np.ndarray:
         requested = precision
         precision = choose_precision(self.device, requested) if requested else self.precision
         model = attached.model
-        per_item = model.views * (len(TTA_TRANSFORMS) if tta else 1)
+        per_item = model.views * len(tta_variants(tta))
         chunk = max(1, self.max_batch_images // per_item)
         out: list[np.ndarray] = []
         start = 0
@@ -274,10 +301,11 @@ class ScoringEngine:
             backbone.vit.to(self.device)
         return self
 
-    def score_patches(self, patches: np.ndarray, adapter: str | None = None, tta: bool = True,
+    def score_patches(self, patches: np.ndarray, adapter: str | None = None, tta: bool | int | str = True,
                       precision: str | None = None) -> list[dict]:
         """One result per patch: probability, logit, per-view probabilities, label, provenance.
 
+        ``tta``: True (all eight flips/rotations), False, a count or a named set (``tta_variants``).
         ``logit`` is the fused logit divided by the adapter's temperature, and
         ``probability`` its sigmoid; ``label`` applies the adapter's threshold.
         ``precision`` overrides the engine's for this call (see ``choose_precision``).
@@ -301,8 +329,9 @@ class ScoringEngine:
         } for p, z, views in zip(probabilities, fused, view_probabilities)]
 
     def score(self, image: CTImage, nodules: list[Nodule], adapter: str | None = None,
-              tta: bool = True, precision: str | None = None) -> list[dict]:
+              tta: bool | int | str = True, precision: str | None = None) -> list[dict]:
         """Cut each nodule's patch with the adapter's patch spec and score it."""
+        tta_variants(tta)  # a bad setting fails before the crop
         if not nodules:
             return []
         attached = self._get(adapter)
