@@ -78,6 +78,21 @@ def test_two_adapters_share_one_backbone_and_switch(tmp_path, engine):
     assert engine.backbone_loads == 1
 
 
+def test_manifest_from_before_last_n_blocks_loads_as_every_block(tmp_path, engine):
+    """Adapters written before ``last_n_blocks`` existed have no such key: LoRA on every block."""
+    import json
+
+    path, model = _adapter(tmp_path, "old", seed=1, spec=SMALL)
+    manifest_file = path / "manifest.json"
+    data = json.loads(manifest_file.read_text())
+    assert data["lora"].pop("last_n_blocks") is None
+    manifest_file.write_text(json.dumps(data))
+    engine.attach_adapter(path)
+    assert engine.manifest("old").lora.get("last_n_blocks") is None
+    assert np.array_equal(_probabilities(engine.score_patches(SMALL_PATCHES, tta=False)),
+                          _expected(model, SMALL_PATCHES))
+
+
 def test_linear_full_and_other_targets_beside_each_other(tmp_path, engine):
     adapters = {
         "qkv": _adapter(tmp_path, "qkv", 3, lora=LoraSpec(targets="qkv")),
