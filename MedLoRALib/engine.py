@@ -9,7 +9,8 @@ probes share an unsplit backbone and run with LoRA disabled.
 
 Scores are deterministic on CPU: the same patches in the same call give bit-identical
 results. Test-time augmentation (on by default) averages the logits of the eight
-in-plane flips/90° rotations of every plane, all variants and views in one forward pass.
+in-plane flips/90° rotations of every plane, all variants and views in one forward pass;
+``tta`` may also name a smaller set (``TTA_SETS``; docs/benchmarks.md measures their AUC).
 
 Precision (``device.choose_precision``): fp32 on the CPU unless asked otherwise, so scores
 are those of the trained model; ``int8`` scores with a quantised copy of each adapter's
