@@ -9,7 +9,8 @@ probes share an unsplit backbone and run with LoRA disabled.
 
 Scores are deterministic on CPU: the same patches in the same call give bit-identical
 results. Test-time augmentation (on by default) averages the logits of the eight
-in-plane flips/90° rotations of every plane, all variants and views in one forward pass.
+in-plane flips/90° rotations of every plane, all variants and views in one forward pass;
+``tta`` may also name a smaller set (``TTA_SETS``; docs/benchmarks.md measures their AUC).
 
 Precision (``device.choose_precision``): fp32 on the CPU unless asked otherwise, so scores
 are those of the trained model; ``int8`` scores with a quantised copy of each adapter's
@@ -37,7 +38,7 @@ from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device, choose_precision, precision_context, prepare_for_precision
 from .ensemble import check_compatible, combine
-from .errors import AdapterError, PatchError
+from .errors import AdapterError, MedLoRAError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
 from .models.classifier import NoduleClassifier
@@ -48,6 +49,33 @@ from .patches import extract_patches
 log = logging.getLogger(__name__)
 
 TTA_TRANSFORMS = tuple(itertools.product((0, 1, 2, 3), (False, True)))  # (quarter turns, flip columns)
+# Named subsets of the eight in-plane flips/rotations (benchmarks/tta.py measures what each costs in AUC).
+TTA_SETS = {
+    "d8": TTA_TRANSFORMS,  # every flip and quarter turn (the default)
+    "rot4": ((0, False), (1, False), (2, False), (3, False)),  # the four quarter turns
+    "flip4": ((0, False), (0, True), (2, False), (2, True)),  # identity, column flip, 180°, row flip
+    "flip2": ((0, False), (0, True)),  # identity and column flip
+    "rot2": ((0, False), (2, False)),  # identity and 180°
+    "none": ((0, False),),
+}
+TTA_BY_COUNT = {8: "d8", 4: "rot4", 2: "flip2", 1: "none"}  # per count, the set that lost least AUC
+
+
+class TTAError(MedLoRAError):
+    """A test-time augmentation setting the engine does not know."""
+
+
+def tta_variants(tta: bool | int | str) -> tuple[tuple[int, bool], ...]:
+    """The (quarter turns, flip) variants of a ``tta`` setting: True (all 8), False (none),
+    a count (8, 4, 2, 1) or a name from ``TTA_SETS``."""
+    if isinstance(tta, bool):
+        return TTA_TRANSFORMS if tta else TTA_SETS["none"]
+    if isinstance(tta, (int, np.integer)) and int(tta) in TTA_BY_COUNT:
+        return TTA_SETS[TTA_BY_COUNT[int(tta)]]
+    if isinstance(tta, str) and tta in TTA_SETS:
+        return TTA_SETS[tta]
+    raise TTAError(f"unknown test-time augmentation {tta!r}: use true, false, a count "
+                   f"({', '.join(map(str, TTA_BY_COUNT))}) or a set ({', '.join(TTA_SETS)})")
 
 
 @dataclass
@@ -219,21 +247,21 @@ class ScoringEngine:
         array = np.ascontiguousarray(array, dtype=np.float32)
         return array if array.flags.writeable else array.copy()  # torch wants writable memory
 
-    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool,
+    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool | int | str,
                              precision: str = "fp32") -> torch.Tensor:
         """(B, views) logits, averaged over the TTA variants (all variants in one forward pass)."""
-        variants = TTA_TRANSFORMS if tta else ((0, False),)
+        variants = tta_variants(tta)
         stacked = torch.cat([apply_tta(batch, k, flip) for k, flip in variants])
         with precision_context(self.device, precision):
             logits = model.view_logits(stacked).float()
         return logits.reshape(len(variants), batch.shape[0], -1).mean(dim=0)
 
-    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool,
+    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool | int | str,
                      precision: str | None = None) -> np.ndarray:
         requested = precision
         precision = choose_precision(self.device, requested) if requested else self.precision
         model = attached.model
-        per_item = model.views * (len(TTA_TRANSFORMS) if tta else 1)
+        per_item = model.views * len(tta_variants(tta))
         chunk = max(1, self.max_batch_images // per_item)
         out: list[np.ndarray] = []
         start = 0
@@ -277,10 +305,11 @@ class ScoringEngine:
             backbone.vit.to(self.device)
         return self
 
-    def score_patches(self, patches: np.ndarray, adapter: str | None = None, tta: bool = True,
+    def score_patches(self, patches: np.ndarray, adapter: str | None = None, tta: bool | int | str = True,
                       precision: str | None = None) -> list[dict]:
         """One result per patch: probability, logit, per-view probabilities, label, provenance.
 
+        ``tta``: True (all eight flips/rotations), False, a count or a named set (``tta_variants``).
         ``logit`` is the fused logit divided by the adapter's temperature, and
         ``probability`` its sigmoid; ``label`` applies the adapter's threshold.
         ``precision`` overrides the engine's for this call (see ``choose_precision``).
@@ -308,8 +337,9 @@ class ScoringEngine:
         } for p, z, views in zip(probabilities, fused, view_probabilities)]
 
     def score(self, image: CTImage, nodules: list[Nodule], adapter: str | None = None,
-              tta: bool = True, precision: str | None = None) -> list[dict]:
+              tta: bool | int | str = True, precision: str | None = None) -> list[dict]:
         """Cut each nodule's patch with the adapter's patch spec and score it."""
+        tta_variants(tta)  # a bad setting fails before the crop
         if not nodules:
             return []
         attached = self._get(adapter)
@@ -338,7 +368,7 @@ class ScoringEngine:
         check_compatible(manifests)
         return manifests
 
-    def score_patches_ensemble(self, patches: np.ndarray, adapters: Sequence[str], tta: bool = True,
+    def score_patches_ensemble(self, patches: np.ndarray, adapters: Sequence[str], tta: bool | int | str = True,
                                precision: str | None = None) -> list[dict]:
         """Score patches with every member on the loaded backbone(s) and combine (``ensemble.combine``).
 
@@ -376,14 +406,14 @@ class ScoringEngine:
         """Each member's (N, views) raw logits with the blocks no member adapts run once per batch.
 
         The batches, TTA variants and precision are those of ``_view_logits``, so each member's
-        logits are those it gives alone. ``None`` where nothing is shared (or for int8 models, TTA
-        settings other than on/off, or a CUDA out-of-memory): then each member runs on its own.
+        logits are those it gives alone. ``None`` where nothing is shared (or for int8 models, or
+        after a CUDA out-of-memory): then each member runs on its own.
         """
         prefix = self.shared_prefix_blocks([m.name for m in members])
         precision = choose_precision(self.device, precision) if precision else self.precision
-        if prefix == 0 or precision == "int8" or not isinstance(tta, bool):
+        if prefix == 0 or precision == "int8":
             return None
-        variants = TTA_TRANSFORMS if tta else ((0, False),)
+        variants = tta_variants(tta)
         first = members[0].model
         chunk = max(1, self.max_batch_images // (first.views * len(variants)))
         out: dict[str, list[np.ndarray]] = {m.name: [] for m in members}
@@ -406,8 +436,8 @@ class ScoringEngine:
         return {name: np.concatenate(parts) if parts else np.zeros((0, first.views), np.float32)
                 for name, parts in out.items()}
 
-    def score_ensemble(self, image: CTImage, nodules: list[Nodule], adapters: Sequence[str], tta: bool = True,
-                       precision: str | None = None) -> list[dict]:
+    def score_ensemble(self, image: CTImage, nodules: list[Nodule], adapters: Sequence[str],
+                       tta: bool | int | str = True, precision: str | None = None) -> list[dict]:
         """Cut each nodule's patch once (the members share a patch spec) and score it with every member."""
         manifests = self.ensemble_manifests(adapters)
         if not nodules:

@@ -44,7 +44,8 @@ class LoraSpec:
     use_rslora: bool = field(default=False, metadata=option("--rslora", "rank-stabilised LoRA scaling"))
     use_dora: bool = field(default=False, metadata=option("--dora", "weight-decomposed LoRA (DoRA)"))
     last_n_blocks: int | None = field(default=None, metadata=option(
-        "--last-n-blocks", "adapt only the last N blocks (faster)"))
+        "--last-n-blocks", "adapt only the last N blocks; the blocks before them run without autograd "
+        "(faster training; default: every block)", type=int))
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +66,7 @@ class LoraSpec:
         self.rank = int(self.rank)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
+        self.last_n_blocks = None if self.last_n_blocks is None else int(self.last_n_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)

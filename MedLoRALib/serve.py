@@ -222,6 +222,18 @@ def _flag(params: dict, key: str, default: bool) -> bool:
     return value
 
 
+def _tta(params: dict) -> bool | int | str:
+    """``tta``: true (default) or false, or a variant count or set name (``engine.tta_variants``)."""
+    from .engine import TTAError, tta_variants
+
+    value = params.get("tta", True)
+    try:
+        tta_variants(value)
+    except TTAError as exc:
+        raise ProtocolError(f"'tta' must be true, false, a count or a set name, got {_short(value)}: {exc}") from None
+    return value
+
+
 def first_non_finite(value, where: str = "result") -> str | None:
     """The path of the first NaN or infinite number in a JSON-like value (None when all are finite)."""
     if isinstance(value, float):
@@ -334,7 +346,7 @@ class EngineServer:
         return {"adapters": self.engine.detach_adapter(_text(request, "name"))}
 
     def _score(self, request: dict) -> dict:
-        tta = _flag(request, "tta", True)
+        tta = _tta(request)
         patches = decode_patches(request.get("patches"))
         adapters = _names(request, "adapters")
         if adapters is None:

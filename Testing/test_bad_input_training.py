@@ -178,7 +178,7 @@ def test_train_config_command_line_round_trip():
     from MedLoRALib.training.config import TrainConfig
 
     assert TrainConfig(manifest="m.csv", out="a").cli_args() == ["--manifest", "m.csv", "--out", "a"]
-    config = TrainConfig(manifest="m.csv", out="a", lora=LoraSpec(rank=4, alpha=8.5, targets="all"),
+    config = TrainConfig(manifest="m.csv", out="a", lora=LoraSpec(rank=4, alpha=8.5, targets="all", last_n_blocks=3),
                          patch_spec=PatchSpec("ortho3", fov_mm=32.0, pixels=32), folds=3, lr=3e-3,
                          augment=AugmentConfig.none(), random_init=True, threads=1, name="x y")
     args = config.cli_args()

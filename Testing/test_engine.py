@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from MedLoRALib.adapters import AdapterManifest
 from MedLoRALib.adapters.package import save_adapter
-from MedLoRALib.engine import TTA_TRANSFORMS, ScoringEngine, apply_tta
+from MedLoRALib.engine import TTA_BY_COUNT, TTA_SETS, TTA_TRANSFORMS, ScoringEngine, TTAError, apply_tta, tta_variants
 from MedLoRALib.errors import AdapterError, PatchError
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
@@ -78,6 +78,21 @@ def test_two_adapters_share_one_backbone_and_switch(tmp_path, engine):
     assert engine.backbone_loads == 1
 
 
+def test_manifest_from_before_last_n_blocks_loads_as_every_block(tmp_path, engine):
+    """Adapters written before ``last_n_blocks`` existed have no such key: LoRA on every block."""
+    import json
+
+    path, model = _adapter(tmp_path, "old", seed=1, spec=SMALL)
+    manifest_file = path / "manifest.json"
+    data = json.loads(manifest_file.read_text())
+    assert data["lora"].pop("last_n_blocks") is None
+    manifest_file.write_text(json.dumps(data))
+    engine.attach_adapter(path)
+    assert engine.manifest("old").lora.get("last_n_blocks") is None
+    assert np.array_equal(_probabilities(engine.score_patches(SMALL_PATCHES, tta=False)),
+                          _expected(model, SMALL_PATCHES))
+
+
 def test_linear_full_and_other_targets_beside_each_other(tmp_path, engine):
     adapters = {
         "qkv": _adapter(tmp_path, "qkv", 3, lora=LoraSpec(targets="qkv")),
@@ -143,6 +158,30 @@ def test_cpu_scoring_is_deterministic_and_tta_averages_logits(tmp_path, engine):
         apply_tta(torch.from_numpy(SMALL_PATCHES), k, flip).numpy(), tta=False)] for k, flip in TTA_TRANSFORMS], axis=0)
     assert np.allclose(tta, manual, atol=1e-5)
     assert len({(k, f) for k, f in TTA_TRANSFORMS}) == 8
+
+
+def test_tta_count_or_named_set_averages_exactly_those_variants(tmp_path, engine):
+    path, _ = _adapter(tmp_path, "a", seed=1, spec=SMALL)
+    engine.attach_adapter(path)
+
+    def logits(tta):
+        return np.array([r["logit"] for r in engine.score_patches(SMALL_PATCHES, tta=tta)])
+
+    per_variant = {v: logits(False) if v == (0, False) else np.array([r["logit"] for r in engine.score_patches(
+        apply_tta(torch.from_numpy(SMALL_PATCHES), *v).numpy(), tta=False)]) for v in TTA_TRANSFORMS}
+    for name, variants in TTA_SETS.items():
+        assert set(variants) <= set(TTA_TRANSFORMS) and len(set(variants)) == len(variants)
+        expected = np.mean([per_variant[v] for v in variants], axis=0)
+        assert np.allclose(logits(name), expected, atol=1e-5), name
+    assert np.array_equal(logits(True), logits("d8")) and np.array_equal(logits(8), logits("d8"))
+    assert np.array_equal(logits(False), logits("none")) and np.array_equal(logits(1), logits("none"))
+    assert np.array_equal(logits(2), logits(TTA_BY_COUNT[2])) and np.array_equal(logits(4), logits(TTA_BY_COUNT[4]))
+    assert tta_variants(np.int64(2)) == TTA_SETS[TTA_BY_COUNT[2]]
+    for bad in (3, 0, "d4", None, 2.0, "D8"):
+        with pytest.raises(TTAError, match="unknown test-time augmentation"):
+            engine.score_patches(SMALL_PATCHES, tta=bad)
+    with pytest.raises(TTAError):  # refused before any patch is cut
+        engine.score(None, [Nodule((0.0, 0.0, 0.0))], tta="bad")
 
 
 def test_temperature_threshold_and_labels(tmp_path, engine):

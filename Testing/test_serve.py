@@ -80,6 +80,9 @@ def test_protocol_operations(server, adapter_path):
     assert results == direct
     via_b = _ask(server, {"id": 6, "op": "score", "patches": _blob(patches), "adapter": "b"})["result"]["results"]
     assert via_b[0]["adapter"] == "b"
+    for tta in ("rot4", 2):  # a named set or a count of test-time variants
+        scored = _ask(server, {"id": 6, "op": "score", "patches": _blob(patches), "adapter": "b", "tta": tta})
+        assert scored["result"]["results"] == server.engine.score_patches(patches, "b", tta=tta)
     assert _ask(server, {"id": 7, "op": "detach_adapter", "name": "b"})["result"] == {"adapters": ["a"]}
     assert _ask(server, {"id": 8, "op": "shutdown"}) == {"id": 8, "ok": True, "result": {}}
     assert server.stopped
@@ -98,6 +101,8 @@ def test_protocol_operations(server, adapter_path):
     (json.dumps({"id": 9, "op": "score", "patches": _blob(np.zeros((1, 9, 32, 32)))}), "PatchError", "reads"),
     (json.dumps({"id": 9, "op": "score", "patches": _blob(np.zeros((1, 3, 32, 32))), "tta": "yes"}),
      "ProtocolError", "tta"),
+    (json.dumps({"id": 9, "op": "score", "patches": _blob(np.zeros((1, 3, 32, 32))), "tta": 3}),
+     "ProtocolError", "'tta' must be"),
 ])
 def test_bad_requests_get_error_responses(server, adapter_path, request_line, error_type, words):
     _ask(server, {"id": 1, "op": "attach_adapter", "path": str(adapter_path)})

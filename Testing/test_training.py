@@ -194,6 +194,37 @@ def _stop_when(stop: T.StopSignal, event: str, **match) -> CallbackReporter:
     return CallbackReporter(callback)
 
 
+@pytest.mark.slow  # ~9 s of CPU (27 s wall on the loaded 2-core machine): one short training run
+def test_last_n_block_lora_trains_records_and_scores_on_a_shared_backbone(cohort, tmp_path, capsys):
+    """``--last-n-blocks 2``: LoRA only in the last two blocks, recorded in the manifest; the engine
+    attaches it beside an every-block adapter on one backbone and scores what the trainer validated."""
+    from helpers import save_tiny_adapter
+
+    from MedLoRALib.engine import ScoringEngine
+
+    out = tmp_path / "last2"
+    assert main(["train", "--manifest", str(cohort), "--out", str(out), *TINY, *SPEC_ARGS, "--epochs", "1",
+                 "--batch-size", "8", "--val-fraction", "0.34", "--last-n-blocks", "2", "--progress", "none"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lora"]["last_n_blocks"] == 2
+    lora_blocks = {int(k.split("blocks.")[1].split(".")[0]) for k in adapter_tensors(out) if "lora_" in k}
+    assert lora_blocks == {4, 5}  # medlora_tiny has 6 blocks
+    other, _ = save_tiny_adapter(tmp_path, "every-block", SPEC, seed=3)
+    engine = ScoringEngine(device="cpu")
+    engine.attach_adapter(other)
+    engine.attach_adapter(out, name="last2")
+    assert engine.backbone_loads == 1
+    predictions = json.loads((out / "metrics.json").read_text())["validation_predictions"]
+    data = check_training_set(cohort)
+    by_id = {s.nodule_id: s for s in data.samples}
+    patches = np.concatenate([extract_patches(data.images[by_id[p["nodule_id"]].image_key],
+                                              np.array([by_id[p["nodule_id"]].centre_lps]), SPEC)
+                              for p in predictions])
+    scored = engine.score_patches(patches, adapter="last2", tta=False)
+    np.testing.assert_allclose([r["logit"] * manifest["temperature"] for r in scored],
+                               [p["logit"] for p in predictions], atol=1e-5)
+
+
 @pytest.mark.slow  # about 6 s on 2 busy cores: three short training runs
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_path):
     settings = dict(grad_accum=2, epochs=3)  # 4 optimizer steps per epoch, 2 micro-batches each
