@@ -288,6 +288,8 @@ class EngineServer:
                 request_id = None
                 raise ProtocolError("'id' must be a number, a string or null")
             op = request.get("op")
+            if op is None:
+                raise ProtocolError(f"the request has no 'op': use one of {', '.join(self._ops)}")
             if not isinstance(op, str) or op not in self._ops:
                 raise ProtocolError(f"unknown op {_short(op)}: use one of {', '.join(self._ops)}")
             response = {"id": request_id, "ok": True, "result": self._ops[op](request)}

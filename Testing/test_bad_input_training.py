@@ -145,6 +145,7 @@ BAD_OPTIONS = [
     (["--last-n-blocks", "0"], "last_n_blocks must be ≥ 1"),
     (["--fov-mm", "inf"], "--fov-mm must be a finite number of millimetres > 0"),
     (["--pixels", "1"], "pixels ≥ 2"),
+    (["--pixels", "7"], "smaller than medlora_tiny's 8-pixel ViT patch"),
     (["--name", "bad name/x"], "invalid adapter name"),  # checked before training, not after
 ]
 

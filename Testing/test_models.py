@@ -275,3 +275,11 @@ def test_weights_source_is_the_one_lookup_of_recorded_backbone_weights(tmp_path,
     assert weights_source(digest, given)["weights"] == given  # a file named by the user wins
     _, info = create_backbone("medlora_tiny", **weights_source(digest))
     assert info.weights_sha256 == digest and info.identity == digest
+
+
+def test_patches_smaller_than_one_vit_patch_are_refused():
+    # 7 px on an 8-px-patch ViT would be one padded token: no image left to classify
+    with pytest.raises(ModelError, match="smaller than medlora_tiny's 8-pixel ViT patch"):
+        create_backbone("medlora_tiny", allow_random_init=True, img_size=7)
+    vit, info = create_backbone("medlora_tiny", allow_random_init=True, img_size=12)  # padded, still accepted
+    assert info.img_size == 12

@@ -92,6 +92,7 @@ def test_protocol_operations(server, adapter_path):
     ("{broken json", "ProtocolError", "not valid JSON"),
     ("[1, 2]", "ProtocolError", "JSON object"),
     (json.dumps({"id": 9, "op": "explode"}), "ProtocolError", "unknown op 'explode'"),
+    (json.dumps({"id": 9}), "ProtocolError", "no 'op'"),
     (json.dumps({"id": 9, "op": "set_adapter", "name": "ghost"}), "AdapterError", "not attached"),
     (json.dumps({"id": 9, "op": "set_adapter"}), "ProtocolError", "'name'"),
     (json.dumps({"id": 9, "op": "load_backbone", "name": "no_such_vit"}), "ModelError", "no_such_vit"),

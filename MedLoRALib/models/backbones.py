@@ -185,6 +185,9 @@ def _model_img_size(config: BackboneConfig, img_size: int | None) -> tuple[int, 
     """
     size = int(img_size or config.img_size)
     patch = config.patch_size
+    if size < patch:  # one padded token: the ViT would see no image structure at all
+        raise ModelError(f"patches of {size} px are smaller than {config.name}'s {patch}-pixel ViT patch: "
+                         f"use --pixels {patch} or more (a multiple of {patch} needs no padding)")
     if size % patch == 0:
         return size, {"img_size": size}
     padded = math.ceil(size / patch) * patch
