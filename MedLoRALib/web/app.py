@@ -1,0 +1,269 @@
+"""The web app: trame state and page actions over one MRML scene and the Slicer module's logic.
+
+Every action goes to the same code the Slicer module uses: ``ModuleLogic`` scores (warm
+``medlora serve`` engine, restarted on the next request if it died), colours the points and
+cuts the thumbnail; ``Studies`` opens CTs and imports points. A timer (``tick``) advances the
+running job and refreshes the point list and the views' geometry in the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapters.store import AdapterStore
+from ..errors import MedLoRAError
+from ..slicer import mrml
+from ..slicer.module_logic import ModuleLogic
+from ..slicer.scoring import ScoreJob
+from . import page, views
+from .guard import guarded
+from .paths import DataRoot, WebInputError
+from .studies import Studies
+
+TICK_S = 0.1
+
+
+@dataclass
+class WebConfig:
+    """How ``medlora web`` runs (the command line fills it)."""
+
+    data_root: DataRoot
+    store: Path | None = None
+    work_dir: Path | None = None
+    device: str = "auto"
+
+
+class MedLoRAWeb:
+    """The trame application: builds the page and answers its actions."""
+
+    def __init__(self, server, config: WebConfig) -> None:
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+
+        import slicer
+
+        self.server, self.state, self.config = server, server.state, config
+        self.slicer_app = SlicerApp()
+        slicer.mrmlScene = self.slicer_app.scene  # slicer.util helpers work on it
+        register_rca_factories(self.slicer_app.view_manager, server)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, server)
+        self.layout_manager.register_layout("medlora", views.layout())
+        self.layout_manager.set_layout("medlora")
+        store = AdapterStore(config.store) if config.store else AdapterStore()
+        self.upload_dir = Path(tempfile.mkdtemp(prefix="medlora-web-uploads-"))
+        self.logic = ModuleLogic(self.slicer_app.scene, store=store,
+                                 workDir=str(config.work_dir) if config.work_dir else None)
+        self.studies = Studies(self.slicer_app.scene)
+        self._points_mtime = -1
+        self._rows: list = []
+        self._init_state()
+        page.build(self)
+        server.controller.on_server_ready.add(self._start_ticking)
+
+    # --- state ------------------------------------------------------------------------
+    def _init_state(self) -> None:
+        s = self.state
+        s.trame__title = "MedLoRA"
+        s.error, s.status, s.busy = "", "", False
+        s.open_path, s.points_path, s.centre_text = "", "", ""
+        s.studies, s.study = [], None
+        s.points, s.placing = [], True
+        s.adapters, s.adapter = [], None
+        s.threshold_note = ""
+        s.results, s.selected_row = [], -1
+        s.thumbnail = ""
+        s.window = "lung"
+        s.view_geometry = "{}"
+        s.max_upload_bytes = self.config.data_root.max_upload_bytes
+        s.data_root = str(self.config.data_root.root)
+        self.refresh_adapters()
+
+    def _start_ticking(self, **_) -> None:
+        asyncio.get_event_loop().create_task(self._ticker())
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            with self.state:
+                self.tick()
+
+    # --- the timer --------------------------------------------------------------------
+    @guarded
+    def tick(self) -> None:
+        logic = self.logic
+        if logic.busy():
+            finished = logic.tick()
+            self.state.status = logic.jobStatus(finished) if finished else logic.jobStatus()
+            if finished is not None:
+                self._job_finished(finished)
+        self.state.busy = logic.job is not None
+        self._refresh_points()
+        geometry = json.dumps(views.geometry(self.slicer_app))
+        if geometry != self.state.view_geometry:
+            self.state.view_geometry = geometry
+
+    def _job_finished(self, job) -> None:
+        if isinstance(job, ScoreJob) and job.rows is not None:
+            self._rows = list(job.rows)
+            self.state.results = [_row_dict(i, row) for i, row in enumerate(self._rows)]
+            self.state.status = job.status
+
+    def _refresh_points(self) -> None:
+        if self.studies.current is None:
+            return
+        markups = self.studies.get().markups
+        mtime = markups.GetMTime()
+        if mtime == self._points_mtime:
+            return
+        self._points_mtime = mtime
+        self.state.points = [{"id": p.point_id, "name": p.name, "label": {0: "benign", 1: "malignant"}.get(
+            p.training_label, ""), "ras": [round(v, 2) for v in p.position_ras]}
+            for p in mrml.markups_to_points(markups, self.studies.current)]
+
+    # --- studies ----------------------------------------------------------------------
+    @guarded
+    def open_path(self) -> None:
+        path = self.config.data_root.resolve(self.state.open_path)
+        self._show(self.studies.open(path))
+
+    @guarded
+    def upload(self, files) -> None:
+        files = files if isinstance(files, list) else [files]
+        if not files:
+            raise WebInputError("no file was uploaded.")
+        total = sum(len(f.get("content") or b"") for f in files)
+        names = [self.config.data_root.check_upload(f.get("name", ""), total) for f in files]
+        folder = Path(tempfile.mkdtemp(dir=self.upload_dir))
+        for name, f in zip(names, files):
+            content = f.get("content") or b""
+            (folder / name).write_bytes(content if isinstance(content, bytes) else bytes(content))
+        self._show(self.studies.open(folder if len(names) > 1 else folder / names[0], name=names[0].split(".")[0]))
+
+    def _show(self, study) -> None:
+        views.show_volume(self.slicer_app, study.volume)
+        self.state.studies = list(self.studies.by_name)
+        self.state.study = study.name
+        self.state.results, self._rows, self.state.thumbnail = [], [], ""
+        self._points_mtime = -1
+        self.set_placing(True)
+        self.state.error = ""
+        self.state.status = f"opened {study.name}: {study.image.geometry.size[0]}×{study.image.geometry.size[1]}×" \
+                            f"{study.image.geometry.size[2]} voxels"
+
+    @guarded
+    def choose_study(self, name: str) -> None:
+        study = self.studies.get(name)
+        self.studies.current = name
+        views.show_volume(self.slicer_app, study.volume)
+        self._points_mtime = -1
+        self.set_placing(self.state.placing)
+
+    @guarded
+    def set_window(self, preset: str) -> None:
+        views.set_window(self.studies.get().volume, preset)
+        self.state.window = preset
+
+    @guarded
+    def centre_on(self, text: str) -> None:
+        try:
+            point = [float(v) for v in str(text).replace(",", " ").split()]
+        except ValueError:
+            point = []
+        if len(point) != 3 or not all(math.isfinite(v) for v in point):
+            raise WebInputError(f"'{text}': give the point as three numbers R A S in mm (world RAS).")
+        views.centre_on(self.slicer_app, point)
+
+    # --- points -----------------------------------------------------------------------
+    @guarded
+    def set_placing(self, placing: bool) -> None:
+        """Clicks in a slice view place points (Slicer's place mode), or move and pick them."""
+        self.state.placing = bool(placing)
+        if self.studies.current is None:
+            return
+        markups_logic = self.slicer_app.markups_logic
+        if placing:
+            markups_logic.place_node(self.studies.get().markups, persistent=True)
+        else:
+            markups_logic.disable_place_mode()
+
+    @guarded
+    def import_points(self) -> None:
+        path = self.config.data_root.resolve(self.state.points_path)
+        count = self.studies.import_points(path)
+        self.state.status = f"imported {count} point(s) from {path.name}"
+        self.state.error = ""
+
+    @guarded
+    def delete_point(self, point_id: str) -> None:
+        self.studies.delete_point(point_id)
+
+    @guarded
+    def label_point(self, point_id: str, label: int | None) -> None:
+        mrml.set_training_label(self.studies.get().markups, point_id, label)
+
+    # --- adapters and scoring ----------------------------------------------------------
+    @guarded
+    def refresh_adapters(self) -> None:
+        names = self.logic.adapterNames()
+        self.state.adapters = names
+        if self.state.adapter not in names:
+            self.state.adapter = names[0] if names else None
+
+    @guarded
+    def score(self) -> None:
+        study = self.studies.get()
+        self.logic.beginScore(study.volume, study.markups, self.state.adapter, device=self.config.device)
+        self.state.busy, self.state.error = True, ""
+        self.state.status = self.logic.jobStatus()
+
+    @guarded
+    def cancel(self) -> None:
+        self.logic.cancelJob()
+        self.state.status = "cancelled"
+
+    @guarded
+    def select_row(self, index: int) -> None:
+        index = int(index)
+        if not 0 <= index < len(self._rows):
+            return
+        row = self._rows[index]
+        self.state.selected_row = index
+        if row.probability is None or any(math.isnan(v) for v in (row.r, row.a, row.s)):
+            self.state.thumbnail = ""
+            return
+        views.centre_on(self.slicer_app, (row.r, row.a, row.s))
+        study = self.studies.get(row.volume)
+        point = next((p for p in mrml.markups_to_points(study.markups, study.name) if p.point_id == row.point_id),
+                     None)
+        if point is None:
+            raise MedLoRAError(f"'{row.nodule}' was deleted after scoring: score again.")
+        path = self.logic.cropPreview(study.volume, point, row.adapter, path=str(self.upload_dir / "thumbnail.png"))
+        self.state.thumbnail = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+    def close(self) -> None:
+        self.logic.close()
+
+
+def _row_dict(index: int, row) -> dict:
+    """One results-table row as the page shows it (full precision kept for export and tests)."""
+    scored = row.probability is not None and not row.error
+    return {"index": index, "nodule": row.nodule, "point_id": row.point_id,
+            "probability": f"{row.probability:.6f}" if scored else "",
+            "label": row.label_name if scored else "", "adapter": row.adapter,
+            "ras": "" if math.isnan(row.r) else f"{row.r:.6f} {row.a:.6f} {row.s:.6f}",
+            "colour": ("malignant" if row.label == 1 else "benign") if scored else "none",
+            "error": row.error, "random_init": row.random_init}
+
+
+def create_app(config: WebConfig, server=None) -> MedLoRAWeb:
+    from trame.app import get_server
+
+    server = server or get_server("medlora-web", client_type="vue3")
+    return MedLoRAWeb(server, config)
+

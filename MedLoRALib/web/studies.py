@@ -1,0 +1,88 @@
+"""The studies open in the page: each CT as a volume node with its own point list, on one MRML scene.
+
+Loading and importing go through the library's own readers (``ctio.load_ct``,
+``annotations.load_nodules``) and the Slicer layer's MRML conversions (``slicer.mrml``), so a
+point is where it is everywhere else: LPS inside MedLoRA, RAS on the scene.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..annotations import load_nodules
+from ..ctio import load_ct
+from ..errors import MedLoRAError
+from ..geometry import lps_to_ras
+from ..image import CTImage
+from ..slicer import mrml
+
+
+@dataclass
+class Study:
+    """One open CT: its volume node, the point list linked to it, and the image it came from."""
+
+    name: str
+    volume: object
+    markups: object
+    image: CTImage
+
+
+class Studies:
+    """Every study open on the scene, by name; one of them is shown."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        self.by_name: dict[str, Study] = {}
+        self.current: str | None = None
+
+    def open(self, path: Path, name: str | None = None) -> Study:
+        """Read a CT (DICOM folder, NRRD, NIfTI...) into a new volume node with an empty point list."""
+        image = load_ct(path)
+        if image.geometry.size[2] < 2:
+            raise MedLoRAError(f"'{path.name}' holds a single slice, not a CT volume: open a CT series.")
+        base = name or _study_name(path, image)
+        name = base
+        for n in range(2, 1000):
+            if name not in self.by_name:
+                break
+            name = f"{base} ({n})"
+        volume = mrml.add_volume_node(self.scene, image, name=name)
+        markups = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} nodules")
+        markups.CreateDefaultDisplayNodes()
+        mrml.link_markups(volume, markups)
+        study = Study(name=name, volume=volume, markups=markups, image=image)
+        self.by_name[name] = study
+        self.current = name
+        return study
+
+    def get(self, name: str | None = None) -> Study:
+        name = name or self.current
+        if not name or name not in self.by_name:
+            raise MedLoRAError("open a CT first (a DICOM folder, .nrrd or .nii.gz under the data root, or upload one).")
+        return self.by_name[name]
+
+    def import_points(self, path: Path, study: Study | None = None) -> int:
+        """Add the nodules of a LIDC XML, markups JSON or points CSV to a study's point list."""
+        study = study or self.get()
+        nodules = load_nodules(path, image=study.image)
+        if not nodules:
+            raise MedLoRAError(f"'{path.name}' holds no nodule for {study.name}.")
+        for nodule in nodules:
+            ras = lps_to_ras(np.asarray(nodule.centre_lps, float))
+            study.markups.AddControlPointWorld(*ras, nodule.nodule_id or "")
+        return len(nodules)
+
+    def delete_point(self, point_id: str, study: Study | None = None) -> None:
+        study = study or self.get()
+        index = study.markups.GetNthControlPointIndexByID(point_id)
+        if index < 0:
+            raise MedLoRAError(f"point {point_id} is not in {study.name}: it was deleted already.")
+        study.markups.RemoveNthControlPoint(index)
+
+
+def _study_name(path: Path, image: CTImage) -> str:
+    patient = getattr(image.ids, "patient_id", "") or ""
+    return patient or path.name.split(".")[0] or "CT"
