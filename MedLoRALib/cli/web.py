@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
     parser.add_argument("--work-dir", help="where training sets and runs go (default: MedLoRA's data folder)")
     parser.add_argument("--device", default="auto", help="engine device: cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--engine-python", help="Python with torch for the scoring engine and training (default: this "
+                        "one); the web app itself needs no torch")
     parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (MiB)")
 
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise MedLoRAError(f"--port {args.port}: give a port between 0 and 65535.")
     root = DataRoot.at(args.data_root, max_upload_bytes=int(args.max_upload_mb * 2**20))
     config = WebConfig(data_root=root, store=Path(args.store).expanduser() if args.store else None,
-                       work_dir=Path(args.work_dir).expanduser() if args.work_dir else None, device=args.device)
+                       work_dir=Path(args.work_dir).expanduser() if args.work_dir else None, device=args.device,
+                       engine_python=args.engine_python)
     for name in ("trame_server", "trame_client", "trame_slicer", "wslink", "aiohttp"):  # INFO says nothing to users
         logging.getLogger(name).setLevel(logging.WARNING)
     server = get_server("medlora-web", client_type="vue3")
@@ -62,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False,
                      disable_logging=True, timeout=0)
+    except OSError as exc:
+        raise MedLoRAError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): choose another --port, "
+                           "or stop the program using it.") from None
     finally:
         app.close()
     return 0

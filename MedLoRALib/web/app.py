@@ -37,6 +37,7 @@ class WebConfig:
     store: Path | None = None
     work_dir: Path | None = None
     device: str = "auto"
+    engine_python: str | None = None
 
 
 class MedLoRAWeb:
@@ -59,6 +60,7 @@ class MedLoRAWeb:
         self.upload_dir = Path(tempfile.mkdtemp(prefix="medlora-web-uploads-"))
         self.logic = ModuleLogic(self.slicer_app.scene, store=store,
                                  workDir=str(config.work_dir) if config.work_dir else None)
+        self.logic.setEnginePython(config.engine_python)
         self.studies = Studies(self.slicer_app.scene)
         self._points_mtime = -1
         self._rows: list = []
