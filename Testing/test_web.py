@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -96,7 +95,7 @@ def store(tiny_adapter, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(shared_data, store, tmp_path_factory):
     work = tmp_path_factory.mktemp("web")
-    web = WebServer(shared_data, store, work, "--max-upload-mb", "0.05")
+    web = WebServer(shared_data, store, work, "--max-upload-mb", "0.1")
     yield web
     web.stop()
 
@@ -156,6 +155,7 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     from PIL import Image
 
     from MedLoRALib.annotations import load_nodules
+    from MedLoRALib.cli import main as cli_main
     from MedLoRALib.ctio import load_ct
     from MedLoRALib.geometry import lps_to_ras
 
@@ -186,11 +186,10 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
         writer = csv.writer(handle)
         writer.writerow(["x", "y", "z", "coordinate_system", "nodule_id"])
         writer.writerow([*(f"{v:.6f}" for v in placed_ras), "RAS", "clicked"])
-    cli = subprocess.run([sys.executable, "-m", "MedLoRALib", "score", "--volume", str(lidc_0001), "--points",
-                          str(points), "--adapter", "site-a", "--store", str(store), "--device", "cpu"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert cli.returncode == 0, cli.stderr
-    [row] = list(csv.DictReader(cli.stdout.splitlines()))
+    out = tmp_path / "cli.csv"  # `medlora score` itself, in this process (torch is loaded here already)
+    assert cli_main(["score", "--volume", str(lidc_0001), "--points", str(points), "--adapter", "site-a",
+                     "--store", str(store), "--device", "cpu", "--out", str(out)]) == 0
+    [row] = list(csv.DictReader(out.open()))
     assert abs(float(row["probability"]) - probability) < 1e-5
 
     time.sleep(1.0)  # the view redraws with the point's new colour (the RCA stream is ~30 fps)
@@ -221,8 +220,15 @@ def test_a_file_that_is_not_a_ct_gets_its_cause_in_the_page(page, shared_data):
     assert "README.md is neither DICOM nor a supported volume file" in message and "Traceback" not in message
 
 
+def test_an_uploaded_file_that_is_not_a_ct_gets_its_cause_in_the_page(page, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a CT")
+    page.set_input_files("#upload", str(text))
+    assert "notes.txt is neither DICOM nor a supported volume file" in _error_text(page, "notes.txt")
+
+
 def test_an_upload_over_the_cap_is_refused_in_the_page(page, tmp_path):
     big = tmp_path / "big.nrrd"
-    big.write_bytes(b"\0" * 200_000)  # the server runs with --max-upload-mb 0.05
+    big.write_bytes(b"\0" * 200_000)  # the server runs with --max-upload-mb 0.1
     page.set_input_files("#upload", str(big))
     assert "more than the limit of 0.1 MiB" in _error_text(page, "more than the limit")

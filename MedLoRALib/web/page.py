@@ -43,13 +43,14 @@ def _controls(app, v, html, ctrl) -> None:
         v.VTextField(v_model=("open_path", ""), label="CT under the data root", id="open-path", density="compact",
                      hide_details=True)
         v.VBtn("Open", id="open-btn", click=app.open_path, classes="ml-1", disabled=("busy",))
-    v.VFileInput(label="or upload a CT (.nrrd, .nii.gz, DICOM files)", id="upload", multiple=True, density="compact",
-                 hide_details=True, classes="mt-2",
-                 update_modelValue=(f"(() => {{ const f = [].concat($event || []); if (!f.length) return; const n = f.reduce((a, x) => a + x.size, 0);"
-                         f" if (n > max_upload_bytes) {{ error = 'upload is ' + (n / 1048576).toFixed(1) + "
-                         f"' MiB, more than the limit of ' + (max_upload_bytes / 1048576).toFixed(1) + "
-                         f"' MiB (medlora web --max-upload-mb): put large studies under the data root and open "
-                         f"them by path.'; }} else {{ trigger('{ctrl.trigger_name(app.upload)}', [f]); }} }})()"))
+    html.Div("or upload a CT (.nrrd, .nii.gz, or the DICOM files of one series):", classes="text-caption mt-2")
+    html.Input(type="file", id="upload", multiple=True, classes="text-body-2", __events=["change"],
+               change=("const f = [...$event.target.files]; const n = f.reduce((a, x) => a + x.size, 0); "
+                       "if (n > max_upload_bytes) { error = 'upload is ' + (n / 1048576).toFixed(1) + ' MiB, more "
+                       "than the limit of ' + (max_upload_bytes / 1048576).toFixed(1) + ' MiB (medlora web "
+                       "--max-upload-mb): put large studies under the data root and open them by path.'; } "
+                       f"else if (f.length) {{ trigger('{ctrl.trigger_name(app.upload)}', [f]); }} "
+                       "$event.target.value = '';"))
     v.VSelect(v_model=("study", None), items=("studies",), label="Study", density="compact", hide_details=True,
               classes="mt-2", id="study", update_modelValue=(app.choose_study, "[$event]"))
     with html.Div(classes="d-flex align-center mt-2"):
