@@ -44,10 +44,9 @@ class MedLoRAWeb:
     """The trame application: builds the page and answers its actions."""
 
     def __init__(self, server, config: WebConfig) -> None:
+        import slicer
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
-
-        import slicer
 
         self.server, self.state, self.config = server, server.state, config
         self.slicer_app = SlicerApp()
