@@ -9,10 +9,6 @@ LIDC-IDRI-0001 series, a click in Slicer's axial view places the point, the engi
 from __future__ import annotations
 
 import csv
-import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,66 +17,20 @@ import numpy as np
 import pytest
 
 from MedLoRALib.patches import PatchSpec
+from MedLoRALib.web import browser
 
-REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("MEDLORA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SPEC = PatchSpec(views="axial", fov_mm=40.0, pixels=32)
 MALIGNANT_RGB, BENIGN_RGB = (0.90, 0.10, 0.10), (0.10, 0.80, 0.20)  # slicer/results.py
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-
-def _web_python() -> str | None:
-    """An interpreter with trame-slicer: $MEDLORA_WEB_PYTHON, else the Makefile's .venv-web."""
-    for candidate in (os.environ.get("MEDLORA_WEB_PYTHON"), str(REPO / ".venv-web" / "bin" / "python")):
-        if candidate and Path(candidate).exists() and subprocess.run(
-                [candidate, "-c", "import trame_slicer"], capture_output=True).returncode == 0:
-            return candidate
-    return None
-
-
-WEB_PYTHON = _web_python()
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"Chromium not found at {CHROMIUM} (Debian package chromium; `make system-deps` installs it)",
-                allow_module_level=True)
+WEB_PYTHON = browser.web_python()
+if not Path(browser.CHROMIUM).exists():
+    pytest.skip(f"Chromium not found at {browser.CHROMIUM} (Debian package chromium; `make system-deps` installs "
+                "it)", allow_module_level=True)
 if WEB_PYTHON is None:
     pytest.skip("no Python with trame-slicer (.venv-web, made by `make test`, or $MEDLORA_WEB_PYTHON)",
                 allow_module_level=True)
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is part of medlora[test]")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class WebServer:
-    """``medlora web`` as a user starts it; ``url`` is what it printed."""
-
-    def __init__(self, data_root: Path, store: Path, work: Path, *extra: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        self.log = work / "server.log"
-        self.proc = subprocess.Popen(
-            [WEB_PYTHON, "-m", "MedLoRALib", "web", "--data-root", str(data_root), "--store", str(store),
-             "--port", str(_free_port()), "--engine-python", sys.executable, "--device", "cpu",
-             "--work-dir", str(work / "training"), *extra],
-            stdout=subprocess.PIPE, stderr=open(self.log, "wb"), env=env, text=True, start_new_session=True)
-        line = self.proc.stdout.readline()
-        if "open http" not in line:
-            self.stop()
-            raise AssertionError(f"medlora web did not start: {line!r}\n{self.log.read_text()[-3000:]}")
-        self.url = line.split("open ", 1)[1].strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -94,56 +44,26 @@ def store(tiny_adapter, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(shared_data, store, tmp_path_factory):
-    work = tmp_path_factory.mktemp("web")
-    web = WebServer(shared_data, store, work, "--max-upload-mb", "0.1")
+    web = browser.WebServer(WEB_PYTHON, shared_data, store, tmp_path_factory.mktemp("web"), sys.executable,
+                            "--max-upload-mb", "0.1", "--device", "cpu")
     yield web
     web.stop()
 
 
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
-    with playwright.sync_playwright() as p:
-        profile = tmp_path_factory.mktemp("chromium-profile")
-        context = p.chromium.launch_persistent_context(  # a fresh --user-data-dir
-            str(profile), executable_path=CHROMIUM, args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 900},
-            device_scale_factor=1)
-        tab = context.new_page()
-        tab.goto(server.url)
-        tab.wait_for_selector("#open-path", timeout=60_000)
+    with browser.chromium_page(server.url, tmp_path_factory.mktemp("chromium-profile")) as tab:
         yield tab
-        context.close()
-
-
-def _wait(page, condition: str, timeout_s: float = 120.0, arg=None):
-    return page.wait_for_function(condition, arg=arg, timeout=timeout_s * 1000)
 
 
 def _error_text(page, expected: str) -> str:
     """The page's error message once it contains ``expected`` (or whatever it says after 30 s)."""
     try:
-        _wait(page, "s => { const e = document.querySelector('#error');"
-                    " return e && e.offsetParent && e.innerText.includes(s); }", 30, expected)
+        browser.wait_for(page, "s => { const e = document.querySelector('#error');"
+                               " return e && e.offsetParent && e.innerText.includes(s); }", 30, expected)
     except playwright.TimeoutError:
         pass
     return page.inner_text("#error") if page.locator("#error").is_visible() else ""
-
-
-def _open(page, relative: str) -> None:
-    page.fill("#open-path", relative)
-    page.click("#open-btn")
-
-
-def _geometry(page) -> dict:
-    return json.loads(page.eval_on_selector("#view-geometry", "e => e.textContent"))
-
-
-def _pixel_of(page, point_ras) -> tuple[float, float]:
-    """Where a world RAS point lies on the page, through the axial view's XY→RAS map (Slicer's)."""
-    red = _geometry(page)["Red"]
-    xy = np.linalg.solve(np.array(red["xy_to_ras"]), np.append(np.asarray(point_ras, float), 1.0))
-    box = page.locator("#views .remote-controlled-area").first.bounding_box()
-    width, height = red["size"]
-    return box["x"] + xy[0] * box["width"] / width, box["y"] + (height - xy[1]) * box["height"] / height
 
 
 def _colour_mask(pixels: np.ndarray, rgb, tolerance: int = 45) -> np.ndarray:
@@ -159,20 +79,11 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     from MedLoRALib.ctio import load_ct
     from MedLoRALib.geometry import lps_to_ras
 
-    _open(page, str(lidc_0001.relative_to(shared_data)))
-    _wait(page, "() => document.querySelector('#status').innerText.startsWith('opened')")
+    browser.open_study(page, str(lidc_0001.relative_to(shared_data)))
     [nodule] = load_nodules(next(lidc_0001.glob("*.xml")), image=load_ct(lidc_0001))
     nodule_ras = lps_to_ras(np.asarray(nodule.centre_lps))
-    page.fill("#centre-on", " ".join(f"{v:.3f}" for v in nodule_ras))
-    page.click("#centre-btn")
-    _wait(page, """s => { const g = JSON.parse(document.querySelector('#view-geometry').textContent).Red;
-                          return g && Math.abs(g.xy_to_ras[2][3] - s) < 0.5 && g.size[0] > 100; }""",
-          60, float(nodule_ras[2]))
-    x, y = _pixel_of(page, nodule_ras)
-    page.mouse.click(x, y)
-    _wait(page, "() => document.querySelectorAll('#points tr.point-row').length === 1", 30)
-    page.click("#score-btn")
-    _wait(page, "() => { const p = document.querySelector('#results .probability'); return p && p.innerText; }", 240)
+    browser.centre_views(page, nodule_ras)
+    x, y = browser.click_and_score(page, nodule_ras)
     cell = page.locator("#results .probability").first
     probability = float(cell.inner_text())
     placed_ras = [float(v) for v in cell.get_attribute("data-ras").split()]
@@ -204,7 +115,12 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     assert abs(cols.mean() - 10) < 4 and abs(rows.mean() - 10) < 4
 
     page.locator("#results tr.result-row").first.click()
-    _wait(page, "() => document.querySelector('#thumbnail').src.startsWith('data:image/png')", 30)
+    browser.wait_for(page, "() => document.querySelector('#thumbnail').src.startsWith('data:image/png')", 30)
+
+
+def _open(page, relative: str) -> None:
+    page.fill("#open-path", relative)
+    page.click("#open-btn")
 
 
 def test_a_path_outside_the_data_root_is_refused_in_the_page(page):
