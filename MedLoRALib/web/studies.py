@@ -65,14 +65,20 @@ class Studies:
         return self.by_name[name]
 
     def import_points(self, path: Path, study: Study | None = None) -> int:
-        """Add the nodules of a LIDC XML, markups JSON or points CSV to a study's point list."""
+        """Add the nodules of a LIDC XML, markups JSON or points CSV to a study's point list.
+
+        A nodule's label (a points CSV's ``label``, LIDC's median malignancy rule) becomes the
+        point's training label, as the Slicer module's label buttons set it.
+        """
         study = study or self.get()
         nodules = load_nodules(path, image=study.image)
         if not nodules:
             raise MedLoRAError(f"'{path.name}' holds no nodule for {study.name}.")
         for nodule in nodules:
             ras = lps_to_ras(np.asarray(nodule.centre_lps, float))
-            study.markups.AddControlPointWorld(*ras, nodule.nodule_id or "")
+            index = study.markups.AddControlPointWorld(*ras, nodule.nodule_id or "")
+            if nodule.label in (0, 1):
+                mrml.set_training_label(study.markups, study.markups.GetNthControlPointID(index), nodule.label)
         return len(nodules)
 
     def delete_point(self, point_id: str, study: Study | None = None) -> None:
