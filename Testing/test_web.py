@@ -148,3 +148,75 @@ def test_an_upload_over_the_cap_is_refused_in_the_page(page, tmp_path):
     big.write_bytes(b"\0" * 200_000)  # the server runs with --max-upload-mb 0.1
     page.set_input_files("#upload", str(big))
     assert "more than the limit of 0.1 MiB" in _error_text(page, "more than the limit")
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory) -> Path:
+    """Three synthetic studies (three patients) with labelled nodules, one points CSV per study."""
+    from MedLoRALib.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("phantoms")
+    assert cli_main(["phantom", "--out", str(root / "cohort"), "--cases", "3", "--nodules", "4",
+                     "--size", "160", "160", "64"]) == 0
+    rows = list(csv.DictReader((root / "cohort" / "manifest.csv").open()))
+    for image in {row["image"] for row in rows}:
+        with open(root / "cohort" / f"{Path(image).stem}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["x", "y", "z", "coordinate_system", "label", "nodule_id"])
+            writer.writeheader()
+            writer.writerows({k: row[k] for k in writer.fieldnames} for row in rows if row["image"] == image)
+    return root
+
+
+def _trainers(work: Path) -> list:
+    """Live ``medlora train`` processes writing under ``work`` (the app's --work-dir)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and "train" in cmdline and str(work) in " ".join(cmdline):
+            found.append(proc)
+    return found
+
+
+def test_training_from_the_page_reaches_100_percent_adds_the_adapter_and_cancel_ends_the_trainer(
+        phantom_root, tmp_path):
+    from MedLoRALib.adapters.store import AdapterStore
+
+    work = tmp_path / "web"
+    work.mkdir()
+    web = browser.WebServer(WEB_PYTHON, phantom_root, tmp_path / "store", work, sys.executable, "--device", "cpu")
+    try:
+        with browser.chromium_page(web.url, tmp_path / "profile") as page:
+            for case in ("SYN-0001", "SYN-0002", "SYN-0003"):
+                browser.open_study(page, f"cohort/{case}.nrrd")
+                page.fill("#points-path", f"cohort/{case}.csv")
+                page.click("#import-btn")
+                browser.wait_for(page, "() => document.querySelectorAll('#points tr.point-row').length === 4", 60)
+            page.click("#tab-train")
+            assert page.inner_text("#labelled").startswith("6 benign, 6 malignant points labelled in 3 open studies")
+            page.select_option("#train-preset", "tiny")
+            page.fill("#train-name", "web-tiny")
+            page.fill("#train-epochs", "1")
+            page.click("#train-start")
+            browser.wait_for(page, "() => document.querySelector('#train-progress').innerText === '100%'", 300)
+            assert page.locator("#train-curve polyline#loss-curve").count() == 1
+            page.click("#tab-score")
+            browser.wait_for(page, "() => document.querySelector('#adapter-names').innerText.includes('web-tiny')", 30)
+            assert "web-tiny" in AdapterStore(tmp_path / "store")
+
+            page.click("#tab-train")
+            page.fill("#train-name", "web-cancel")
+            page.fill("#train-epochs", "200")
+            page.click("#train-start")
+            browser.wait_for(page, "() => document.querySelector('#train-status').innerText.startsWith('epoch')", 300)
+            assert _trainers(work), "no trainer process found while the page says it trains"
+            page.click("#train-cancel")
+            cancelled = time.monotonic()
+            while _trainers(work) and time.monotonic() - cancelled < 30:
+                time.sleep(0.2)
+            took = time.monotonic() - cancelled
+            assert not _trainers(work) and took < 10, f"trainer still running {took:.1f} s after Cancel"
+            browser.wait_for(page, "() => document.querySelector('#train-status').innerText.includes('stopped')", 30)
+    finally:
+        web.stop()

@@ -21,7 +21,9 @@ from ..errors import MedLoRAError
 from ..slicer import mrml
 from ..slicer.module_logic import ModuleLogic
 from ..slicer.scoring import ScoreJob
-from . import page, views
+from ..slicer.training import TrainingConfig, TrainingJob
+from ..training.config import TrainConfig
+from . import page, training_view, views
 from .guard import guarded
 from .paths import DataRoot, WebInputError
 from .studies import Studies
@@ -81,6 +83,10 @@ class MedLoRAWeb:
         s.thumbnail = ""
         s.window = "lung"
         s.view_geometry = "{}"
+        s.tab = "score"
+        s.train_name, s.train_preset, s.train_epochs = "my-adapter", "default", TrainConfig().epochs
+        s.train_progress, s.train_status, s.train_curve, s.training = 0, "", "", False
+        s.labelled = ""
         s.max_upload_bytes = self.config.data_root.max_upload_bytes
         s.data_root = str(self.config.data_root.root)
         self.refresh_adapters()
@@ -104,12 +110,20 @@ class MedLoRAWeb:
             if finished is not None:
                 self._job_finished(finished)
         self.state.busy = logic.job is not None
+        if isinstance(logic.job, TrainingJob):
+            self._show_training(logic.job)
         self._refresh_points()
         geometry = json.dumps(views.geometry(self.slicer_app))
         if geometry != self.state.view_geometry:
             self.state.view_geometry = geometry
 
     def _job_finished(self, job) -> None:
+        if isinstance(job, TrainingJob):
+            self._show_training(job)
+            self.state.training = False
+            self.refresh_adapters()
+            if job.stored_adapter:
+                self.state.adapter = job.stored_adapter
         if isinstance(job, ScoreJob) and job.rows is not None:
             self._rows = list(job.rows)
             self.state.results = [_row_dict(i, row) for i, row in enumerate(self._rows)]
@@ -123,6 +137,11 @@ class MedLoRAWeb:
         if mtime == self._points_mtime:
             return
         self._points_mtime = mtime
+        labelled = [p for study in self.studies.by_name.values()
+                    for p in mrml.markups_to_points(study.markups, study.name) if p.training_label is not None]
+        self.state.labelled = (f"{sum(p.training_label == 0 for p in labelled)} benign, "
+                               f"{sum(p.training_label == 1 for p in labelled)} malignant points labelled in "
+                               f"{len(self.studies.by_name)} open studies")
         self.state.points = [{"id": p.point_id, "name": p.name, "label": {0: "benign", 1: "malignant"}.get(
             p.training_label, ""), "ras": [round(v, 2) for v in p.position_ras]}
             for p in mrml.markups_to_points(markups, self.studies.current)]
@@ -246,6 +265,30 @@ class MedLoRAWeb:
             raise MedLoRAError(f"'{row.nodule}' was deleted after scoring: score again.")
         path = self.logic.cropPreview(study.volume, point, row.adapter, path=str(self.upload_dir / "thumbnail.png"))
         self.state.thumbnail = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+    # --- training ---------------------------------------------------------------------
+    @guarded
+    def start_training(self, resume: bool = False) -> None:
+        """Train on the labelled points of every open study (the module's ``startTraining``)."""
+        s = self.state
+        train = training_view.train_config(s.train_preset, s.train_name, s.train_epochs)
+        self.logic.startTraining(TrainingConfig(train=train), resume=bool(resume))
+        s.training, s.busy, s.error = True, True, ""
+        s.train_progress, s.train_curve, s.train_status = 0, "", "starting"
+
+    @guarded
+    def cancel_training(self) -> None:
+        if isinstance(self.logic.job, TrainingJob):
+            self.logic.cancelJob()
+            self.state.train_status = "stopping: saving a resumable checkpoint…"
+        self.state.training = False
+
+    def _show_training(self, job: TrainingJob) -> None:
+        s = self.state
+        s.train_progress = int(round(100 * job.progress))
+        s.train_status = job.status
+        if len(job.state.epochs) != s.train_curve.count("<!--e-->"):
+            s.train_curve = training_view.curve_svg(job.state.epochs) + "<!--e-->" * len(job.state.epochs)
 
     def close(self) -> None:
         self.logic.close()

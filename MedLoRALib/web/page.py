@@ -79,11 +79,22 @@ def _controls(app, v, html, ctrl) -> None:
                 v.VBtn("M", size="x-small", variant="text", click=(app.label_point, "[p.id, 1]"), title="malignant")
                 v.VBtn("✕", size="x-small", variant="text", click=(app.delete_point, "[p.id]"), classes="delete-point",
                        title="delete")
+    with v.VTabs(v_model=("tab", "score"), density="compact", classes="mt-2"):
+        for name in ("score", "train", "batch"):
+            v.VTab(name, value=name, id=f"tab-{name}")
+    with html.Div(v_show="tab === 'score'"):
+        _score_tab(app, v, html)
+    with html.Div(v_show="tab === 'train'"):
+        _train_tab(app, v, html)
+
+
+def _score_tab(app, v, html) -> None:
     v.VDivider(classes="my-2")
     with html.Div(classes="d-flex align-center"):
         v.VSelect(v_model=("adapter", None), items=("adapters",), label="Adapter", id="adapter", density="compact",
                   hide_details=True)
         v.VBtn("↻", click=app.refresh_adapters, variant="text", title="reload the adapter store")
+    html.Div("In the store: {{ adapters.join(', ') || 'none' }}", id="adapter-names", classes="text-caption")
     with html.Div(classes="d-flex mt-2"):
         v.VBtn("Score", id="score-btn", color="primary", click=app.score, disabled=("busy",))
         v.VBtn("Cancel", id="cancel-btn", click=app.cancel, disabled=("!busy",), classes="ml-2")
@@ -100,3 +111,29 @@ def _controls(app, v, html, ctrl) -> None:
             html.Td("{{ row.label }}", classes=("['label', row.colour]",))
             html.Td("{{ row.adapter }}{{ row.random_init ? ' (random init)' : '' }}")
     html.Img(src=("thumbnail",), v_show=("thumbnail",), id="thumbnail", style="width: 100%; margin-top: 8px;")
+
+
+def _train_tab(app, v, html) -> None:
+    from .training_view import PRESETS
+
+    html.Div("{{ labelled }}", id="labelled", classes="text-caption my-1")
+    v.VTextField(v_model=("train_name", "my-adapter"), label="Adapter name", id="train-name", density="compact",
+                 hide_details=True)
+    with html.Div(classes="d-flex align-center mt-2"):
+        html.Span("Options", classes="text-body-2 mr-2")
+        with html.Select(v_model=("train_preset", "default"), id="train-preset", classes="text-body-2",
+                         style="border: 1px solid #aaa; padding: 2px;"):
+            for preset in PRESETS:
+                html.Option({"default": "medlora train defaults", "tiny": "tiny (seconds on a CPU)"}[preset],
+                            value=preset)
+        v.VTextField(v_model=("train_epochs", 20), label="Epochs", id="train-epochs", type="number",
+                     density="compact", hide_details=True, classes="ml-2", style="max-width: 90px;")
+    with html.Div(classes="d-flex mt-2"):
+        v.VBtn("Train", id="train-start", color="primary", click=(app.start_training, "[false]"), disabled=("busy",))
+        v.VBtn("Resume", id="train-resume", click=(app.start_training, "[true]"), disabled=("busy",), classes="ml-2")
+        v.VBtn("Cancel", id="train-cancel", click=app.cancel_training, disabled=("!training",), classes="ml-2")
+    v.VProgressLinear(model_value=("train_progress",), height=18, color="primary", classes="mt-2",
+                      id="train-progress-bar")
+    html.Div("{{ train_progress }}%", id="train-progress", classes="text-caption")
+    html.Div("{{ train_status }}", id="train-status", classes="text-caption")
+    html.Div(v_html=("train_curve",), id="train-curve", classes="mt-1")
