@@ -217,6 +217,9 @@ def test_training_from_the_page_reaches_100_percent_adds_the_adapter_and_cancel_
                 time.sleep(0.2)
             took = time.monotonic() - cancelled
             assert not _trainers(work) and took < 10, f"trainer still running {took:.1f} s after Cancel"
-            browser.wait_for(page, "() => document.querySelector('#train-status').innerText.includes('stopped')", 30)
+            browser.wait_for(page, "() => !document.querySelector('#train-status').innerText.startsWith('stopping')",
+                             30)
+            page.click("#tab-score")
+            assert "web-cancel" not in page.inner_text("#adapter-names")
     finally:
         web.stop()

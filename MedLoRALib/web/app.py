@@ -19,7 +19,9 @@ from pathlib import Path
 from ..adapters.store import AdapterStore
 from ..errors import MedLoRAError
 from ..slicer import mrml
+from ..slicer.batch import BatchScoring
 from ..slicer.module_logic import ModuleLogic
+from ..slicer.results import export_csv
 from ..slicer.scoring import ScoreJob
 from ..slicer.training import TrainingConfig, TrainingJob
 from ..training.config import TrainConfig
@@ -29,6 +31,10 @@ from .paths import DataRoot, WebInputError
 from .studies import Studies
 
 TICK_S = 0.1
+#: after Cancel, how long the trainer may take to save its stop checkpoint before its process tree
+#: is ended (the module's default is 30 s; a browser user expects Cancel to be quick, and the
+#: checkpoint of the last finished epoch stays for Resume either way)
+CANCEL_GRACE_S = 5.0
 
 
 @dataclass
@@ -87,6 +93,7 @@ class MedLoRAWeb:
         s.train_name, s.train_preset, s.train_epochs = "my-adapter", "default", TrainConfig().epochs
         s.train_progress, s.train_status, s.train_curve, s.training = 0, "", "", False
         s.labelled = ""
+        s.batch_folder, s.batch_results, s.batch_progress, s.batch_status, s.batch_csv = "", [], 0, "", ""
         s.max_upload_bytes = self.config.data_root.max_upload_bytes
         s.data_root = str(self.config.data_root.root)
         self.refresh_adapters()
@@ -112,6 +119,8 @@ class MedLoRAWeb:
         self.state.busy = logic.job is not None
         if isinstance(logic.job, TrainingJob):
             self._show_training(logic.job)
+        if isinstance(logic.job, BatchScoring):
+            self._show_batch(logic.job)
         self._refresh_points()
         geometry = json.dumps(views.geometry(self.slicer_app))
         if geometry != self.state.view_geometry:
@@ -124,6 +133,9 @@ class MedLoRAWeb:
             self.refresh_adapters()
             if job.stored_adapter:
                 self.state.adapter = job.stored_adapter
+        if isinstance(job, BatchScoring):
+            self._show_batch(job)
+            self._batch_csv(job.rows)
         if isinstance(job, ScoreJob) and job.rows is not None:
             self._rows = list(job.rows)
             self.state.results = [_row_dict(i, row) for i, row in enumerate(self._rows)]
@@ -279,6 +291,7 @@ class MedLoRAWeb:
     @guarded
     def cancel_training(self) -> None:
         if isinstance(self.logic.job, TrainingJob):
+            self.logic.job.cancel_grace_s = CANCEL_GRACE_S
             self.logic.cancelJob()
             self.state.train_status = "stopping: saving a resumable checkpoint…"
         self.state.training = False
@@ -289,6 +302,35 @@ class MedLoRAWeb:
         s.train_status = job.status
         if len(job.state.epochs) != s.train_curve.count("<!--e-->"):
             s.train_curve = training_view.curve_svg(job.state.epochs) + "<!--e-->" * len(job.state.epochs)
+
+    # --- batch ------------------------------------------------------------------------
+    @guarded
+    def start_batch(self) -> None:
+        """Open every study of a folder under the data root (with its annotations) and score them all."""
+        folder = self.config.data_root.resolve(self.state.batch_folder)
+        opened = self.studies.open_folder(folder)
+        self._show(opened[-1])
+        self.logic.beginScoreAll(self.state.adapter, device=self.config.device)
+        s = self.state
+        s.busy, s.error, s.batch_results, s.batch_csv, s.batch_progress = True, "", [], "", 0
+
+    @guarded
+    def cancel_batch(self) -> None:
+        if isinstance(self.logic.job, BatchScoring):
+            job = self.logic.job
+            self.logic.cancelJob()
+            self._show_batch(job)
+
+    def _show_batch(self, job: BatchScoring) -> None:
+        s = self.state
+        s.batch_progress = int(round(100 * job.progress))
+        s.batch_status = job.status
+        if len(job.rows) != len(s.batch_results):
+            s.batch_results = [{**_row_dict(i, row), "volume": row.volume} for i, row in enumerate(job.rows)]
+
+    def _batch_csv(self, rows) -> None:
+        path = export_csv(rows, self.upload_dir / "batch-results.csv")
+        self.state.batch_csv = "data:text/csv;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
     def close(self) -> None:
         self.logic.close()

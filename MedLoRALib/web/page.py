@@ -86,6 +86,8 @@ def _controls(app, v, html, ctrl) -> None:
         _score_tab(app, v, html)
     with html.Div(v_show="tab === 'train'"):
         _train_tab(app, v, html)
+    with html.Div(v_show="tab === 'batch'"):
+        _batch_tab(app, v, html)
 
 
 def _score_tab(app, v, html) -> None:
@@ -137,3 +139,29 @@ def _train_tab(app, v, html) -> None:
     html.Div("{{ train_progress }}%", id="train-progress", classes="text-caption")
     html.Div("{{ train_status }}", id="train-status", classes="text-caption")
     html.Div(v_html=("train_curve",), id="train-curve", classes="mt-1")
+
+
+def _batch_tab(app, v, html) -> None:
+    html.Div("Scores every study of a folder under the data root with the adapter chosen under Score; each "
+             "study's points come from the annotation files beside it (LIDC XML, .mrk.json, NAME.csv).",
+             classes="text-caption my-1")
+    with html.Div(classes="d-flex"):
+        v.VTextField(v_model=("batch_folder", ""), label="Folder of studies", id="batch-folder", density="compact",
+                     hide_details=True)
+        v.VBtn("Score all", id="batch-start", color="primary", click=app.start_batch, disabled=("busy",),
+               classes="ml-1")
+    with html.Div(classes="d-flex align-center mt-2"):
+        v.VProgressLinear(model_value=("batch_progress",), height=18, color="primary")
+        v.VBtn("Cancel", id="batch-cancel", click=app.cancel_batch, disabled=("!busy",), classes="ml-2")
+    html.Div("{{ batch_progress }}% — {{ batch_status }}", id="batch-status", classes="text-caption")
+    with html.Table(id="batch-results", classes="text-body-2 mt-2", style="width: 100%;"):
+        with html.Tr():
+            for title in ("Study", "Nodule", "Probability", "Label"):
+                html.Th(title, style="text-align: left;")
+        with html.Tr(v_for="row in batch_results", key="row.index", classes="batch-row"):
+            html.Td("{{ row.volume }}")
+            html.Td("{{ row.nodule }}")
+            html.Td("{{ row.probability || row.error }}", classes=("['probability', 'mono', row.colour]",))
+            html.Td("{{ row.label }}", classes=("[row.colour]",))
+    html.A("Download CSV", href=("batch_csv",), v_show=("batch_csv",), download="medlora-batch-results.csv",
+           id="batch-csv", classes="text-body-2")

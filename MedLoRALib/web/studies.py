@@ -81,6 +81,26 @@ class Studies:
                 mrml.set_training_label(study.markups, study.markups.GetNthControlPointID(index), nodule.label)
         return len(nodules)
 
+    def open_folder(self, folder: Path) -> list[Study]:
+        """Open every study of a folder of studies (as ``medlora score`` finds them), with their annotations.
+
+        Each study's points come from the annotation files beside it: a LIDC XML or ``.mrk.json``
+        inside a DICOM folder, or ``NAME.csv`` / ``NAME.mrk.json`` / ``NAME.xml`` beside ``NAME.nrrd``.
+        """
+        from ..crops import find_studies
+
+        found = find_studies(folder) or []
+        if not found:
+            raise MedLoRAError(f"'{folder.name}' is not a folder of studies (subfolders or volume files, one per "
+                               "study): open a single study with Open instead.")
+        opened = []
+        for entry in found:
+            study = self.open(Path(entry.volume), name=entry.name.split(".")[0])
+            for annotation in _annotations_of(Path(entry.volume)):
+                self.import_points(annotation, study)
+            opened.append(study)
+        return opened
+
     def delete_point(self, point_id: str, study: Study | None = None) -> None:
         study = study or self.get()
         index = study.markups.GetNthControlPointIndexByID(point_id)
@@ -92,3 +112,10 @@ class Studies:
 def _study_name(path: Path, image: CTImage) -> str:
     patient = getattr(image.ids, "patient_id", "") or ""
     return patient or path.name.split(".")[0] or "CT"
+
+
+def _annotations_of(volume: Path) -> list[Path]:
+    if volume.is_dir():
+        return sorted([*volume.glob("*.xml"), *volume.glob("*.mrk.json")])
+    stem = volume.name.split(".")[0]
+    return [p for p in (volume.with_name(f"{stem}{ext}") for ext in (".csv", ".mrk.json", ".xml")) if p.is_file()]
