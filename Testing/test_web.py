@@ -8,6 +8,7 @@ LIDC-IDRI-0001 series, a click in Slicer's axial view places the point, the engi
 
 from __future__ import annotations
 
+import base64
 import csv
 import sys
 import time
@@ -114,6 +115,16 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     rows, cols = np.nonzero(glyph)
     assert abs(cols.mean() - 10) < 4 and abs(rows.mean() - 10) < 4
 
+    import psutil  # a crashed engine is started again by the next request; the study stays loaded
+
+    [engine] = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline()]
+    engine.kill()
+    engine.wait(10)
+    page.click("#score-btn")
+    browser.wait_for(page, "() => { const p = document.querySelector('#results .probability');"
+                           " return p && p.innerText; }", 240)
+    assert abs(float(page.locator("#results .probability").first.inner_text()) - probability) < 1e-6
+
     page.locator("#results tr.result-row").first.click()
     browser.wait_for(page, "() => document.querySelector('#thumbnail').src.startsWith('data:image/png')", 30)
 
@@ -179,7 +190,7 @@ def _trainers(work: Path) -> list:
     return found
 
 
-def test_training_from_the_page_reaches_100_percent_adds_the_adapter_and_cancel_ends_the_trainer(
+def test_train_from_the_page_to_100_percent_cancel_a_second_run_then_batch_score_the_folder(
         phantom_root, tmp_path):
     from MedLoRALib.adapters.store import AdapterStore
 
@@ -221,5 +232,17 @@ def test_training_from_the_page_reaches_100_percent_adds_the_adapter_and_cancel_
                              30)
             page.click("#tab-score")
             assert "web-cancel" not in page.inner_text("#adapter-names")
+
+            page.click("#tab-batch")  # every study of the folder, with the adapter just trained
+            page.fill("#batch-folder", "cohort")
+            page.click("#batch-start")
+            browser.wait_for(page, "() => document.querySelector('#batch-status').innerText.startsWith('100%')", 240)
+            assert page.locator("#batch-results tr.batch-row").count() == 12
+            studies = {cell.inner_text() for cell in page.locator("#batch-results tr.batch-row td:first-child").all()}
+            assert studies == {"SYN-0001 (2)", "SYN-0002 (2)", "SYN-0003 (2)"}
+            href = page.get_attribute("#batch-csv", "href")
+            rows = list(csv.DictReader(base64.b64decode(href.split(",", 1)[1]).decode().splitlines()))
+            assert len(rows) == 12 and all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+            assert {r["adapter"] for r in rows} == {"web-tiny"}
     finally:
         web.stop()

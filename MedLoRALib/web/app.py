@@ -251,7 +251,7 @@ class MedLoRAWeb:
     def score(self) -> None:
         study = self.studies.get()
         self.logic.beginScore(study.volume, study.markups, self.state.adapter, device=self.config.device)
-        self.state.busy, self.state.error = True, ""
+        self.state.busy, self.state.error, self.state.results, self._rows = True, "", [], []
         self.state.status = self.logic.jobStatus()
 
     @guarded
