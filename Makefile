@@ -16,12 +16,12 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt -e '.[test]'
 	touch $@
 
-# the `web` extra alone (its engine and trainer run in $(VENV)): pip install --no-deps, then that list
+# the `web` extra alone (its engine and trainer run in $(VENV)): that list, then MedLoRA with --no-deps
 $(WEB_VENV)/.installed: pyproject.toml
 	test -x $(WEB_PY) || $(PYTHON) -m venv $(WEB_VENV)
 	$(WEB_PY) -m pip install --quiet --upgrade pip
-	$(WEB_PY) -m pip install --quiet --no-deps -e .
 	$(WEB_PY) -m pip install --quiet $$($(WEB_PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["web"]))')
+	$(WEB_PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: $(VENV)/.installed

@@ -119,7 +119,9 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
 
     [engine] = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline()]
     engine.kill()
-    engine.wait(10)
+    deadline = time.monotonic() + 10  # it stays a zombie until the app notices (not our child to reap)
+    while engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.1)
     page.click("#score-btn")
     browser.wait_for(page, "() => { const p = document.querySelector('#results .probability');"
                            " return p && p.innerText; }", 240)

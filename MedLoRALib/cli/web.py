@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; any other needs the printed token)")
     parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                        help="an adapter folder or .zip to offer beside the store's (repeatable)")
     parser.add_argument("--work-dir", help="where training sets and runs go (default: MedLoRA's data folder)")
     parser.add_argument("--device", default="auto", help="engine device: cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--engine-python", help="Python with torch for the scoring engine and training (default: this "
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     root = DataRoot.at(args.data_root, max_upload_bytes=int(args.max_upload_mb * 2**20))
     config = WebConfig(data_root=root, store=Path(args.store).expanduser() if args.store else None,
                        work_dir=Path(args.work_dir).expanduser() if args.work_dir else None, device=args.device,
-                       engine_python=args.engine_python)
+                       engine_python=args.engine_python, adapters=tuple(Path(p).expanduser() for p in args.adapter))
     for name in ("trame_server", "trame_client", "trame_slicer", "wslink", "aiohttp"):  # INFO says nothing to users
         logging.getLogger(name).setLevel(logging.WARNING)
     server = get_server("medlora-web", client_type="vue3")

@@ -46,6 +46,7 @@ class WebConfig:
     work_dir: Path | None = None
     device: str = "auto"
     engine_python: str | None = None
+    adapters: tuple[Path, ...] = ()  # adapter folders or .zip offered beside the store's
 
 
 class MedLoRAWeb:
@@ -68,6 +69,7 @@ class MedLoRAWeb:
         self.logic = ModuleLogic(self.slicer_app.scene, store=store,
                                  workDir=str(config.work_dir) if config.work_dir else None)
         self.logic.setEnginePython(config.engine_python)
+        self.extra_adapters = [self.logic.session.register_adapter(str(path)) for path in config.adapters]
         self.studies = Studies(self.slicer_app.scene)
         self._points_mtime = -1
         self._rows: list = []
@@ -242,7 +244,7 @@ class MedLoRAWeb:
     # --- adapters and scoring ----------------------------------------------------------
     @guarded
     def refresh_adapters(self) -> None:
-        names = self.logic.adapterNames()
+        names = self.logic.adapterNames() + [n for n in self.extra_adapters if n not in self.logic.adapterNames()]
         self.state.adapters = names
         if self.state.adapter not in names:
             self.state.adapter = names[0] if names else None
