@@ -52,8 +52,15 @@ def server(shared_data, store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
-    with browser.chromium_page(server.url, tmp_path_factory.mktemp("chromium-profile")) as tab:
+def pw():
+    """One Playwright for the module (a second one cannot start while the first runs)."""
+    with playwright.sync_playwright() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def page(server, pw, tmp_path_factory):
+    with browser.chromium_page(server.url, tmp_path_factory.mktemp("chromium-profile"), pw) as tab:
         yield tab
 
 
@@ -193,14 +200,14 @@ def _trainers(work: Path) -> list:
 
 
 def test_train_from_the_page_to_100_percent_cancel_a_second_run_then_batch_score_the_folder(
-        phantom_root, tmp_path):
+        phantom_root, pw, tmp_path):
     from MedLoRALib.adapters.store import AdapterStore
 
     work = tmp_path / "web"
     work.mkdir()
     web = browser.WebServer(WEB_PYTHON, phantom_root, tmp_path / "store", work, sys.executable, "--device", "cpu")
     try:
-        with browser.chromium_page(web.url, tmp_path / "profile") as page:
+        with browser.chromium_page(web.url, tmp_path / "profile", pw) as page:
             for case in ("SYN-0001", "SYN-0002", "SYN-0003"):
                 browser.open_study(page, f"cohort/{case}.nrrd")
                 page.fill("#points-path", f"cohort/{case}.csv")

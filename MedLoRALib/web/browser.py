@@ -66,21 +66,27 @@ class WebServer:
 
 
 @contextmanager
-def chromium_page(url: str, profile: Path, size: tuple[int, int] = (1400, 900)):
-    """A page of headless Chromium (a fresh profile folder) open at ``url``, once the controls are there."""
-    from playwright.sync_api import sync_playwright
+def chromium_page(url: str, profile: Path, playwright=None, size: tuple[int, int] = (1400, 900)):
+    """A page of headless Chromium (a fresh profile folder) open at ``url``, once the controls are there.
 
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
-            viewport={"width": size[0], "height": size[1]}, device_scale_factor=1)
-        try:
-            page = context.new_page()
-            page.goto(url)
-            page.wait_for_selector("#open-path", timeout=120_000)
+    ``playwright``: a started ``sync_playwright()`` to share (one per thread may run); else one of its own.
+    """
+    if playwright is None:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as own, chromium_page(url, profile, own, size) as page:
             yield page
-        finally:
-            context.close()
+        return
+    context = playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, args=CHROMIUM_FLAGS, viewport={"width": size[0], "height": size[1]},
+        device_scale_factor=1)
+    try:
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("#open-path", timeout=120_000)
+        yield page
+    finally:
+        context.close()
 
 
 def wait_for(page, condition: str, timeout_s: float = 120.0, arg=None):
