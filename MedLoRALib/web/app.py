@@ -73,6 +73,7 @@ class MedLoRAWeb:
         self.studies = Studies(self.slicer_app.scene)
         self._points_mtime = -1
         self._rows: list = []
+        self._training_job: TrainingJob | None = None
         self._init_state()
         page.build(self)
         server.controller.on_server_ready.add(self._start_ticking)
@@ -120,7 +121,11 @@ class MedLoRAWeb:
                 self._job_finished(finished)
         self.state.busy = logic.job is not None
         if isinstance(logic.job, TrainingJob):
-            self._show_training(logic.job)
+            self._training_job = logic.job
+        if self._training_job is not None:  # also while a cancelled run winds down
+            self._show_training(self._training_job)
+            if self._training_job.finished:
+                self._training_job = None
         if isinstance(logic.job, BatchScoring):
             self._show_batch(logic.job)
         self._refresh_points()
