@@ -316,8 +316,11 @@ class MedLoRAWeb:
         """Open every study of a folder under the data root (with its annotations) and score them all."""
         folder = self.config.data_root.resolve(self.state.batch_folder)
         opened = self.studies.open_folder(folder)
+        self.studies.current = opened[-1].name
         self._show(opened[-1])
-        self.logic.beginScoreAll(self.state.adapter, device=self.config.device)
+        self.state.tab = "batch"
+        self.logic.beginScoreAll(self.state.adapter, device=self.config.device,
+                                 volumes=[study.volume for study in opened])
         s = self.state
         s.busy, s.error, s.batch_results, s.batch_csv, s.batch_progress = True, "", [], "", 0
 

@@ -28,6 +28,7 @@ class Study:
     volume: object
     markups: object
     image: CTImage
+    path: Path | None = None  # where it was read from (None: uploaded)
 
 
 class Studies:
@@ -53,7 +54,7 @@ class Studies:
         markups = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} nodules")
         markups.CreateDefaultDisplayNodes()
         mrml.link_markups(volume, markups)
-        study = Study(name=name, volume=volume, markups=markups, image=image)
+        study = Study(name=name, volume=volume, markups=markups, image=image, path=Path(path).resolve())
         self.by_name[name] = study
         self.current = name
         return study
@@ -95,9 +96,13 @@ class Studies:
                                "study): open a single study with Open instead.")
         opened = []
         for entry in found:
-            study = self.open(Path(entry.volume), name=entry.name.split(".")[0])
-            for annotation in _annotations_of(Path(entry.volume)):
-                self.import_points(annotation, study)
+            path = Path(entry.volume).resolve()
+            study = next((s for s in self.by_name.values() if s.path == path), None)  # open already: reused
+            if study is None:
+                study = self.open(path, name=entry.name.split(".")[0])
+            if study.markups.GetNumberOfControlPoints() == 0:
+                for annotation in _annotations_of(path):
+                    self.import_points(annotation, study)
             opened.append(study)
         return opened
 
