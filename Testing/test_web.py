@@ -242,6 +242,9 @@ def test_train_from_the_page_to_100_percent_cancel_a_second_run_then_batch_score
             page.click("#tab-score")
             assert "web-cancel" not in page.inner_text("#adapter-names")
 
+            page.set_input_files("#upload", str(phantom_root / "cohort" / "SYN-0001.nrrd"))  # open, not in the batch
+            browser.wait_for(page, "() => document.querySelector('#status').innerText.startsWith('opened SYN-0001 (2)')",
+                             60)
             page.click("#tab-batch")  # every study of the folder, with the adapter just trained
             page.fill("#batch-folder", "cohort")
             page.click("#batch-start")
