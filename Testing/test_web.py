@@ -258,3 +258,23 @@ def test_train_from_the_page_to_100_percent_cancel_a_second_run_then_batch_score
             assert {r["adapter"] for r in rows} == {"web-tiny"}
     finally:
         web.stop()
+
+
+def test_another_host_needs_the_printed_token(shared_data, store, pw, tmp_path):
+    """Bound beyond 127.0.0.1, the page opens only from the printed address (token), websocket included."""
+    web = browser.WebServer(WEB_PYTHON, shared_data, store, tmp_path, sys.executable, "--host", "127.0.0.2")
+    try:
+        assert "?token=" in web.url and web.url.startswith("http://127.0.0.2:")
+        bare = web.url.split("?", 1)[0]
+        with browser.chromium_page(web.url, tmp_path / "with-token", pw) as page:  # the page and its websocket work
+            _open(page, "../x")
+            assert "'..' is not allowed" in _error_text(page, "'..'")
+        context = pw.chromium.launch_persistent_context(str(tmp_path / "without"), executable_path=browser.CHROMIUM,
+                                                        args=browser.CHROMIUM_FLAGS)
+        try:
+            response = context.new_page().goto(bare)
+            assert response.status == 403 and "token" in response.text()
+        finally:
+            context.close()
+    finally:
+        web.stop()
