@@ -229,7 +229,8 @@ def test_train_from_the_page_to_100_percent_cancel_a_second_run_then_batch_score
             page.fill("#train-name", "web-cancel")
             page.fill("#train-epochs", "200")
             page.click("#train-start")
-            browser.wait_for(page, "() => document.querySelector('#train-status').innerText.startsWith('epoch')", 300)
+            browser.wait_for(page, "() => /^(training on|epoch)/.test(document.querySelector('#train-status').innerText)",
+                             300)
             assert _trainers(work), "no trainer process found while the page says it trains"
             page.click("#train-cancel")
             cancelled = time.monotonic()

@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..adapters import AdapterManifest
 from ..adapters.store import AdapterStore
 from ..errors import MedLoRAError
-from ..slicer import mrml
+from ..slicer import crops, mrml
 from ..slicer.batch import BatchScoring
 from ..slicer.module_logic import ModuleLogic
 from ..slicer.results import export_csv
@@ -282,8 +283,15 @@ class MedLoRAWeb:
                      None)
         if point is None:
             raise MedLoRAError(f"'{row.nodule}' was deleted after scoring: score again.")
-        path = self.logic.cropPreview(study.volume, point, row.adapter, path=str(self.upload_dir / "thumbnail.png"))
+        path = crops.save_thumbnail(study.volume, point, self._spec(row.adapter), self.upload_dir / "thumbnail.png")
         self.state.thumbnail = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+    def _spec(self, adapter: str):
+        """The patch geometry of an adapter, registered by path (``--adapter``) or in the store."""
+        session = self.logic.session
+        if adapter in session.adapters:
+            return AdapterManifest.from_dict(session.adapters[adapter], f"adapter {adapter}").spec
+        return session.store.info(adapter).spec
 
     # --- training ---------------------------------------------------------------------
     @guarded
