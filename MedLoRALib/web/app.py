@@ -168,8 +168,9 @@ class MedLoRAWeb:
 
     # --- studies ----------------------------------------------------------------------
     @guarded
-    def open_path(self) -> None:
-        path = self.config.data_root.resolve(self.state.open_path)
+    def open_path(self, text: str) -> None:
+        """Open the CT the page names (values come with the click: the page's state may lag behind)."""
+        path = self.config.data_root.resolve(text)
         self._show(self.studies.open(path))
 
     @guarded
@@ -233,8 +234,8 @@ class MedLoRAWeb:
             markups_logic.disable_place_mode()
 
     @guarded
-    def import_points(self) -> None:
-        path = self.config.data_root.resolve(self.state.points_path)
+    def import_points(self, text: str) -> None:
+        path = self.config.data_root.resolve(text)
         count = self.studies.import_points(path)
         self.state.status = f"imported {count} point(s) from {path.name}"
         self.state.error = ""
@@ -256,9 +257,9 @@ class MedLoRAWeb:
             self.state.adapter = names[0] if names else None
 
     @guarded
-    def score(self) -> None:
+    def score(self, adapter: str | None) -> None:
         study = self.studies.get()
-        self.logic.beginScore(study.volume, study.markups, self.state.adapter, device=self.config.device)
+        self.logic.beginScore(study.volume, study.markups, adapter, device=self.config.device)
         self.state.busy, self.state.error, self.state.results, self._rows = True, "", [], []
         self.state.status = self.logic.jobStatus()
 
@@ -295,10 +296,10 @@ class MedLoRAWeb:
 
     # --- training ---------------------------------------------------------------------
     @guarded
-    def start_training(self, resume: bool = False) -> None:
+    def start_training(self, resume: bool, preset: str, name: str, epochs) -> None:
         """Train on the labelled points of every open study (the module's ``startTraining``)."""
         s = self.state
-        train = training_view.train_config(s.train_preset, s.train_name, s.train_epochs)
+        train = training_view.train_config(preset, name, epochs)
         self.logic.startTraining(TrainingConfig(train=train), resume=bool(resume))
         s.training, s.busy, s.error = True, True, ""
         s.train_progress, s.train_curve, s.train_status = 0, "", "starting"
@@ -320,14 +321,14 @@ class MedLoRAWeb:
 
     # --- batch ------------------------------------------------------------------------
     @guarded
-    def start_batch(self) -> None:
+    def start_batch(self, text: str, adapter: str | None) -> None:
         """Open every study of a folder under the data root (with its annotations) and score them all."""
-        folder = self.config.data_root.resolve(self.state.batch_folder)
+        folder = self.config.data_root.resolve(text)
         opened = self.studies.open_folder(folder)
         self.studies.current = opened[-1].name
         self._show(opened[-1])
         self.state.tab = "batch"
-        self.logic.beginScoreAll(self.state.adapter, device=self.config.device,
+        self.logic.beginScoreAll(adapter, device=self.config.device,
                                  volumes=[study.volume for study in opened])
         s = self.state
         s.busy, s.error, s.batch_results, s.batch_csv, s.batch_progress = True, "", [], "", 0

@@ -42,7 +42,7 @@ def _controls(app, v, html, ctrl) -> None:
     with html.Div(classes="d-flex"):
         v.VTextField(v_model=("open_path", ""), label="CT under the data root", id="open-path", density="compact",
                      hide_details=True)
-        v.VBtn("Open", id="open-btn", click=app.open_path, classes="ml-1", disabled=("busy",))
+        v.VBtn("Open", id="open-btn", click=(app.open_path, "[open_path]"), classes="ml-1", disabled=("busy",))
     html.Div("or upload a CT (.nrrd, .nii.gz, or the DICOM files of one series):", classes="text-caption mt-2")
     html.Input(type="file", id="upload", multiple=True, classes="text-body-2", __events=["change"],
                change=("const f = [...$event.target.files]; const n = f.reduce((a, x) => a + x.size, 0); "
@@ -68,7 +68,7 @@ def _controls(app, v, html, ctrl) -> None:
     with html.Div(classes="d-flex"):
         v.VTextField(v_model=("points_path", ""), label="Points file (LIDC XML, .mrk.json, CSV)", id="points-path",
                      density="compact", hide_details=True)
-        v.VBtn("Import", id="import-btn", click=app.import_points, classes="ml-1")
+        v.VBtn("Import", id="import-btn", click=(app.import_points, "[points_path]"), classes="ml-1")
     with html.Table(id="points", classes="text-body-2 mt-1", style="width: 100%;"):
         with html.Tr(v_for="p in points", key="p.id", classes="point-row"):
             html.Td("{{ p.name }}")
@@ -98,7 +98,7 @@ def _score_tab(app, v, html) -> None:
         v.VBtn("↻", click=app.refresh_adapters, variant="text", title="reload the adapter store")
     html.Div("In the store: {{ adapters.join(', ') || 'none' }}", id="adapter-names", classes="text-caption")
     with html.Div(classes="d-flex mt-2"):
-        v.VBtn("Score", id="score-btn", color="primary", click=app.score, disabled=("busy",))
+        v.VBtn("Score", id="score-btn", color="primary", click=(app.score, "[adapter]"), disabled=("busy",))
         v.VBtn("Cancel", id="cancel-btn", click=app.cancel, disabled=("!busy",), classes="ml-2")
     with html.Table(id="results", classes="text-body-2 mt-2", style="width: 100%;"):
         with html.Tr():
@@ -131,8 +131,8 @@ def _train_tab(app, v, html) -> None:
         v.VTextField(v_model=("train_epochs", 20), label="Epochs", id="train-epochs", type="number",
                      density="compact", hide_details=True, classes="ml-2", style="max-width: 90px;")
     with html.Div(classes="d-flex mt-2"):
-        v.VBtn("Train", id="train-start", color="primary", click=(app.start_training, "[false]"), disabled=("busy",))
-        v.VBtn("Resume", id="train-resume", click=(app.start_training, "[true]"), disabled=("busy",), classes="ml-2")
+        v.VBtn("Train", id="train-start", color="primary", click=(app.start_training, "[false, train_preset, train_name, train_epochs]"), disabled=("busy",))
+        v.VBtn("Resume", id="train-resume", click=(app.start_training, "[true, train_preset, train_name, train_epochs]"), disabled=("busy",), classes="ml-2")
         v.VBtn("Cancel", id="train-cancel", click=app.cancel_training, disabled=("!training",), classes="ml-2")
     v.VProgressLinear(model_value=("train_progress",), height=18, color="primary", classes="mt-2",
                       id="train-progress-bar")
@@ -148,7 +148,7 @@ def _batch_tab(app, v, html) -> None:
     with html.Div(classes="d-flex"):
         v.VTextField(v_model=("batch_folder", ""), label="Folder of studies", id="batch-folder", density="compact",
                      hide_details=True)
-        v.VBtn("Score all", id="batch-start", color="primary", click=app.start_batch, disabled=("busy",),
+        v.VBtn("Score all", id="batch-start", color="primary", click=(app.start_batch, "[batch_folder, adapter]"), disabled=("busy",),
                classes="ml-1")
     with html.Div(classes="d-flex align-center mt-2"):
         v.VProgressLinear(model_value=("batch_progress",), height=18, color="primary")
