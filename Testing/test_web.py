@@ -137,6 +137,15 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     page.locator("#results tr.result-row").first.click()
     browser.wait_for(page, "() => document.querySelector('#thumbnail').src.startsWith('data:image/png')", 30)
 
+    xml = next(lidc_0001.glob("*.xml"))  # the same nodule imported from the LIDC XML: same place in RAS
+    page.fill("#points-path", str(xml.relative_to(shared_data)))
+    page.click("#import-btn")
+    browser.wait_for(page, "() => document.querySelectorAll('#points tr.point-row').length === 2", 30)
+    imported = page.locator("#points tr.point-row").nth(1).locator("td").nth(1).inner_text()
+    assert np.allclose([float(v) for v in imported.split(",")], nodule_ras, atol=0.006)
+    page.locator("#points tr.point-row").nth(1).locator(".delete-point").click()
+    browser.wait_for(page, "() => document.querySelectorAll('#points tr.point-row').length === 1", 30)
+
 
 def _open(page, relative: str) -> None:
     page.fill("#open-path", relative)

@@ -72,7 +72,6 @@ class MedLoRAWeb:
         self.logic.setEnginePython(config.engine_python)
         self.extra_adapters = [self.logic.session.register_adapter(str(path)) for path in config.adapters]
         self.studies = Studies(self.slicer_app.scene)
-        self._points_mtime = -1
         self._rows: list = []
         self._training_job: TrainingJob | None = None
         self._init_state()
@@ -150,21 +149,21 @@ class MedLoRAWeb:
             self.state.status = job.status
 
     def _refresh_points(self) -> None:
+        """The point list and the label counts, when they changed (removing or moving a control point
+        does not change the node's MTime, so the lists themselves are compared; a few points each)."""
         if self.studies.current is None:
             return
-        markups = self.studies.get().markups
-        mtime = markups.GetMTime()
-        if mtime == self._points_mtime:
-            return
-        self._points_mtime = mtime
-        labelled = [p for study in self.studies.by_name.values()
+        points = [{"id": p.point_id, "name": p.name, "label": {0: "benign", 1: "malignant"}.get(p.training_label, ""),
+                   "ras": [round(v, 2) for v in p.position_ras]}
+                  for p in mrml.markups_to_points(self.studies.get().markups, self.studies.current)]
+        if points != self.state.points:
+            self.state.points = points
+        labelled = [p.training_label for study in self.studies.by_name.values()
                     for p in mrml.markups_to_points(study.markups, study.name) if p.training_label is not None]
-        self.state.labelled = (f"{sum(p.training_label == 0 for p in labelled)} benign, "
-                               f"{sum(p.training_label == 1 for p in labelled)} malignant points labelled in "
-                               f"{len(self.studies.by_name)} open studies")
-        self.state.points = [{"id": p.point_id, "name": p.name, "label": {0: "benign", 1: "malignant"}.get(
-            p.training_label, ""), "ras": [round(v, 2) for v in p.position_ras]}
-            for p in mrml.markups_to_points(markups, self.studies.current)]
+        text = (f"{labelled.count(0)} benign, {labelled.count(1)} malignant points labelled in "
+                f"{len(self.studies.by_name)} open studies")
+        if text != self.state.labelled:
+            self.state.labelled = text
 
     # --- studies ----------------------------------------------------------------------
     @guarded
@@ -191,7 +190,6 @@ class MedLoRAWeb:
         self.state.studies = list(self.studies.by_name)
         self.state.study = study.name
         self.state.results, self._rows, self.state.thumbnail = [], [], ""
-        self._points_mtime = -1
         self.set_placing(True)
         self.state.error = ""
         self.state.status = f"opened {study.name}: {study.image.geometry.size[0]}×{study.image.geometry.size[1]}×" \
@@ -202,7 +200,6 @@ class MedLoRAWeb:
         study = self.studies.get(name)
         self.studies.current = name
         views.show_volume(self.slicer_app, study.volume)
-        self._points_mtime = -1
         self.set_placing(self.state.placing)
 
     @guarded
