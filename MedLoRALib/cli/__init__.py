@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "run the scoring engine (JSON lines on stdin/stdout)"),
     "phantom": ("phantom", "write synthetic chest CT phantoms with known nodules"),
     "demo": ("demo", "synthetic end-to-end run: cohort, training, scoring, report"),
+    "web": ("web", "score, train and batch-score in the browser (Slicer's views via trame-slicer)"),
 }
 
 

@@ -239,10 +239,15 @@ class ModuleLogic:
         self._configureDevice(device)
         return self._startJob(self.session.begin_score(volume, markups, self._attach(adapter), table, tta))
 
-    def beginScoreAll(self, adapter, choose: MarkupsChooser | None = None, device="auto", tta=True):
-        """Score every loaded study; ``choose`` picks the markups of an unlinked volume (``None``: skip it)."""
+    def beginScoreAll(self, adapter, choose: MarkupsChooser | None = None, device="auto", tta=True, volumes=None):
+        """Score every loaded study; ``choose`` picks the markups of an unlinked volume (``None``: skip it).
+
+        ``volumes``: only the studies of these volume nodes (the web app's folder batch).
+        """
         self._configureDevice(device)
         studies = find_studies(self.scene, choose)
+        if volumes is not None:
+            studies = [study for study in studies if any(study.volume is v for v in volumes)]
         return self._startJob(BatchScoring(self.session, studies, adapter=self._attach(adapter), tta=tta))
 
     def beginExplanation(self, volume, point, adapter, method="gradxinput", opacity=0.5):
