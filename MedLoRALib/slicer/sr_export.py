@@ -341,6 +341,19 @@ class SRExportJob:
         self.handle.stop(grace_s=0.0)
 
 
+def export_request(session, volume_node, table_node, out: Path, overwrite: bool = True,
+                   database: DicomDatabase | None = None) -> tuple[dict, ScoredVolume]:
+    """Every check of an export, then the child's request (``report.request``) and what it reports."""
+    origin = dicom_origin(volume_node, database)
+    check_sr_output(out, overwrite)
+    scored = scored_volume(table_node, volume_node)
+    manifests = [scoring_manifest(session, adapter, version) for adapter, version in scored.members]
+    request = sr_request(out, origin.ids, scored.nodules, scored.results,
+                         manifests if len(manifests) > 1 else manifests[0], dicom_files=origin.files,
+                         overwrite=overwrite)
+    return request, scored
+
+
 def begin_sr_export(session, volume_node, table_node, out: str | os.PathLike, overwrite: bool = True,
                     database: DicomDatabase | None = None) -> SRExportJob:
     """Check everything that can be checked here, then start the SR child process; never waits.
@@ -355,13 +368,7 @@ def begin_sr_export(session, volume_node, table_node, out: str | os.PathLike, ov
         database: where the volume's instances are found (default: ``slicer.dicomDatabase``).
     """
     out = Path(out)
-    origin = dicom_origin(volume_node, database)
-    check_sr_output(out, overwrite)
-    scored = scored_volume(table_node, volume_node)
-    manifests = [scoring_manifest(session, adapter, version) for adapter, version in scored.members]
-    request = sr_request(out, origin.ids, scored.nodules, scored.results,
-                         manifests if len(manifests) > 1 else manifests[0], dicom_files=origin.files,
-                         overwrite=overwrite)
+    request, scored = export_request(session, volume_node, table_node, out, overwrite, database)
     handle_file, name = tempfile.mkstemp(prefix="medlora-sr-", suffix=".json")
     with os.fdopen(handle_file, "w", encoding="utf-8") as handle:
         json.dump(request, handle)
