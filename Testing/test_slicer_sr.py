@@ -70,20 +70,25 @@ def case(lidc_0001, tiny_adapter, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("slicer-sr")
     headless = mrml.create_headless_scene()
-    volume, ct = add_as_dicom_module_does(headless.scene, lidc_0001)
-    (xml_nodule,) = load_nodules(next(lidc_0001.glob("*.xml")), image=ct)
-    extra = Nodule(centre_lps=tuple(np.array(xml_nodule.centre_lps) + (25.0, 0.0, 0.0)), nodule_id="extra-point")
-    markups = mrml.add_markups_node(headless.scene, [xml_nodule, extra], name="LIDC points")
-    markups.AddControlPointWorld(900.0, 900.0, 900.0, "far")
     logic = MedLoRA.MedLoRALogic(scene=headless.scene, store=AdapterStore(folder / "store"),
                                  workDir=str(folder / "work")).moduleLogic
-    logic.importAdapter(tiny_adapter("tiny-sr", SPEC, manifest={"threshold": 0.5}))
-    job = _finish(logic, logic.beginScore(volume, markups, "tiny-sr", tta=False, device="cpu"), timeout_s=300)
-    database = sr_export.FolderDicomIndex(lidc_0001)
-    yield {"scene": headless.scene, "volume": volume, "markups": markups, "table": job.results_table, "ct": ct,
-           "nodules": [xml_nodule, extra],
-           "logic": logic, "database": database, "folder": folder}
-    logic.close()
+    logic.session.engine.config.extra_args = ["--device", "cpu"]  # what beginScore(device="cpu") asks for
+    logic.session.engine.launch()  # its start (torch's import) overlaps making the adapter and loading the CT
+    try:
+        logic.importAdapter(tiny_adapter("tiny-sr", SPEC, manifest={"threshold": 0.5}))
+        volume, ct = add_as_dicom_module_does(headless.scene, lidc_0001)
+        (xml_nodule,) = load_nodules(next(lidc_0001.glob("*.xml")), image=ct)
+        extra = Nodule(centre_lps=tuple(np.array(xml_nodule.centre_lps) + (25.0, 0.0, 0.0)),
+                       nodule_id="extra-point")
+        markups = mrml.add_markups_node(headless.scene, [xml_nodule, extra], name="LIDC points")
+        markups.AddControlPointWorld(900.0, 900.0, 900.0, "far")
+        job = _finish(logic, logic.beginScore(volume, markups, "tiny-sr", tta=False, device="cpu"), timeout_s=300)
+        assert logic.session.engine.starts == 1  # the engine launched above did the scoring
+        database = sr_export.FolderDicomIndex(lidc_0001)
+        yield {"scene": headless.scene, "volume": volume, "markups": markups, "table": job.results_table,
+               "ct": ct, "nodules": [xml_nodule, extra], "logic": logic, "database": database, "folder": folder}
+    finally:
+        logic.close()
 
 
 def _finish(logic, job, timeout_s: float = 120.0):
