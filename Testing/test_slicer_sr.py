@@ -1,5 +1,7 @@
 """Export SR from the Slicer logic (slicer-core, no Qt): LIDC-IDRI-0001 loaded as Slicer's DICOM module
-loads it, scored through a real ``medlora serve`` with the tiny adapter, written by the SR child process.
+loads it, scored through a real ``medlora serve`` with the tiny adapter (and with an ensemble of two),
+written by the SR child process. One scored scene serves every test; where the child would only repeat
+what the first test shows, the request it would read is written in-process (``_write_in_process``).
 
 The volume is built the way ``DICOMScalarVolumePlugin`` builds it (``Modules/Scripted/DICOMPlugins/
 DICOMScalarVolumePlugin.py`` v5.4.0 to v5.12.3): no MedLoRA attributes, the SOP Instance UIDs in
