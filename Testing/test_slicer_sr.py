@@ -32,7 +32,7 @@ from MedLoRALib.nodule import Nodule
 from MedLoRALib.report.request import write_from_request
 from MedLoRALib.report.sr import DISAGREE_CONCEPT, LABEL_CONCEPT, SRError, manifest_sha256
 from MedLoRALib.slicer import mrml, sr_export
-from MedLoRALib.slicer.results import read_table, write_table
+from MedLoRALib.slicer.results import ScoreRow, read_table, write_table
 
 pytest.importorskip("slicer")
 hd = pytest.importorskip("highdicom")
@@ -191,6 +191,18 @@ def test_an_ensemble_scored_volume_exports_the_sr_score_writes_for_that_ensemble
                 assert any(f"member {name}: version={manifest.version_id} manifest_sha256={manifest_sha256(manifest)}"
                            in p for p in parameters)
         assert any(row.disagree for row in rows) or all(row.spread > 0 for row in rows)
+
+        # another volume's row scored by the members the other way round comes first: the table's member columns
+        # follow it, but this volume's members keep the order they were combined in
+        other = ScoreRow(volume="another", nodule="n", point_id="x", r=0.0, a=0.0, s=0.0, probability=0.5, label=1,
+                         adapter="site-b+site-a", adapter_version="x+y", spread=0.1, disagree=False,
+                         members={"site-b": 0.6, "site-a": 0.4})
+        write_table(scene, [other, *read_table(table)], table)
+        titles = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+        assert titles[-2:] == ["P site-b", "P site-a"]
+        groups = hd.sr.srread(_write_in_process(case, tmp_path / "reordered.dcm", table=table)
+                              ).content.get_planar_roi_measurement_groups()
+        assert [list(ensemble_probabilities(group)[1]) for group in groups] == [names, names]
 
         # a member re-imported with other weights since the scores: refused, naming it
         member_rows = read_table(table)
