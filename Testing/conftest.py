@@ -59,6 +59,20 @@ def tiny_adapter(tmp_path_factory):
     return make
 
 
+# Three tiny LoRA adapters on one (random-init) backbone and patch spec: head biases that put site-a well
+# above and site-b well below 0.5 (they disagree); site-c at threshold 0.3.
+ENSEMBLE_MEMBERS = {"site-a": dict(seed=1, head_bias=3.0), "site-b": dict(seed=2, head_bias=-3.0),
+                    "site-c": dict(seed=3, head_bias=0.0, manifest={"threshold": 0.3})}
+
+
+@pytest.fixture(scope="session")
+def ensemble_members(tiny_adapter) -> dict[str, Path]:
+    """``ENSEMBLE_MEMBERS`` saved (read-only, shared), patch spec ``helpers.ENSEMBLE_SPEC``: name -> path."""
+    from helpers import ENSEMBLE_SPEC
+
+    return {name: tiny_adapter(name, ENSEMBLE_SPEC, **options) for name, options in ENSEMBLE_MEMBERS.items()}
+
+
 @pytest.fixture(scope="module")
 def engine_server(tmp_path_factory):
     """An in-process engine (``serve.EngineServer`` on a CPU ``ScoringEngine``) with an empty store of

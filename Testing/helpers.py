@@ -100,9 +100,35 @@ def save_tiny_adapter(folder, name: str, spec, *, manifest: dict | None = None, 
 
 # --- a LIDC-IDRI download in TCIA's layout (medlora cohort, medlora experiment) -------------------------
 
+def sr_text(item, meaning: str) -> list[str]:
+    """TEXT values of the SR content items named ``meaning`` directly under ``item``."""
+    return [c.TextValue for c in getattr(item, "ContentSequence", [])
+            if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def ensemble_probabilities(group) -> tuple[dict[str, float], dict[str, float]]:
+    """An SR measurement group's probabilities of cancer: (derivation meaning -> value: the ensemble's
+    "Mean" and "Standard Deviation"; member adapter -> its probability, named by its TID 4019)."""
+    import pydicom
+
+    by_derivation, members = {}, {}
+    for measurement in group.get_measurements(name=pydicom.sr.codedict.codes.DCM.ProbabilityOfCancer):
+        if measurement.derivation is not None:
+            by_derivation[measurement.derivation.meaning] = measurement.value
+        else:
+            (name,) = sr_text(measurement[0], "Algorithm Name")  # TID 4019 inside this measurement (TID 300)
+            members[name] = measurement.value
+    return by_derivation, members
+
+
 def __getattr__(name: str):
-    """``TINY_PHANTOM`` (a small two-nodule ``PhantomConfig``), made on first use so that importing
-    ``helpers`` stays cheap for the tests that never use it."""
+    """``TINY_PHANTOM`` (a small two-nodule ``PhantomConfig``) and ``ENSEMBLE_SPEC`` (the one-image 32 px
+    patch spec of the ensemble members), made on first use so that importing ``helpers`` stays cheap
+    for the tests that never use them."""
+    if name == "ENSEMBLE_SPEC":
+        from MedLoRALib.patches import PatchSpec
+
+        return PatchSpec(views="ortho3", fov_mm=50.0, pixels=32)
     if name == "TINY_PHANTOM":
         from MedLoRALib.synthetic import PhantomConfig
 

@@ -14,27 +14,21 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_adapter
+from helpers import ENSEMBLE_SPEC, ensemble_probabilities, save_tiny_adapter, sr_text
 
 from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.errors import AdapterError
 from MedLoRALib.patches import PatchSpec
 
 torch.set_num_threads(1)
-SPEC = PatchSpec(views="ortho3", fov_mm=50.0, pixels=32)  # one 32 px image per nodule: fast
+SPEC = ENSEMBLE_SPEC  # one 32 px image per nodule: fast
 PATCHES = np.random.default_rng(3).random((4, 3, 32, 32), dtype=np.float32)
-# Head biases that put one member well above and one well below 0.5: the members disagree.
-MEMBERS = {"site-a": dict(seed=1, head_bias=3.0), "site-b": dict(seed=2, head_bias=-3.0),
-           "site-c": dict(seed=3, head_bias=0.0)}
 
 
 @pytest.fixture(scope="module")
-def members(tmp_path_factory):
-    """Three tiny LoRA adapters on one (random-init) backbone and patch spec, one of them at threshold 0.3."""
-    root = tmp_path_factory.mktemp("members")
-    return {name: save_tiny_adapter(root, name, SPEC, manifest={"threshold": 0.3} if name == "site-c" else None,
-                                    **options)[0]
-            for name, options in MEMBERS.items()}
+def members(ensemble_members):
+    """conftest's three members (site-a and site-b disagree; site-c at threshold 0.3)."""
+    return ensemble_members
 
 
 @pytest.fixture
@@ -184,15 +178,8 @@ def test_serve_answers_a_bad_ensemble_with_an_error_and_carries_on(engine, tmp_p
 
 
 # --- CLI and DICOM SR on the real LIDC-IDRI-0001 series -------------------------------------------------
-def _content(item, meaning):
-    """TEXT values of the content items named ``meaning`` directly under ``item``."""
-    return [c.TextValue for c in getattr(item, "ContentSequence", [])
-            if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeMeaning == meaning]
-
-
 @pytest.mark.slow
 def test_score_cli_with_an_ensemble_writes_its_columns_and_sr(lidc_0001, members, tmp_path, capsys):
-    import pydicom
 
     from MedLoRALib.annotations import load_nodules
     from MedLoRALib.cli import main
@@ -227,23 +214,14 @@ def test_score_cli_with_an_ensemble_writes_its_columns_and_sr(lidc_0001, members
 
     (group,) = hd.sr.srread(sr).content.get_planar_roi_measurement_groups()
     assert np.allclose(group.roi.value, [nodules[0].centre_lps], atol=0.01)
-    by_derivation = {}
-    member_probabilities = {}
-    for measurement in group.get_measurements(name=pydicom.sr.codedict.codes.DCM.ProbabilityOfCancer):
-        names = _content(measurement[0], "Algorithm Name")  # TID 4019 inside this measurement (TID 300)
-        derivation = measurement.derivation
-        if derivation is not None:
-            by_derivation[derivation.meaning] = measurement.value
-        else:
-            (name,) = names
-            member_probabilities[name] = measurement.value
+    by_derivation, member_probabilities = ensemble_probabilities(group)
     assert by_derivation["Mean"] == pytest.approx(float(row["probability"]), abs=1e-9)
     assert by_derivation["Standard Deviation"] == pytest.approx(float(row["spread"]), abs=1e-9)
     assert member_probabilities == pytest.approx({"site-a": alone[0], "site-b": alone[1]}, abs=1e-6)
     (disagree,) = group.get_qualitative_evaluations(name=hd.sr.CodedConcept(*DISAGREE_CONCEPT))
     assert disagree.value.meaning == "Yes"
-    parameters = _content(group[0], "Algorithm Parameters")  # the group's algorithm: the ensemble
-    assert _content(group[0], "Algorithm Name") == ["site-a+site-b"]
+    parameters = sr_text(group[0], "Algorithm Parameters")  # the group's algorithm: the ensemble
+    assert sr_text(group[0], "Algorithm Name") == ["site-a+site-b"]
     assert "members=site-a,site-b" in parameters and ENSEMBLE_RULE_PARAMETER in parameters
     assert any(f"manifest_sha256={manifest_sha256(engine.manifest('site-b'))}" in p for p in parameters)
 

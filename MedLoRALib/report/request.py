@@ -9,6 +9,10 @@ The request is one JSON object::
      "results": [{"probability": 0.8, "label": "malignant"}, ...],   # the engine's, same order
      "manifest": {...},  "tta": true,  "overwrite": false}
 
+An ensemble gives ``"manifest"`` as the list of its members' manifests, and each result also carries
+``"spread"``, ``"disagree"`` and ``"members": [{"adapter": "a", "probability": 0.7}, ...]``
+(``ScoringEngine.score_ensemble``'s results), as ``write_score_sr`` takes them.
+
 ``sr_request`` builds it, ``write_from_request`` carries it out; both sides use this module.
 """
 
@@ -34,21 +38,37 @@ def child_command(python: str | None = None, request: str | os.PathLike = "-") -
 
 
 def sr_request(out: str | os.PathLike, ids: StudyIds, nodules: Sequence[Nodule], results: Sequence[dict],
-               manifest: AdapterManifest | dict, *, dicom_files: Sequence[str | os.PathLike] | None = None,
+               manifest: AdapterManifest | dict | Sequence[AdapterManifest | dict], *,
+               dicom_files: Sequence[str | os.PathLike] | None = None,
                dicom_folder: str | os.PathLike | None = None, tta: bool | None = None,
                overwrite: bool = False) -> dict:
-    """The JSON-ready request for ``write_score_sr`` with these arguments (see the module docstring)."""
+    """The JSON-ready request for ``write_score_sr`` with these arguments (see the module docstring);
+    ``manifest`` a list of the members' manifests for an ensemble's results."""
     request = {
         "out": str(out), "series_uid": ids.series_uid, "study_uid": ids.study_uid,
         "nodules": [{"nodule_id": n.nodule_id, "centre_lps": [float(v) for v in n.centre_lps]} for n in nodules],
-        "results": [{"probability": float(r["probability"]), "label": str(r["label"])} for r in results],
-        "manifest": manifest.to_dict() if isinstance(manifest, AdapterManifest) else dict(manifest),
+        "results": [_result(r) for r in results],
+        "manifest": [_manifest(m) for m in manifest] if isinstance(manifest, (list, tuple)) else _manifest(manifest),
         "tta": tta, "overwrite": bool(overwrite)}
     if dicom_files is not None:
         request["dicom_files"] = [str(f) for f in dicom_files]
     if dicom_folder is not None:
         request["dicom_folder"] = str(dicom_folder)
     return request
+
+
+def _manifest(manifest: AdapterManifest | dict) -> dict:
+    return manifest.to_dict() if isinstance(manifest, AdapterManifest) else dict(manifest)
+
+
+def _result(result: dict) -> dict:
+    """The JSON of one result: probability and label, and an ensemble's spread, disagreement and members."""
+    item = {"probability": float(result["probability"]), "label": str(result["label"])}
+    if "spread" in result or "members" in result:
+        item.update(spread=float(result["spread"]), disagree=bool(result["disagree"]),
+                    members=[{"adapter": str(m["adapter"]), "probability": float(m["probability"])}
+                             for m in result["members"]])
+    return item
 
 
 def write_from_request(request: dict) -> Path:

@@ -85,14 +85,14 @@ class BatchScoring:
     Args:
         session: the ``ScoringSession`` that scores one volume.
         studies: from ``find_studies``.
-        adapter: adapter name (default: the active one).
+        adapter: adapter name (default: the active one), or a list of names: an ensemble.
         tta: test-time augmentation.
         on_study: called with (studies done, studies in all, volume name) after each study.
     """
 
     session: object
     studies: list[Study]
-    adapter: str | None = None
+    adapter: str | list[str] | None = None
     tta: bool = True
     on_study: Callable[[int, int, str], None] | None = None
     rows: list[ScoreRow] = field(default_factory=list)

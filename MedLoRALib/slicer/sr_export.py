@@ -12,7 +12,10 @@ attribute — from NRRD/NIfTI, or dragged in as files — has no DICOM origin an
 The points are the table's (world RAS at scoring time), taken back through any linear parent
 transform of the volume into the volume's own frame, which is the DICOM patient frame (LPS
 after flipping x and y). The adapter's manifest comes from the store and must be the version
-that scored the rows.
+that scored the rows. Rows scored by an ensemble (``Spread``, ``Disagree`` and one ``P <adapter>``
+column per member, ``results.py``) give each member's manifest, checked the same way, and the SR
+is the one ``medlora score --sr`` writes for that ensemble (``report.sr``: mean, spread, member
+probabilities, disagreement).
 
 highdicom is not in Slicer's Python before 5.12 (``SuperBuild/External_python-dicom-
 requirements.cmake``: pydicom 2.4.4 only at v5.10.0; highdicom 0.27.0 from v5.12.0), so the SR
@@ -144,6 +147,7 @@ class ScoredVolume:
     adapter: str
     adapter_version: str
     skipped: list[str] = field(default_factory=list)
+    members: list[tuple[str, str]] = field(default_factory=list)  # (adapter, version) each; one for a single adapter
 
 
 def _local_from_world(volume_node) -> np.ndarray:
@@ -181,14 +185,48 @@ def scored_volume(table_node, volume_node) -> ScoredVolume:
         raise SRError(f"the rows of '{name}' were scored by {len(adapters)} adapters or versions "
                       f"({', '.join(f'{a} {v}' for a, v in adapters)}): score the volume again with one adapter.")
     local_from_world = _local_from_world(volume_node)
+    members = _members(scored[0])
     nodules, results = [], []
     for row, nodule_id in zip(scored, _unique_ids(scored)):
         local_ras = (local_from_world @ np.array([row.r, row.a, row.s, 1.0]))[:3]
         nodules.append(Nodule(centre_lps=tuple(float(v) for v in ras_to_lps(local_ras)), nodule_id=nodule_id,
                               case_id=name, source=f"slicer:{table_node.GetName()}"))
-        results.append({"probability": float(row.probability), "label": row.label_name})
+        results.append(_result(row, [member for member, _ in members]))
     [(adapter, version)] = adapters
-    return ScoredVolume(nodules=nodules, results=results, adapter=adapter, adapter_version=version, skipped=skipped)
+    return ScoredVolume(nodules=nodules, results=results, adapter=adapter, adapter_version=version, skipped=skipped,
+                        members=members)
+
+
+def _members(row: ScoreRow) -> list[tuple[str, str]]:
+    """(adapter, version) of each adapter that scored ``row``: the row's own for a single adapter; for an
+    ensemble its members (the row's member probabilities), in the order they were combined (``Adapter``
+    joins their names with '+', ``Adapter version`` their versions, ``scoring.ScoringSession``)."""
+    if row.spread is None and not row.members:
+        return [(row.adapter, row.adapter_version)]
+    joined = f"+{row.adapter}+"
+    names = sorted(row.members, key=lambda member: joined.find(f"+{member}+"))
+    versions = row.adapter_version.split("+")  # version IDs are hex: '+' only joins them
+    if row.spread is None or row.disagree is None or len(names) < 2 or "+".join(names) != row.adapter \
+            or len(versions) != len(names):
+        raise SRError(f"the ensemble row of '{row.nodule}' does not name its members consistently (adapter "
+                      f"'{row.adapter}', version '{row.adapter_version}', probabilities of "
+                      f"{', '.join(row.members) or 'no member'}, spread and disagree "
+                      f"{'' if row.spread is not None and row.disagree is not None else 'not '}set): "
+                      "score the volume again, then export.")
+    return list(zip(names, versions))
+
+
+def _result(row: ScoreRow, members: Sequence[str]) -> dict:
+    """The engine's result object of a row (an ensemble's with its spread, disagreement and members)."""
+    result = {"probability": float(row.probability), "label": row.label_name}
+    if len(members) > 1:
+        missing = [member for member in members if member not in row.members]
+        if missing:
+            raise SRError(f"the ensemble row of '{row.nodule}' has no probability of {', '.join(missing)}: score "
+                          "the volume again, then export.")
+        result.update(spread=float(row.spread), disagree=bool(row.disagree),
+                      members=[{"adapter": member, "probability": float(row.members[member])} for member in members])
+    return result
 
 
 def scoring_manifest(session, adapter: str, version: str) -> AdapterManifest:
@@ -303,6 +341,19 @@ class SRExportJob:
         self.handle.stop(grace_s=0.0)
 
 
+def export_request(session, volume_node, table_node, out: Path, overwrite: bool = True,
+                   database: DicomDatabase | None = None) -> tuple[dict, ScoredVolume]:
+    """Every check of an export, then the child's request (``report.request``) and what it reports."""
+    origin = dicom_origin(volume_node, database)
+    check_sr_output(out, overwrite)
+    scored = scored_volume(table_node, volume_node)
+    manifests = [scoring_manifest(session, adapter, version) for adapter, version in scored.members]
+    request = sr_request(out, origin.ids, scored.nodules, scored.results,
+                         manifests if len(manifests) > 1 else manifests[0], dicom_files=origin.files,
+                         overwrite=overwrite)
+    return request, scored
+
+
 def begin_sr_export(session, volume_node, table_node, out: str | os.PathLike, overwrite: bool = True,
                     database: DicomDatabase | None = None) -> SRExportJob:
     """Check everything that can be checked here, then start the SR child process; never waits.
@@ -317,12 +368,7 @@ def begin_sr_export(session, volume_node, table_node, out: str | os.PathLike, ov
         database: where the volume's instances are found (default: ``slicer.dicomDatabase``).
     """
     out = Path(out)
-    origin = dicom_origin(volume_node, database)
-    check_sr_output(out, overwrite)
-    scored = scored_volume(table_node, volume_node)
-    manifest = scoring_manifest(session, scored.adapter, scored.adapter_version)
-    request = sr_request(out, origin.ids, scored.nodules, scored.results, manifest, dicom_files=origin.files,
-                         overwrite=overwrite)
+    request, scored = export_request(session, volume_node, table_node, out, overwrite, database)
     handle_file, name = tempfile.mkstemp(prefix="medlora-sr-", suffix=".json")
     with os.fdopen(handle_file, "w", encoding="utf-8") as handle:
         json.dump(request, handle)
