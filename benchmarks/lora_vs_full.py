@@ -337,8 +337,9 @@ def compare(args, seed: int) -> dict:
             if not args.seeds or epoch == args.epochs - 1:  # over seeds: the last epoch only (10% of the time)
                 run.validate(val_patches, val_labels)
                 run.val_epochs.append(epoch + 1)
-            print(f"seed {seed} epoch {epoch + 1}/{args.epochs} {run.name}: {run.epoch_wall[-1]:.2f} s, "
-                  f"val AUC {run.val_aucs[-1]:.3f} (epoch {run.val_epochs[-1]})", file=sys.stderr, flush=True)
+            validated = f", val AUC {run.val_aucs[-1]:.3f}" if run.val_epochs[-1:] == [epoch + 1] else ""
+            print(f"seed {seed} epoch {epoch + 1}/{args.epochs} {run.name}: {run.epoch_wall[-1]:.2f} s{validated}",
+                  file=sys.stderr, flush=True)
 
     features = training_shortcut_features(data)
     shortcut = shortcut_probabilities(features[split.train], labels[split.train], features[split.val])
