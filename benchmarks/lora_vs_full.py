@@ -31,6 +31,14 @@ default), on the last 6/4/2 blocks (dropout 0), and the faithful split-qkv q/v f
     HF_HUB_OFFLINE=1 python benchmarks/lora_vs_full.py [--cases 40] [--epochs 12] [--threads 2]
         [--variants lora_qv,full,...] [--no-memory] [--no-vits] [--out results.json]
 
+One seed's validation set is 40 nodules, whose AUC moves by ±0.1 from sampling alone, so
+``--seeds 0,1,2,3,4`` repeats the comparison with a new cohort, patient-level split, patch stream
+and initialisation per seed (variants default to LoRA qv, LoRA all, LoRA qv on the last 4
+blocks, full, cached linear probe; validation at the last epoch only; no memory probes) and
+reports per arm the mean, SD and range over seeds and, per pair of arms, the paired per-seed
+differences (``benchmarks/_seed_stats.py``). Each finished seed is written to ``--seeds-file``
+at once and skipped when the same command runs again.
+
 Prints one JSON object (and writes it to ``--out`` when given).
 """
 
