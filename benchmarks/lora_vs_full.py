@@ -31,6 +31,14 @@ default), on the last 6/4/2 blocks (dropout 0), and the faithful split-qkv q/v f
     HF_HUB_OFFLINE=1 python benchmarks/lora_vs_full.py [--cases 40] [--epochs 12] [--threads 2]
         [--variants lora_qv,full,...] [--no-memory] [--no-vits] [--out results.json]
 
+One seed's validation set is 40 nodules, whose AUC moves by ±0.1 from sampling alone, so
+``--seeds 0,1,2,3,4`` repeats the comparison with a new cohort, patient-level split, patch stream
+and initialisation per seed (variants default to LoRA qv, LoRA all, LoRA qv on the last 4
+blocks, full, cached linear probe; validation at the last epoch only; no memory probes) and
+reports per arm the mean, SD and range over seeds and, per pair of arms, the paired per-seed
+differences (``benchmarks/_seed_stats.py``). Each finished seed is written to ``--seeds-file``
+at once and skipped when the same command runs again.
+
 Prints one JSON object (and writes it to ``--out`` when given).
 """
 
@@ -82,13 +90,13 @@ def _reset_peak_rss() -> bool:
 # --- models -------------------------------------------------------------------------------------
 
 
-def build_variant(name: str, spec, weights: Path | None):
-    """(model, mode) for a variant name; the head is seeded identically for every variant."""
+def build_variant(name: str, spec, weights: Path | None, seed: int = 0):
+    """(model, mode) for a variant name; the head (and LoRA) is seeded identically for every variant."""
     import torch
 
     from MedLoRALib.models import LoraSpec, build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if name.startswith("lora"):
         targets = "all" if name == "lora_all" else "qv"
         last = int(name.split("_last")[1]) if "_last" in name else None
@@ -107,7 +115,8 @@ def build_variant(name: str, spec, weights: Path | None):
 class Run:
     """One variant's training state: model, optimizer, schedule, timings and validation history."""
 
-    def __init__(self, name: str, spec, weights: Path | None, steps_per_epoch: int, epochs: int, pos_weight: float):
+    def __init__(self, name: str, spec, weights: Path | None, steps_per_epoch: int, epochs: int, pos_weight: float,
+                 seed: int = 0):
         import torch
 
         from MedLoRALib.models import trainable_parameter_count
@@ -115,7 +124,8 @@ class Run:
         from MedLoRALib.training.schedule import make_optimizer
 
         self.name = name
-        self.model, self.mode = build_variant(name, spec, weights)
+        self.seed = seed
+        self.model, self.mode = build_variant(name, spec, weights, seed)
         self.cached = name == "linear_cached"
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = DEFAULT_LR[self.mode]
@@ -125,6 +135,7 @@ class Run:
         self.epoch_wall: list[float] = []
         self.epoch_cpu: list[float] = []
         self.val_aucs: list[float] = []
+        self.val_epochs: list[int] = []
         self.val_logits: list = []
         self.setup_wall = 0.0
         self.setup_cpu = 0.0
@@ -157,7 +168,7 @@ class Run:
 
         wall, cpu = time.perf_counter(), time.process_time()
         for step, (inputs, labels) in enumerate(batches):
-            torch.manual_seed(step)
+            torch.manual_seed(self.seed * 1_000_003 + step)  # dropout masks: the same for every variant
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.criterion(self.logits(inputs, train=True), labels)
             loss.backward()
@@ -280,7 +291,8 @@ def cohort(cases: int, seed: int, folder: Path | None) -> Path:
     return manifest if manifest.is_file() else write_cohort(folder, cases, seed)
 
 
-def compare(args) -> dict:
+def compare(args, seed: int) -> dict:
+    """One cohort, split, patch stream and initialisation, all drawn from ``seed``; every variant on it."""
     import numpy as np
     import torch
 
@@ -294,15 +306,16 @@ def compare(args) -> dict:
     spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
     augment = AugmentConfig()
     started = time.perf_counter()
-    manifest = cohort(args.cases, args.seed, args.cohort_dir)
+    cohort_dir = args.cohort_dir / f"seed{seed}" if args.cohort_dir and args.seeds else args.cohort_dir
+    manifest = cohort(args.cases, seed, cohort_dir)
     data = check_training_set(manifest, reach_mm=patch_reach_mm(spec, augment))
     labels = data.labels
-    split = holdout_split(data.patient_ids, labels, 0.25, args.seed)
+    split = holdout_split(data.patient_ids, labels, 0.25, seed)
     cohort_s = time.perf_counter() - started
 
     def cut(index: int, epoch: int | None) -> np.ndarray:
         sample = data.samples[index]
-        rng = sample_rng(args.seed, epoch, index) if epoch is not None else None
+        rng = sample_rng(seed, epoch, index) if epoch is not None else None
         return cut_patch(data.images[sample.image_key], sample.centre_lps, spec, augment if rng else None, rng)
 
     started = time.perf_counter()
@@ -311,7 +324,7 @@ def compare(args) -> dict:
     plain_train = torch.from_numpy(np.stack([cut(i, None) for i in split.train]))
     epochs = []
     for epoch in range(args.epochs):  # every variant sees the same augmented patches in the same order
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(split.train))
+        order = np.random.default_rng([seed, epoch]).permutation(len(split.train))
         patches = torch.from_numpy(np.stack([cut(int(split.train[i]), epoch) for i in order]))
         targets = torch.from_numpy(labels[split.train][order].astype(np.float32))
         epochs.append((order, patches, targets))
@@ -319,7 +332,7 @@ def compare(args) -> dict:
 
     pos_weight = float((labels[split.train] == 0).sum() / max(1, labels[split.train].sum()))
     steps_per_epoch = -(-len(split.train) // args.batch_size)
-    runs = [Run(name, spec, args.weights, steps_per_epoch, args.epochs, pos_weight) for name in args.variants]
+    runs = [Run(name, spec, args.weights, steps_per_epoch, args.epochs, pos_weight, seed) for name in args.variants]
     for run in runs:
         if run.cached:
             run.cache_features(plain_train)
@@ -329,16 +342,19 @@ def compare(args) -> dict:
             batches = [(source[i:i + args.batch_size], targets[i:i + args.batch_size])
                        for i in range(0, len(order), args.batch_size)]
             run.train_epoch(batches)
-            run.validate(val_patches, val_labels)
-            print(f"epoch {epoch + 1}/{args.epochs} {run.name}: {run.epoch_wall[-1]:.2f} s, "
-                  f"val AUC {run.val_aucs[-1]:.3f}", file=sys.stderr, flush=True)
+            if not args.seeds or epoch == args.epochs - 1:  # over seeds: the last epoch only (10% of the time)
+                run.validate(val_patches, val_labels)
+                run.val_epochs.append(epoch + 1)
+            validated = f", val AUC {run.val_aucs[-1]:.3f}" if run.val_epochs[-1:] == [epoch + 1] else ""
+            print(f"seed {seed} epoch {epoch + 1}/{args.epochs} {run.name}: {run.epoch_wall[-1]:.2f} s{validated}",
+                  file=sys.stderr, flush=True)
 
     features = training_shortcut_features(data)
     shortcut = shortcut_probabilities(features[split.train], labels[split.train], features[split.val])
 
     def auc_ci(scores) -> dict:
         return {"auc": round(roc_auc(val_labels, scores), 4),
-                "auc_ci95": [round(v, 4) for v in bootstrap_auc_ci(val_labels, scores, seed=args.seed)]}
+                "auc_ci95": [round(v, 4) for v in bootstrap_auc_ci(val_labels, scores, seed=seed)]}
 
     results = {}
     for run in runs:
@@ -356,7 +372,7 @@ def compare(args) -> dict:
             "epoch_wall_s": round(wall, 3), "epoch_cpu_s": round(cpu, 3),
             "feature_cache_s": round(run.setup_wall, 3) if run.cached else None,
             "val_last_epoch": auc_ci(run.val_logits[-1]),
-            "val_best_epoch": {"epoch": best + 1, **auc_ci(run.val_logits[best])},
+            "val_best_epoch": {"epoch": run.val_epochs[best], **auc_ci(run.val_logits[best])},
             "val_auc_per_epoch": [round(a, 4) for a in run.val_aucs],
         }
     if not args.no_memory:
@@ -368,6 +384,7 @@ def compare(args) -> dict:
             result["epoch_wall_vs_full"] = round(result["epoch_wall_s"] / reference["epoch_wall_s"], 3)
             result["epoch_cpu_vs_full"] = round(result["epoch_cpu_s"] / reference["epoch_cpu_s"], 3)
     return {
+        "seed": seed,
         "cohort": {"manifest": str(manifest), "cases": args.cases, "nodules": len(labels),
                    "train_nodules": len(split.train), "val_nodules": len(split.val),
                    "val_malignant": int(val_labels.sum()), "seconds": round(cohort_s, 1),
@@ -381,6 +398,88 @@ def compare(args) -> dict:
     }
 
 
+# --- the comparison over seeds --------------------------------------------------------------------
+
+SEED_VARIANTS = ("lora_qv", "lora_all", "lora_qv_last4", "full", "linear_cached")
+
+
+def seed_pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """Every arm against full fine-tuning, and the LoRA arms against each other and the cached probe."""
+    pairs = [(v, "full") for v in variants if v != "full" and "full" in variants]
+    wanted = [("lora_all", "lora_qv"), ("lora_qv_last4", "lora_qv"), ("lora_qv", "linear_cached"),
+              ("lora_all", "linear_cached"), ("lora_qv_last4", "linear_cached")]
+    return pairs + [(a, b) for a, b in wanted if a in variants and b in variants]
+
+
+def seed_record(result: dict) -> dict:
+    """What one seed's run keeps: cohort, shortcut baseline and, per variant, AUCs and epoch time."""
+    keep = ("trainable_parameters", "epoch_wall_s", "epoch_cpu_s", "epoch_wall_vs_full", "epoch_cpu_vs_full",
+            "val_last_epoch")
+    return {"seed": result["seed"], "cohort": result["cohort"], "shortcut_baseline_val": result["shortcut_baseline_val"],
+            "variants": {name: {k: v[k] for k in keep if k in v} for name, v in result["variants"].items()}}
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def run_seeds(args) -> dict:
+    """``compare`` once per seed (a new cohort, split, patch stream and init each; validated at the last
+    epoch only), resumable from ``--seeds-file`` (rewritten after every seed), then mean/SD/min–max per
+    arm and paired differences."""
+    import fcntl
+
+    from _seed_stats import spread, summarize
+
+    settings = {"cases": args.cases, "epochs": args.epochs, "batch_size": args.batch_size,
+                "variants": list(args.variants), "weights": str(args.weights)}
+    path = args.seeds_file or Path(tempfile.gettempdir()) / (
+        f"medlora-lora-vs-full-seeds-{args.cases}c-{args.epochs}e-{'-'.join(args.variants)}.json")
+    lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"{path} is being written by another run (lock {lock.name}); wait for it or pass "
+                         "another --seeds-file") from None
+    state = {"settings": settings, "seeds": {}}
+    if path.is_file():
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("settings") != settings:
+            raise SystemExit(f"{path} holds seeds run with other settings ({state.get('settings')}); "
+                             f"pass another --seeds-file or the same settings ({settings})")
+        print(f"resuming from {path}: seeds {sorted(state['seeds'], key=int)} done", file=sys.stderr, flush=True)
+    for seed in args.seeds:
+        if str(seed) in state["seeds"]:
+            continue
+        started = time.perf_counter()
+        record = seed_record(compare(args, seed))
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        state["seeds"][str(seed)] = record
+        _write_json_atomically(path, state)
+        aucs = ", ".join(f"{n} {v['val_last_epoch']['auc']:.3f}" for n, v in record["variants"].items())
+        print(f"seed {seed} done in {record['seconds']:.0f} s: {aucs} -> {path}", file=sys.stderr, flush=True)
+    records = [state["seeds"][str(seed)] for seed in args.seeds]
+    last = {v: [r["variants"][v]["val_last_epoch"]["auc"] for r in records] for v in args.variants}
+    shortcut = [r["shortcut_baseline_val"]["auc"] for r in records]
+    summary = summarize({**last, "shortcut": shortcut}, seed_pairs(list(args.variants)))
+    time_vs_full = ({clock: {v: spread([r["variants"][v][f"epoch_{clock}_vs_full"] for r in records])
+                             for v in args.variants} for clock in ("wall", "cpu")}
+                    if "full" in args.variants else None)
+    return {
+        "seeds": list(args.seeds), "seeds_file": str(path), "settings": settings,
+        "seconds_per_seed": [r["seconds"] for r in records],
+        "cohorts": [{"seed": r["seed"], **r["cohort"]} for r in records],
+        "val_auc_last_epoch": {**last, "shortcut": shortcut},
+        "summary_last_epoch": summary,
+        "epoch_time_vs_full": time_vs_full,
+        "note": "paired differences: same seed's cohort, split, patches and init for both arms; survives = t "
+                "interval over seeds excludes 0 and every seed has the sign of the mean; with n seeds the "
+                "two-sided sign/Wilcoxon p cannot go below 2 * 0.5**n",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=40, help="phantom studies (4 nodules each; default 40)")
@@ -388,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help="comma-separated subset of " + ", ".join(ALL_VARIANTS))
+    parser.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2,3,4): the comparison once per seed, "
+                        "each on a new cohort and split, then mean/SD and paired differences; resumable; no "
+                        "memory probes; variants default to " + ",".join(SEED_VARIANTS))
+    parser.add_argument("--seeds-file", type=Path, help="per-seed results, written after each seed and resumed from "
+                        "(default: a file in the temp dir named after the settings)")
+    parser.add_argument("--variants", help="comma-separated subset of " + ", ".join(ALL_VARIANTS) + " (default: all)")
     parser.add_argument("--weights", type=Path, help="pre-trained tiny backbone (default: the shipped synthetic-CT one)")
     parser.add_argument("--cohort-dir", type=Path, help="cohort folder (default: a cached one in the temp dir)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory probes")
@@ -411,7 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.batch_size, args.weights, args.probe_steps)))
         return 0
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.seeds:
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.error(f"--seeds repeats a seed: {args.seeds}")
+        args.no_memory = True
+    default_variants = SEED_VARIANTS if args.seeds else ALL_VARIANTS
+    args.variants = [v.strip() for v in (args.variants or ",".join(default_variants)).split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
@@ -420,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
                           "torch": torch.__version__}}
     if not args.no_compare:
-        report.update(compare(args))
+        report.update(run_seeds(args) if args.seeds else compare(args, args.seed))
     if not args.no_vits:
         report["vits14_step"] = vits_step_times(args.vits_rounds, 16)
     report["seconds"] = round(time.perf_counter() - started, 1)
