@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _report import emit  # noqa: E402  (benchmarks/_report.py)
+
 BACKBONE = "medlora_tiny"
 EXTENT_MM = (172.8, 144.0, 160.0)  # the default phantom's field of view; each site keeps it
 
@@ -359,11 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                          "test_time_augmentation": args.tta}}
     report.update(run(args))
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from _report import emit  # noqa: E402  (benchmarks/_report.py)
+
 BACKBONE = "medlora_tiny"
 ALL_VARIANTS = ("lora_qv", "lora_qv_nodrop", "lora_all", "lora_qv_last2", "lora_qv_last3", "lora_qv_last4", "full", "linear",
                 "linear_cached", "lora_qv_random")
@@ -537,11 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_vits:
         report["vits14_step"] = vits_step_times(args.vits_rounds, 16)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

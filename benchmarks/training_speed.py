@@ -40,6 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _report import emit  # noqa: E402  (benchmarks/_report.py)
+
 PRETRAINED_TINY = ROOT / "MedLoRALib" / "assets" / "medlora_tiny_synthct.safetensors"
 
 
@@ -228,11 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report["vits14_step"]), file=sys.stderr, flush=True)
     if "auc" in sections:
         report["tiny_auc"] = auc_comparison(args)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ LoRA q/v, cohort drawn anew per seed). The test cohort (``--test-cases`` phantom
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "Testing"))
 
+from _report import emit  # noqa: E402  (benchmarks/_report.py)
 from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 PRETRAINED_TINY = ROOT / "MedLoRALib" / "assets" / "medlora_tiny_synthct.safetensors"
@@ -203,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_backbone:
         report["click_time"] = vits_click_times(args.time_backbone, args.sets, args.repeats, work)
     report["load"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":
