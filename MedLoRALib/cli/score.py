@@ -52,39 +52,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(other files are never replaced)")
 
 
-def result_rows(results: list[dict], study: str, threshold: float) -> list[dict]:
-    rows = []
-    for result in results:
-        x, y, z = result["centre_lps"]
-        rows.append({
-            "study": study, "nodule_id": result["nodule_id"], "case_id": result["case_id"],
-            "x_lps": round(x, 3), "y_lps": round(y, 3), "z_lps": round(z, 3),
-            "probability": result["probability"], "logit": result["logit"], "label": result["label"],
-            "threshold": threshold, "adapter": result["adapter"], "adapter_version": result["adapter_version"],
-            "random_init": result["random_init"], "view_probabilities": result["view_probabilities"],
-            "note": RANDOM_INIT_NOTE if result["random_init"] else "",
-        })
-    return rows
-
-
 def member_column(adapter: str) -> str:
     return f"p_{adapter}"
 
 
-def ensemble_rows(results: list[dict], study: str) -> list[dict]:
-    """One row per nodule of ``ScoringEngine.score_ensemble`` results (``ENSEMBLE_COLUMNS`` + ``p_<adapter>``)."""
+def result_rows(results: list[dict], study: str, threshold: float | None = None) -> list[dict]:
+    """One row per nodule: ``COLUMNS`` for one adapter (at ``threshold``); for ``ScoringEngine.score_ensemble``
+    results (which carry their own threshold), ``ENSEMBLE_COLUMNS`` + one ``p_<adapter>`` per member."""
     rows = []
     for result in results:
         x, y, z = result["centre_lps"]
-        rows.append({
+        row = {
             "study": study, "nodule_id": result["nodule_id"], "case_id": result["case_id"],
             "x_lps": round(x, 3), "y_lps": round(y, 3), "z_lps": round(z, 3),
-            "probability": result["probability"], "spread": result["spread"], "disagree": result["disagree"],
-            "label": result["label"], "threshold": result["threshold"], "adapter": result["adapter"],
-            "adapter_version": result["adapter_version"], "random_init": result["random_init"],
-            "note": RANDOM_INIT_NOTE if result["random_init"] else "",
-            **{member_column(m["adapter"]): m["probability"] for m in result["members"]},
-        })
+            "probability": result["probability"], "label": result["label"],
+            "adapter": result["adapter"], "adapter_version": result["adapter_version"],
+            "random_init": result["random_init"], "note": RANDOM_INIT_NOTE if result["random_init"] else "",
+        }
+        if "members" in result:
+            row.update(spread=result["spread"], disagree=result["disagree"], threshold=result["threshold"],
+                       **{member_column(m["adapter"]): m["probability"] for m in result["members"]})
+        else:
+            row.update(logit=result["logit"], threshold=threshold, view_probabilities=result["view_probabilities"])
+        rows.append(row)
     return rows
 
 
@@ -154,7 +144,7 @@ def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool
         from ..report.sr import write_score_sr
 
         write_score_sr(sr, ct, nodules, results, manifests, tta=tta, overwrite=args.overwrite)
-    return ensemble_rows(results, study) if members else result_rows(results, study, engine.manifest().threshold)
+    return result_rows(results, study, None if members else engine.manifest().threshold)
 
 
 def read_ensemble(adapters: list[str], store) -> dict[str, Path]:
