@@ -71,16 +71,16 @@ def store(tmp_path) -> AdapterStore:
     return store
 
 
-# --- export: never replace without --force, never replace what is not an adapter ------------------
+# --- export: never replace without --overwrite, never replace what is not an adapter ------------------
 
 @pytest.mark.parametrize("suffix", [".zip", ""])
 def test_export_refuses_an_existing_adapter_without_force_then_replaces_it(tmp_path, store, capsys, suffix):
     dest = _adapter(tmp_path / "out" / f"old{suffix}", name="old", description="old", seed=1)
     before = tree_digest(tmp_path / "out")
     code, err = _cli(capsys, "--store", store.root, "export", "site", dest)
-    assert code == 2 and "already holds an adapter" in err and "--force" in err
+    assert code == 2 and "already holds an adapter" in err and "--overwrite" in err
     assert tree_digest(tmp_path / "out") == before
-    code, _ = _cli(capsys, "--store", store.root, "export", "site", dest, "--force")
+    code, _ = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
     assert code == 0 and read_checked(dest).manifest.description == "stored"
     assert _visible(tmp_path / "out") == [dest.name] and not any(is_leftover(p.name) for p in dest.parent.iterdir())
 
@@ -97,7 +97,7 @@ def test_export_force_never_replaces_what_is_not_an_adapter(tmp_path, store, cap
         archive.writestr("holiday.jpg", b"\xff\xd8" * 50)
     before = tree_digest(tmp_path / "study", not_zip, other_zip)
     for dest in (folder, not_zip, other_zip):
-        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--force")
+        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
         assert code == 2 and "not a MedLoRA adapter" in err and "will not replace" in err, err
     assert tree_digest(tmp_path / "study", not_zip, other_zip) == before
 
@@ -110,7 +110,7 @@ def test_export_into_a_plain_folder_puts_the_adapter_inside(tmp_path, store, cap
     assert (tmp_path / "share" / "notes.txt").read_text() == "mine"
 
 
-# --- import: always verified; --force only replaces a stored adapter of the same name ------------------
+# --- import: always verified; --overwrite only replaces a stored adapter of the same name ------------------
 
 @pytest.mark.parametrize("force", [False, True])
 def test_truncated_safetensors_is_refused_with_and_without_force(tmp_path, store, capsys, force):
@@ -136,10 +136,10 @@ def test_damaged_weights_are_refused(tmp_path, damage):
 def test_import_force_replaces_only_the_same_name_and_still_verifies(tmp_path, store, capsys):
     newer = _adapter(tmp_path / "newer.zip", description="newer", seed=5)
     code, err = _cli(capsys, "--store", store.root, "import", newer)
-    assert code == 2 and "already exists" in err and "--force" in err
-    code, _ = _cli(capsys, "--store", store.root, "import", newer, "--force")
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, _ = _cli(capsys, "--store", store.root, "import", newer, "--force")  # the old spelling still works
     assert code == 0 and store.info("site").description == "newer" and store.names() == ["site"]
-    stranger = store.root / "notes"  # not an adapter: --force must not replace it
+    stranger = store.root / "notes"  # not an adapter: --overwrite must not replace it
     stranger.mkdir()
     (stranger / "todo.txt").write_text("keep me")
     code, err = _cli(capsys, "--store", store.root, "import", newer, "--name", "notes", "--force")
@@ -330,7 +330,7 @@ def test_export_to_a_full_disk_keeps_the_previous_adapter(tmp_path, capsys, smal
     for suffix in (".zip", ""):
         dest = _adapter(small_disk / f"site{suffix}", description="old", nbytes=1 << 16)
         before = tree_digest(small_disk)
-        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--force")
+        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
         assert code == 2 and "disk is full" in err and str(dest) in err and "unchanged" in err, err
         assert tree_digest(small_disk) == before and sorted(p.name for p in small_disk.iterdir()) == sorted(
             p.name for p in small_disk.iterdir() if not is_leftover(p.name))
@@ -345,7 +345,7 @@ def test_export_to_a_read_only_folder_says_so(tmp_path, capsys, small_disk):
     dest = _adapter(small_disk / "site.zip", description="old")
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     before = tree_digest(small_disk)
-    code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--force")
+    code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
     assert code == 2 and "read-only" in err and str(dest) in err, err
     assert tree_digest(small_disk) == before
 

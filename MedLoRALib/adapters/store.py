@@ -98,7 +98,7 @@ class AdapterStore:
         target = self._dir(name)
         if name in self and not overwrite:
             raise AdapterError(f"an adapter named {name!r} already exists in {self.root}; "
-                               "choose another name (--name), replace it (--force) or delete the old one")
+                               "choose another name (--name), replace it (--overwrite) or delete the old one")
         if (target.exists() or target.is_symlink()) and name not in self:
             raise AdapterError(f"{target} exists but is not a MedLoRA adapter; move it away first")
         sweep_leftovers(self.root)
@@ -122,7 +122,7 @@ class AdapterStore:
                 raise AdapterError(f"{dest} exists and is not a MedLoRA adapter: MedLoRA will not replace it. "
                                    "Choose another destination.")
             if not overwrite:
-                raise AdapterError(f"{dest} already holds an adapter; pass --force to replace it")
+                raise AdapterError(f"{dest} already holds an adapter; pass --overwrite to replace it")
         sweep_leftovers(dest.parent)
         return write_adapter(adapter.manifest, adapter.contents, dest)
 

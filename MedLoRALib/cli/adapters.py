@@ -32,12 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    help="copy an adapter folder or .zip into the store (always verified)")
     importing.add_argument("path")
     importing.add_argument("--name", help="store it under this name (default: its manifest name)")
-    importing.add_argument("--force", action="store_true",
+    importing.add_argument("--overwrite", "--force", dest="force", action="store_true",
                            help="replace a stored adapter of the same name (the files are still verified)")
     export = actions.add_parser("export", parents=[store], help="write a verified copy as a .zip or a folder")
     export.add_argument("name")
     export.add_argument("dest", help="a .zip file name, or a folder")
-    export.add_argument("--force", action="store_true",
+    export.add_argument("--overwrite", "--force", dest="force", action="store_true",
                         help="replace an adapter already at DEST (never anything that is not an adapter)")
     delete = actions.add_parser("delete", parents=[store], help="remove an adapter from the store")
     delete.add_argument("name")
