@@ -18,6 +18,7 @@ from MedLoRALib.training.pretrain import (
     DEFAULT_WEIGHTS,
     STRUCTURES,
     PretrainConfig,
+    main,
     patch_specs,
     pretrain,
     synthetic_batch,
@@ -113,6 +114,39 @@ def test_bad_configuration_is_a_clear_error():
         PretrainConfig(steps=0)
     with pytest.raises(MedLoRAError, match="storage_dtype"):
         PretrainConfig(storage_dtype="int8")
+
+
+def test_pixels_must_be_whole_vit_patches(tmp_path):
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(MedLoRAError, match="multiple of its 14-pixel ViT patch.*--pixels 28"):
+        pretrain(PretrainConfig(backbone="dinov2_vits14", pixels=30, steps=1, batch_size=2, val_size=2), out)
+    with pytest.raises(MedLoRAError, match="pixels must be ≥ 0"):
+        PretrainConfig(pixels=-1)
+    assert not out.exists()
+
+
+def test_vits14_pretrains_at_a_chosen_size_and_loads_as_weights(tmp_path, capsys):
+    """``--backbone dinov2_vits14 --pixels 28``: 2×2 patch tokens, and the file loads as --weights at 28 px."""
+    import torch
+    from safetensors.torch import load_file
+
+    from MedLoRALib.models import create_backbone
+
+    out = tmp_path / "vits.safetensors"
+    assert main(["--backbone", "dinov2_vits14", "--pixels", "28", "--steps", "1", "--batch-size", "2",
+                 "--val-size", "6", "--threads", "1", "--log-every", "0", "--out", str(out)]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sha256"] == record["sha256"]
+    assert record["backbone"] == "dinov2_vits14" and record["config"]["pixels"] == 28
+    assert record["architecture"]["img_size"] == record["pretext_task"]["patch"]["pixels"] == 28
+    saved = load_file(str(out))
+    assert saved["pos_embed"].shape == (1, 1 + 2 * 2, 384)
+    vit, info = create_backbone("dinov2_vits14", weights=out, img_size=28)
+    assert not info.random_init and info.weights_sha256 == record["sha256"] and info.depth == 12
+    loaded = vit.state_dict()
+    assert set(saved) == set(loaded)
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key], tensor.float()), key
 
 
 def test_shipped_weights_match_their_record_and_load():

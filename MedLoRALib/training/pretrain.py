@@ -1,9 +1,10 @@
-"""Pre-train the tiny ViT on synthetic CT: the honest stand-in for a pretrained large vision model.
+"""Pre-train a ViT on synthetic CT: the honest stand-in for a pretrained large vision model.
 
 Large pretrained backbones cannot be downloaded here, and a randomly initialised backbone
 makes LoRA vs full fine-tuning vs linear probe meaningless (there is nothing pretrained to
 keep frozen). So the ``medlora_tiny`` architecture is pre-trained on a *different* task than
-malignancy: naming the anatomical structure at the centre of a synthetic chest CT patch —
+malignancy (any other registry ViT, e.g. ``dinov2_vits14`` from random init at a
+``pixels`` size the CPU affords, can be pre-trained the same way): naming the anatomical structure at the centre of a synthetic chest CT patch —
 lung parenchyma, vessel, vessel bifurcation, airway, pleura/chest wall, or nodule. Nodules
 of every shape and composition (smooth, lobulated, spiculated; solid, ground-glass,
 part-solid, calcified) are all just "nodule": the pretext labels never say anything about malignancy.
@@ -51,7 +52,10 @@ class PretrainConfig:
     """A pre-training run.
 
     Args:
-        backbone: registry name of the architecture to pre-train.
+        backbone: registry name of the architecture to pre-train (random init).
+        pixels: patch side in px, a multiple of the backbone's ViT patch size; 0 means the
+            backbone's own input size (64 for ``medlora_tiny``). The position embedding is
+            built for exactly this grid, so the weights load at this size without resampling.
         steps: optimizer steps.
         batch_size: patches per step.
         lr: peak AdamW learning rate (linear warm-up, cosine decay).
@@ -73,6 +77,7 @@ class PretrainConfig:
     """
 
     backbone: str = "medlora_tiny"
+    pixels: int = 0
     steps: int = 700
     batch_size: int = 64
     lr: float = 1e-3
@@ -91,6 +96,10 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         problems = [f"{name} must be ≥ 1, got {getattr(self, name)}"
                     for name in ("steps", "batch_size", "val_size", "threads") if int(getattr(self, name)) < 1]
+        if int(self.pixels) < 0:
+            problems.append(f"pixels must be ≥ 0 (0: the backbone's own size), got {self.pixels}")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            problems.append(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         if not 0.0 <= self.ortho3_fraction <= 1.0:
             problems.append(f"ortho3_fraction must be in [0, 1], got {self.ortho3_fraction}")
         if self.storage_dtype not in ("float16", "float32"):
@@ -180,22 +189,33 @@ def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
     return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
 
 
+def pretrain_pixels(config: PretrainConfig, arch) -> int:
+    """The patch side to pre-train at: whole ViT patches only, so no token is padding."""
+    pixels = int(config.pixels or arch.img_size)
+    if pixels < arch.patch_size or pixels % arch.patch_size:
+        raise MedLoRAError(
+            f"pre-training {config.backbone} at {pixels} px: the side must be a multiple of its "
+            f"{arch.patch_size}-pixel ViT patch (e.g. --pixels {max(1, round(pixels / arch.patch_size)) * arch.patch_size})")
+    return pixels
+
+
 def _build(config: PretrainConfig):
     import timm
     import torch
 
     from ..models import get_backbone_config
 
-    arch = get_backbone_config(config.backbone)
+    arch = get_backbone_config(config.backbone)  # ModelError names the choices for an unknown name
+    pixels = pretrain_pixels(config, arch)
     torch.manual_seed(config.seed)
     vit = timm.create_model(arch.timm_name, pretrained=False, num_classes=0,
-                            **{**arch.timm_kwargs, "img_size": arch.img_size})
+                            **{**arch.timm_kwargs, "img_size": pixels})
     head = torch.nn.Linear(int(vit.embed_dim), len(STRUCTURES))
     projector = None
     if config.contrastive_weight > 0:
         projector = torch.nn.Sequential(torch.nn.Linear(int(vit.embed_dim), 256), torch.nn.GELU(),
                                         torch.nn.Linear(256, 64))
-    return vit, head, projector, arch
+    return vit, head, projector, arch, pixels
 
 
 def _nt_xent(z, temperature: float):
@@ -237,8 +257,7 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
     out = Path(out)
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    vit, head, projector, arch = _build(config)
-    pixels = arch.img_size
+    vit, head, projector, arch, pixels = _build(config)
     modules = [m for m in (vit, head, projector) if m is not None]
     parameters = [p for m in modules for p in m.parameters()]
     val_images, val_labels = synthetic_batch(config.seed, _VAL_STREAM, 0, config.val_size, pixels,
@@ -292,7 +311,7 @@ def pretrain(config: PretrainConfig, out: Path = DEFAULT_WEIGHTS, *, command: st
         "sha256": sha256_file(out),
         "size_bytes": out.stat().st_size,
         "backbone": config.backbone,
-        "architecture": {"timm_name": arch.timm_name, **arch.timm_kwargs, "img_size": arch.img_size},
+        "architecture": {"timm_name": arch.timm_name, **arch.timm_kwargs, "img_size": pixels},
         "parameters": int(sum(v.numel() for v in state.values())),
         "storage_dtype": config.storage_dtype,
         "pretext_task": {
@@ -333,23 +352,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = PretrainConfig()
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="safetensors file to write")
+    parser.add_argument("--backbone", default=defaults.backbone,
+                        help="registry name of the ViT to pre-train from random init (e.g. dinov2_vits14)")
+    parser.add_argument("--pixels", type=int, default=defaults.pixels,
+                        help="patch side in px, a multiple of the ViT patch (0: the backbone's own size)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
     parser.add_argument("--val-size", type=int, default=defaults.val_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--log-every", type=int, default=50, help="steps between loss lines (0: none)")
     parser.add_argument("--storage-dtype", choices=("float16", "float32"), default=defaults.storage_dtype)
     parser.add_argument("--contrastive-weight", type=float, default=defaults.contrastive_weight,
                         help="weight of the self-supervised two-view NT-Xent term (0: structure labels only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_size=args.val_size,
+        config = PretrainConfig(backbone=args.backbone, pixels=args.pixels, steps=args.steps,
+                                batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup_fraction,
+                                val_size=args.val_size,
                                 seed=args.seed, threads=args.threads, storage_dtype=args.storage_dtype,
                                 contrastive_weight=args.contrastive_weight)
         command = "python scripts/pretrain_tiny_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        record = pretrain(config, args.out, command=command.strip())
+        record = pretrain(config, args.out, command=command.strip(), log_every=args.log_every)
     except MedLoRAError as exc:
         print(f"pretrain: error: {exc}", file=sys.stderr)
         return 2
