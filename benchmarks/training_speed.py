@@ -3,8 +3,8 @@
 Issue 16 asks for the LoRA step at ≤ 0.5× the time of full fine-tuning at equal validation AUC.
 Two sections, one JSON object:
 
-* ``step`` — one optimizer step of DINOv2 ViT-S/14 (random init: time only; 112 px axial
-  images, batch 16, as DESIGN.md's table) built by the product's ``build_model`` and stepped as
+* ``step`` — one optimizer step of DINOv2 ViT-S/14 (random init: time only; axial images of
+  ``--step-pixels`` px, 112 by default as DESIGN.md's table, batch 16) built by the product's ``build_model`` and stepped as
   the trainer steps (forward, class-weighted BCE, backward, clipping, AdamW from
   ``training.schedule``): full fine-tuning, LoRA q/v (the default ``LoraSpec``) on every block
   and on the last N blocks (``--last-n-blocks``, the earlier blocks run under ``torch.no_grad``),
@@ -12,16 +12,23 @@ Two sections, one JSON object:
   autograd on (what ``no_grad`` itself buys). Variants interleaved round by round; medians;
   ratios against full.
 * ``auc`` — ``medlora train`` itself (``training.trainer.train``) on a phantom cohort drawn
-  anew per seed, with the tiny ViT pre-trained on synthetic CT (the shipped
-  ``medlora_tiny_synthct``, 6 blocks): LoRA q/v on all blocks and on the last N, and full
-  fine-tuning, the same epochs for every variant (patience = epochs). Per run: validation AUC
+  anew per seed, with a backbone pre-trained on synthetic CT (``--backbone``/``--weights``; by
+  default the shipped tiny ViT ``medlora_tiny_synthct``, 6 blocks; ``dinov2_vits14`` with weights
+  from ``scripts/pretrain_tiny_backbone.py --backbone dinov2_vits14 --pixels 56``): LoRA q/v on
+  all blocks and on the last N (N below the backbone's depth), and full fine-tuning, the same
+  epochs for every variant (patience = epochs), in the order of ``--variants``. Per run: validation AUC
   at the best epoch (what the adapter keeps) with its bootstrap 95% interval, AUC at the last
   epoch, the median optimizer-step time of the trainer's own step events, training wall time;
-  then per variant the mean and spread over seeds, and the step-time ratio against full.
+  then per variant the mean and spread over seeds, the per-seed differences against full, and
+  the step-time ratio against full. With ``--out`` the report is rewritten after every run, so
+  a run cut short keeps what finished; ``--merge A.json B.json`` summarises the ``auc`` runs of
+  several such reports (e.g. one process per seed) as one.
 
     HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/training_speed.py --threads 1 \
         [--sections step,auc] [--last-n 8 6 4 2] [--seeds 0 1 2] [--cases 64] [--epochs 20] \
-        [--keep-adapters DIR] [--out result.json]
+        [--backbone dinov2_vits14 --weights VITS.safetensors --pixels 56] [--step-pixels 56] \
+        [--variants full lora_qv_last4 lora_qv] [--keep-adapters DIR] [--out result.json]
+    python benchmarks/training_speed.py --merge seed0.json seed1.json [--out merged.json]
 """
 
 from __future__ import annotations
@@ -122,16 +129,35 @@ def vits_step_times(last_n: list[int], rounds: int, batch_size: int, pixels: int
 # --- AUC through the real trainer ------------------------------------------------------------------
 
 
-def auc_variants(last_n: list[int]) -> dict:
-    """name -> (mode, LoraSpec or None) for the trainer runs (the tiny ViT has 6 blocks)."""
+def backbone_depth(backbone: str) -> int:
+    """Number of transformer blocks (built on the meta device: no memory, no weights)."""
+    import timm
+
+    from MedLoRALib.models import get_backbone_config
+
+    config = get_backbone_config(backbone)
+    return len(timm.create_model(config.timm_name, pretrained=False, num_classes=0, device="meta",
+                                 **config.timm_kwargs).blocks)
+
+
+def auc_variants(last_n: list[int], depth: int, order: list[str] | None = None) -> dict:
+    """name -> (mode, LoraSpec or None) for the trainer runs; last-N only for N below ``depth``.
+
+    ``order`` (variant names) picks and orders the runs, so the most telling finish first.
+    """
     from MedLoRALib.lora_spec import LoraSpec
 
     variants = {"lora_qv": ("lora", LoraSpec())}
     for n in last_n:
-        if n < 6:
+        if n < depth:
             variants[f"lora_qv_last{n}"] = ("lora", LoraSpec(last_n_blocks=n))
     variants["full"] = ("full", None)
-    return variants
+    if not order:
+        return variants
+    unknown = [name for name in order if name not in variants]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(variants)} (--last-n sets the N)")
+    return {name: variants[name] for name in order}
 
 
 def train_once(manifest: Path, out: Path, mode: str, lora, seed: int, args) -> dict:
@@ -147,7 +173,7 @@ def train_once(manifest: Path, out: Path, mode: str, lora, seed: int, args) -> d
             step_s.append(args.batch_size / event["images_per_s"])
 
     config = T.TrainConfig(
-        manifest=manifest, out=out, backbone="medlora_tiny", weights=PRETRAINED_TINY, mode=mode,
+        manifest=manifest, out=out, backbone=args.backbone, weights=Path(args.weights), mode=mode,
         **({"lora": lora} if lora is not None else {}),
         patch_spec=PatchSpec(args.views, fov_mm=args.fov_mm, pixels=args.pixels),
         epochs=args.epochs, patience=args.epochs, batch_size=args.batch_size, seed=seed,
@@ -164,40 +190,75 @@ def train_once(manifest: Path, out: Path, mode: str, lora, seed: int, args) -> d
             "train_wall_s": round(wall, 1)}
 
 
-def auc_comparison(args) -> dict:
-    from MedLoRALib.synthetic import write_cohort
+def auc_summary(runs: dict[str, dict[str, dict]]) -> dict:
+    """Per variant: AUC mean/SD over its seeds, per-seed differences against full, step-time ratio.
 
-    variants = auc_variants(args.last_n)
-    runs: dict[str, dict[int, dict]] = {name: {} for name in variants}
-    work = Path(tempfile.mkdtemp(prefix="medlora-trainspeed-"))
-    keep = Path(args.keep_adapters) if args.keep_adapters else None
-    load_before = _load()
-    for seed in args.seeds:
-        manifest = write_cohort(work / f"cohort{seed}", args.cases, seed=seed)
-        for name, (mode, lora) in variants.items():
-            out = (keep or work) / f"{name}_seed{seed}"
-            runs[name][seed] = train_once(manifest, out, mode, lora, seed, args)
-            print(f"seed {seed} {name}: {runs[name][seed]}", file=sys.stderr, flush=True)
-    full_step = statistics.median([r["step_s_median"] for r in runs["full"].values()])
+    Differences are paired by seed and taken only where both the variant and full ran.
+    """
+    full = runs.get("full", {})
+    full_step = statistics.median([r["step_s_median"] for r in full.values()]) if full else None
     summary = {}
     for name, per_seed in runs.items():
+        if not per_seed:
+            continue
         best = [r["auc_best"] for r in per_seed.values()]
         last = [r["auc_last"] for r in per_seed.values()]
         step = statistics.median([r["step_s_median"] for r in per_seed.values()])
         summary[name] = {
+            "seeds": sorted(per_seed, key=int),
             "auc_best_mean": round(statistics.mean(best), 4),
             "auc_best_sd": round(statistics.stdev(best), 4) if len(best) > 1 else None,
             "auc_last_mean": round(statistics.mean(last), 4),
             "auc_last_sd": round(statistics.stdev(last), 4) if len(last) > 1 else None,
-            "auc_best_minus_full_per_seed": [round(r["auc_best"] - runs["full"][s]["auc_best"], 4)
-                                             for s, r in per_seed.items()],
-            "step_s_median": step, "step_vs_full": round(step / full_step, 3)}
-    return {"backbone": "medlora_tiny pre-trained on synthetic CT (6 blocks)", "cases": args.cases,
-            "views": args.views, "pixels": args.pixels, "fov_mm": args.fov_mm, "epochs": args.epochs,
-            "batch_size": args.batch_size, "seeds": args.seeds, "lr": "trainer default per mode",
-            "load_before": load_before, "load_after": _load(), "summary": summary,
-            "runs": {name: {str(s): r for s, r in per_seed.items()} for name, per_seed in runs.items()},
-            "adapters": str(keep) if keep else None}
+            "auc_best_minus_full_per_seed": {s: round(r["auc_best"] - full[s]["auc_best"], 4)
+                                             for s, r in sorted(per_seed.items()) if s in full},
+            "step_s_median": step,
+            "step_vs_full": round(step / full_step, 3) if full_step else None}
+    return summary
+
+
+def auc_comparison(args, report: dict) -> dict:
+    """The trainer runs; ``report["auc"]`` is updated (and ``--out`` rewritten) after each one."""
+    from MedLoRALib.synthetic import write_cohort
+
+    variants = auc_variants(args.last_n, backbone_depth(args.backbone), args.variants)
+    runs: dict[str, dict[str, dict]] = {name: {} for name in variants}
+    work = Path(tempfile.mkdtemp(prefix="medlora-trainspeed-"))
+    keep = Path(args.keep_adapters) if args.keep_adapters else None
+    section = {"backbone": args.backbone, "weights": str(args.weights), "cases": args.cases,
+               "views": args.views, "pixels": args.pixels, "fov_mm": args.fov_mm, "epochs": args.epochs,
+               "batch_size": args.batch_size, "seeds": args.seeds, "lr": "trainer default per mode",
+               "load_before": _load(), "complete": False, "adapters": str(keep) if keep else None}
+    report["auc"] = section
+    for seed in args.seeds:
+        manifest = write_cohort(work / f"cohort{seed}", args.cases, seed=seed)
+        for name, (mode, lora) in variants.items():
+            out = (keep or work) / f"{name}_seed{seed}"
+            runs[name][str(seed)] = train_once(manifest, out, mode, lora, seed, args)
+            print(f"seed {seed} {name}: {runs[name][str(seed)]}", file=sys.stderr, flush=True)
+            section.update(load_after=_load(), summary=auc_summary(runs), runs=runs)
+            if args.out:
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    section["complete"] = True
+    return section
+
+
+def merge_reports(paths: list[str]) -> dict:
+    """One ``auc`` summary over the runs of several reports (same settings, e.g. one seed each)."""
+    sections = [json.loads(Path(p).read_text(encoding="utf-8"))["auc"] for p in paths]
+    keys = ("backbone", "cases", "views", "pixels", "fov_mm", "epochs", "batch_size")
+    differing = [k for k in keys if len({json.dumps(s.get(k)) for s in sections}) > 1]
+    if differing:
+        raise SystemExit(f"--merge: the reports differ in {differing}; only runs of one setting can be merged")
+    runs: dict[str, dict[str, dict]] = {}
+    for section in sections:
+        for name, per_seed in section.get("runs", {}).items():
+            for seed, run in per_seed.items():
+                if seed in runs.setdefault(name, {}):
+                    raise SystemExit(f"--merge: {name} seed {seed} appears in more than one report")
+                runs[name][seed] = run
+    return {**{k: sections[0].get(k) for k in (*keys, "weights", "lr")}, "merged_from": paths,
+            "complete": all(s.get("complete") for s in sections), "summary": auc_summary(runs), "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", default="ortho3")
     parser.add_argument("--pixels", type=int, default=64)
     parser.add_argument("--fov-mm", type=float, default=24.0)
+    parser.add_argument("--backbone", default="medlora_tiny", help="registry name of the pre-trained backbone")
+    parser.add_argument("--weights", default=str(PRETRAINED_TINY),
+                        help="its pre-trained weights (default: the shipped tiny ViT on synthetic CT)")
+    parser.add_argument("--variants", nargs="+",
+                        help="auc runs to do, in this order (default: lora_qv, lora_qv_lastN…, full)")
+    parser.add_argument("--merge", nargs="+", metavar="REPORT",
+                        help="summarise the auc runs of these reports as one (runs nothing)")
     parser.add_argument("--keep-adapters", help="write the trained adapters into this folder")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
+    if args.merge:
+        return emit({"auc": merge_reports(args.merge)}, args.out)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -230,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         report["vits14_step"] = vits_step_times(args.last_n, args.rounds, args.step_batch, args.step_pixels)
         print(json.dumps(report["vits14_step"]), file=sys.stderr, flush=True)
     if "auc" in sections:
-        report["tiny_auc"] = auc_comparison(args)
+        auc_comparison(args, report)
     return emit(report, args.out)
 
 
