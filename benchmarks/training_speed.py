@@ -193,8 +193,11 @@ def train_once(manifest: Path, out: Path, mode: str, lora, seed: int, args) -> d
 def auc_summary(runs: dict[str, dict[str, dict]]) -> dict:
     """Per variant: AUC mean/SD over its seeds, per-seed differences against full, step-time ratio.
 
-    Differences are paired by seed and taken only where both the variant and full ran.
+    Differences are paired by seed and taken only where both the variant and full ran;
+    ``best_vs_full`` adds their t interval and sign count (``_seed_stats.paired``).
     """
+    from _seed_stats import paired
+
     full = runs.get("full", {})
     full_step = statistics.median([r["step_s_median"] for r in full.values()]) if full else None
     summary = {}
@@ -211,9 +214,14 @@ def auc_summary(runs: dict[str, dict[str, dict]]) -> dict:
             "auc_last_mean": round(statistics.mean(last), 4),
             "auc_last_sd": round(statistics.stdev(last), 4) if len(last) > 1 else None,
             "auc_best_minus_full_per_seed": {s: round(r["auc_best"] - full[s]["auc_best"], 4)
-                                             for s, r in sorted(per_seed.items()) if s in full},
+                                             for s, r in sorted(per_seed.items(), key=lambda x: int(x[0]))
+                                             if s in full},
             "step_s_median": step,
             "step_vs_full": round(step / full_step, 3) if full_step else None}
+        common = [s for s in per_seed if s in full]
+        if name != "full" and len(common) > 1:
+            summary[name]["best_vs_full"] = paired([per_seed[s]["auc_best"] for s in common],
+                                                   [full[s]["auc_best"] for s in common])
     return summary
 
 
