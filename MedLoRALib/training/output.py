@@ -3,17 +3,19 @@
 Everything goes to a hidden staging folder beside ``out`` (the weights, ``manifest.json``,
 ``metrics.json``, three plots and the ``.medlora-output`` marker) and is renamed into place
 last: a run killed, or a disk that fills, before the rename leaves the previous adapter as it
-was and no half-written one.
+was and no half-written one. The staging folder has ``atomic.staging_name``'s name
+(``.<out>.tmp-<pid>-<token>``), so what a killed run left is swept (``atomic.sweep_leftovers``)
+before the next adapter is written there. Resume never needs it: it continues from the
+checkpoint folder (``TrainConfig.checkpoint_folder``), which is not a staging name.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import replace_dir, write_json_atomic
+from ..atomic import replace_dir, staging_name, sweep_leftovers, write_json_atomic
 from ..errors import OutputError, os_error_reason
 from ..outputs import ADAPTER, write_marker
 from .evaluation import Evaluation
@@ -35,10 +37,10 @@ def write_adapter(model, manifest, out: Path, report: AdapterReport) -> Path:
     from .reports import plot_calibration, plot_roc, plot_training_curves
 
     evaluation = report.evaluation
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    staging = staging_name(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        sweep_leftovers(out.parent)  # what killed runs left (their processes are gone), never other files
         save_adapter(model, manifest, staging)
         write_json_atomic(staging / "metrics.json", jsonable({"metrics": evaluation.metrics, "history": report.history,
                                                               "training": report.training,
