@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..adapters.overwrite import TRAINING_REPORTS
 from ..atomic import replace_dir, staging_name, sweep_leftovers, write_json_atomic
 from ..errors import OutputError, os_error_reason
 from ..outputs import ADAPTER, write_marker
@@ -37,18 +38,19 @@ def write_adapter(model, manifest, out: Path, report: AdapterReport) -> Path:
     from .reports import plot_calibration, plot_roc, plot_training_curves
 
     evaluation = report.evaluation
+    metrics, roc, calibration, curves = TRAINING_REPORTS
     staging = staging_name(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(out.parent)  # what killed runs left (their processes are gone), never other files
         save_adapter(model, manifest, staging)
-        write_json_atomic(staging / "metrics.json", jsonable({"metrics": evaluation.metrics, "history": report.history,
+        write_json_atomic(staging / metrics, jsonable({"metrics": evaluation.metrics, "history": report.history,
                                                               "training": report.training,
                                                               "validation_predictions": evaluation.predictions}))
-        plot_roc(staging / "roc.png", evaluation.labels, evaluation.logits, evaluation.overall)
-        plot_calibration(staging / "calibration.png", evaluation.labels, evaluation.logits,
+        plot_roc(staging / roc, evaluation.labels, evaluation.logits, evaluation.overall)
+        plot_calibration(staging / calibration, evaluation.labels, evaluation.logits,
                          evaluation.overall.temperature)
-        plot_training_curves(staging / "training_curves.png", report.history)
+        plot_training_curves(staging / curves, report.history)
         write_marker(staging, ADAPTER)
         replace_dir(staging, out)
     except OSError as exc:
