@@ -42,6 +42,7 @@ NEW_PROBABILITY_OR_RESTART_ERROR = """() => {
     const e = document.querySelector('#error');
     return e && e.offsetParent !== null && e.innerText.includes('restarted on the next request') ? 'restart' : null;
 }"""
+ENGINE_STOPPED_STATUS = "scoring stopped: the scoring engine stopped. Press Score again to restart it."
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +146,14 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     # Found dead before the request, the engine is restarted at once; found dead while answering, the page
     # says so and the next request restarts it (as in Slicer). Either way the same probability follows.
     outcome = browser.wait_for(page, NEW_PROBABILITY_OR_RESTART_ERROR, 240).json_value()
-    if outcome == "restart":
+    if outcome == "restart":  # the status line says what happened and what to do, not "scoring…"
+        browser.wait_for(page, "s => document.querySelector('#status').innerText === s", 10, ENGINE_STOPPED_STATUS)
         page.click("#score-btn")
         outcome = browser.wait_for(page, "() => { const p = document.querySelector('#results .probability');"
                                          " return p && p.innerText; }", 240).json_value()
     rescored = outcome
     assert abs(float(rescored) - probability) < 1e-6
+    assert page.inner_text("#status").startswith("1 nodules scored")
 
     page.locator("#results tr.result-row").first.click()
     browser.wait_for(page, "() => document.querySelector('#thumbnail').src.startsWith('data:image/png')", 30)
