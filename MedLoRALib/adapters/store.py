@@ -21,6 +21,7 @@ from ..atomic import remove, staging_name, sweep_leftovers, writing
 from ..errors import AdapterError
 from .archive import is_adapter, read_checked, read_manifest, write_adapter
 from .manifest import MANIFEST_NAME, AdapterManifest
+from .overwrite import overwrite_in_place
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ class AdapterStore:
 
         An existing plain folder receives the adapter inside it. An adapter already at the
         destination is replaced only with ``overwrite``, and anything else never: MedLoRA
-        replaces only what has a valid MedLoRA manifest (what it wrote).
+        replaces only what has a valid MedLoRA manifest (what it wrote), and in an adapter folder
+        only the adapter's own files (training reports and other files: ``overwrite.py``).
         """
         adapter = read_checked(self.path(name))
         dest = Path(dest).expanduser()
@@ -123,6 +125,8 @@ class AdapterStore:
                                    "Choose another destination.")
             if not overwrite:
                 raise AdapterError(f"{dest} already holds an adapter; pass --overwrite to replace it")
+            if dest.is_dir() and overwrite_in_place(dest, adapter):  # reports or other files beside it
+                return dest
         sweep_leftovers(dest.parent)
         return write_adapter(adapter.manifest, adapter.contents, dest)
 

@@ -131,9 +131,9 @@ def _train_tab(app, v, html) -> None:
         v.VTextField(v_model=("train_epochs", 20), label="Epochs", id="train-epochs", type="number",
                      density="compact", hide_details=True, classes="ml-2", style="max-width: 90px;")
     with html.Div(classes="d-flex mt-2"):
-        v.VBtn("Train", id="train-start", color="primary", click=(app.start_training, "[false, train_preset, train_name, train_epochs]"), disabled=("busy",))
-        v.VBtn("Resume", id="train-resume", click=(app.start_training, "[true, train_preset, train_name, train_epochs]"), disabled=("busy",), classes="ml-2")
-        v.VBtn("Cancel", id="train-cancel", click=app.cancel_training, disabled=("!training",), classes="ml-2")
+        v.VBtn("Train", id="train-start", color="primary", click=(app.train.start, "[false, train_preset, train_name, train_epochs]"), disabled=("busy",))
+        v.VBtn("Resume", id="train-resume", click=(app.train.start, "[true, train_preset, train_name, train_epochs]"), disabled=("busy",), classes="ml-2")
+        v.VBtn("Cancel", id="train-cancel", click=app.train.cancel, disabled=("!training",), classes="ml-2")
     v.VProgressLinear(model_value=("train_progress",), height=18, color="primary", classes="mt-2",
                       id="train-progress-bar")
     html.Div("{{ train_progress }}%", id="train-progress", classes="text-caption")
