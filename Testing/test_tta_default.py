@@ -21,6 +21,7 @@ from MedLoRALib.adapters.package import save_adapter
 from MedLoRALib.engine import ScoringEngine
 from MedLoRALib.errors import AdapterError, DatasetError, MedLoRAError
 from MedLoRALib.models import LoraSpec
+from MedLoRALib.nodule import Nodule
 from MedLoRALib.patches import PatchSpec
 from MedLoRALib.report.sr import SRError, _member_tta_sets, algorithm_parameters, ensemble_parameters
 from MedLoRALib.serve import EngineServer
@@ -192,3 +193,28 @@ def test_sr_records_the_set_used():
         _member_tta_sets([{"tta": "rot4"}, {"tta": "d8"}], [own], None)
     with pytest.raises(SRError, match="'eight' is not one of MedLoRA's sets"):
         _member_tta_sets([{"tta": "eight"}], [own], None)
+
+
+# --- 3D Slicer: the rows and the results table say the set; the SR export passes it on --------------
+def test_slicer_rows_and_table_record_the_set_and_older_tables_still_read():
+    pytest.importorskip("slicer")
+    from MedLoRALib.slicer import mrml, results
+    from MedLoRALib.slicer.scoring import PatchBatch, rows_from_results
+    from MedLoRALib.slicer.sr_export import _result
+
+    points = [mrml.ScenePoint(index=i, point_id=str(i), name=f"n{i}", position_ras=(float(i), 0.0, 0.0),
+                              nodule=Nodule((-float(i), 0.0, 0.0))) for i in range(2)]
+    batch = PatchBatch("ct", points, np.array([True, True]), np.zeros((2, 3, 32, 32), np.float32))
+    engine_results = [{"probability": p, "label": "benign", "adapter": "a", "adapter_version": "v", "tta": "rot4"}
+                      for p in (0.2, 0.3)]
+    rows = rows_from_results(batch, engine_results, "a", "v")
+    assert [row.tta for row in rows] == ["rot4", "rot4"]
+    assert _result(rows[0], ["a"])["tta"] == "rot4"  # what the SR child is told
+
+    scene = mrml.create_headless_scene().scene
+    table = results.write_table(scene, rows)
+    assert results.read_table(table) == rows
+    table.GetTable().RemoveColumnByName("TTA")  # a table saved before the set was recorded
+    old = results.read_table(table)
+    assert [row.tta for row in old] == ["", ""] and [row.probability for row in old] == [0.2, 0.3]
+    assert "tta" not in _result(old[0], ["a"])  # not recorded: the SR then claims no set
