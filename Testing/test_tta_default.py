@@ -218,3 +218,19 @@ def test_slicer_rows_and_table_record_the_set_and_older_tables_still_read():
     old = results.read_table(table)
     assert [row.tta for row in old] == ["", ""] and [row.probability for row in old] == [0.2, 0.3]
     assert "tta" not in _result(old[0], ["a"])  # not recorded: the SR then claims no set
+
+
+def test_a_merged_adapter_keeps_its_parents_common_set():
+    from types import SimpleNamespace
+
+    from MedLoRALib.adapters.merge import merged_manifest
+
+    def parents(*sets):
+        return [SimpleNamespace(manifest=AdapterManifest(**{**TRAINED, "name": f"p{i}"}, tta=tta))
+                for i, tta in enumerate(sets)]
+
+    def merged(*sets):
+        return merged_manifest(parents(*sets), LoraSpec(rank=4), {"method": "avg"}, "merged")
+
+    assert merged("rot4", "rot4").default_tta == "rot4"
+    assert merged("rot4", None).tta is None and merged("rot4", "flip2").default_tta == "d8"  # no common set: all 8
