@@ -52,6 +52,7 @@ from .tta import TTA_BY_COUNT, TTA_SETS, TTA_TRANSFORMS, TTAError, ensemble_tta,
 log = logging.getLogger(__name__)
 # TTA_BY_COUNT, TTA_TRANSFORMS, TTAError and tta_variants above are re-exported: their importers predate tta.py
 
+
 @dataclass
 class _Attached:
     name: str
