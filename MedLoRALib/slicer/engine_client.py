@@ -266,8 +266,9 @@ class EngineClient:
     def detach_adapter(self, name: str) -> dict:
         return self.request("detach_adapter", name=name)
 
-    def score(self, patches: np.ndarray, adapter: str | None = None, tta: bool = True) -> list[dict]:
-        params = {"patches": encode_patches(patches), "tta": bool(tta)}
+    def score(self, patches: np.ndarray, adapter: str | None = None, tta: bool | int | str = True) -> list[dict]:
+        """Score patches (waits); ``tta``: True (the adapter's own set), False, a count or a set name."""
+        params = {"patches": encode_patches(patches), "tta": tta if isinstance(tta, (bool, str)) else int(tta)}
         if adapter:
             params["adapter"] = adapter
         return self.request("score", **params)["results"]

@@ -25,6 +25,7 @@ from ..ensemble import check_compatible
 from ..errors import MedLoRAError
 from ..nodule import centres_lps
 from ..patches import PatchSpec, check_inside, extract_patches
+from ..tta import resolve_tta
 from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches
 from .mrml import ScenePoint, UnplacedPoint, markups_to_points, unplaced_points, volume_to_ct_image
 from .process import ProcessRunner, Reaper, SubprocessRunner
@@ -86,6 +87,7 @@ def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, vers
             row.adapter = str(result.get("adapter", adapter))
             row.adapter_version = str(result.get("adapter_version", version))
             row.random_init = bool(result.get("random_init", False))
+            row.tta = str(result.get("tta") or "")
             if "spread" in result:  # an ensemble's result
                 row.spread, row.disagree = float(result["spread"]), bool(result["disagree"])
                 row.members = {str(m["adapter"]): float(m["probability"]) for m in result["members"]}
@@ -184,7 +186,7 @@ class ScoreJob:
     adapter: str
     version: str
     label_names: tuple[str, str]
-    tta: bool = True
+    tta: bool | int | str = True  # True: each adapter's own set (its manifest's tta); each row records the set used
     table_node: object = None
     write_results_table: bool = True
     members: list[str] | None = None  # an ensemble's adapters (``adapter`` then joins their names)
@@ -385,11 +387,15 @@ class ScoringSession:
 
     # --- scoring -------------------------------------------------------------------------
     def begin_score(self, volume_node, markups_node, adapter: str | list[str] | None = None, table_node=None,
-                    tta: bool = True, write_results_table: bool = True) -> ScoreJob:
+                    tta: bool | int | str = True, write_results_table: bool = True) -> ScoreJob:
         """Cut patches here and start a score job; poll it (never blocks).
 
         ``adapter``: a registered adapter's name, or a list of names to score with as an ensemble.
+        ``tta``: True scores with each adapter's own test-time augmentation set (its manifest's ``tta``;
+        ``d8`` for adapters that record none), False without; a count or set name overrides it. Each
+        row's ``tta`` is the set the engine used.
         """
+        resolve_tta(tta)  # a bad setting is refused before anything is cut or sent
         if isinstance(adapter, (list, tuple)) and len(adapter) > 1:
             manifests = self.ensemble(list(adapter))
             members = list(manifests)
@@ -426,7 +432,7 @@ class ScoringSession:
                           method=method, opacity=opacity).start()
 
     def score(self, volume_node, markups_node, adapter: str | list[str] | None = None, table_node=None,
-              tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
+              tta: bool | int | str = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
         """Score every control point, waiting; returns the results table node and the rows."""
         job = self.begin_score(volume_node, markups_node, adapter, table_node, tta, write_results_table)
         rows = job.wait(self.engine.config.start_timeout_s + self.engine.config.request_timeout_s)

@@ -75,4 +75,4 @@ def adapter_manifest(cfg, info, spec, evaluation: Evaluation, training: dict):
         random_init=info.random_init, random_init_fingerprint=info.random_init_fingerprint,
         patch_spec=spec.to_dict(), lora=cfg.lora.to_dict() if cfg.mode == "lora" else None, mode=cfg.mode,
         threshold=float(overall.threshold), temperature=float(overall.temperature), training=training,
-        metrics=jsonable(evaluation.metrics))
+        metrics=jsonable(evaluation.metrics), tta=cfg.tta)
