@@ -131,6 +131,7 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
                      "--store", str(store), "--device", "cpu", "--out", str(out)]) == 0
     [row] = list(csv.DictReader(out.open()))
     assert abs(float(row["probability"]) - probability) < 1e-5
+    assert page.inner_text("#results .tta") == row["tta"] == "d8"  # the adapter records no set: all eight
 
     time.sleep(1.0)  # the view redraws with the point's new colour (the RCA stream is ~30 fps)
     shot = tmp_path / "scored.png"

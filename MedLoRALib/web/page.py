@@ -102,7 +102,7 @@ def _score_tab(app, v, html) -> None:
         v.VBtn("Cancel", id="cancel-btn", click=app.cancel, disabled=("!busy",), classes="ml-2")
     with html.Table(id="results", classes="text-body-2 mt-2", style="width: 100%;"):
         with html.Tr():
-            for title in ("Nodule", "Probability", "Label", "Adapter"):
+            for title in ("Nodule", "Probability", "Label", "Adapter", "TTA"):
                 html.Th(title, style="text-align: left;")
         with html.Tr(v_for="row in results", key="row.index", classes=("['result-row', row.index === selected_row ? "
                                                                             "'selected' : '']",),
@@ -112,6 +112,7 @@ def _score_tab(app, v, html) -> None:
                     __properties=[("data_ras", "data-ras")], data_ras=("row.ras",))
             html.Td("{{ row.label }}", classes=("['label', row.colour]",))
             html.Td("{{ row.adapter }}{{ row.random_init ? ' (random init)' : '' }}")
+            html.Td("{{ row.tta }}", classes="tta")
     html.Img(src=("thumbnail",), v_show=("thumbnail",), id="thumbnail", style="width: 100%; margin-top: 8px;")
 
 

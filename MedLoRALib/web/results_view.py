@@ -24,7 +24,7 @@ def row_dict(index: int, row) -> dict:
     scored = row.probability is not None and not row.error
     return {"index": index, "nodule": row.nodule, "point_id": row.point_id,
             "probability": f"{row.probability:.6f}" if scored else "",
-            "label": row.label_name if scored else "", "adapter": row.adapter,
+            "label": row.label_name if scored else "", "adapter": row.adapter, "tta": row.tta,
             "ras": "" if math.isnan(row.r) else f"{row.r:.6f} {row.a:.6f} {row.s:.6f}",
             "colour": ("malignant" if row.label == 1 else "benign") if scored else "none",
             "error": row.error, "random_init": row.random_init}
