@@ -140,6 +140,21 @@ def test_export_overwrite_never_drops_training_reports_or_files_beside_the_adapt
     assert tree_digest(*(p for p in same.iterdir() if p.name != "manifest.json")) == reports  # the rest stays
     assert not any(is_leftover(p.name) for p in [*same.iterdir(), *same.parent.iterdir()])
 
+
+def test_export_overwrite_counts_a_users_empty_folder_and_symlink_as_theirs(tmp_path, store, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("mine")
+    empty = _adapter(tmp_path / "out" / "empty", seed=5)  # other weights than the stored 'site'
+    (empty / "scans").mkdir()  # a folder the user made, nothing in it yet
+    linked = _adapter(tmp_path / "out" / "linked", seed=5)
+    (linked / "data").symlink_to(outside, target_is_directory=True)
+    before = tree_digest(tmp_path / "out", outside)
+    for dest, name in ((empty, "scans"), (linked, "data")):
+        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
+        assert code == 2 and f"files MedLoRA did not write ({name})" in err, err
+    assert tree_digest(tmp_path / "out", outside) == before and (empty / "scans").is_dir()
+
 # --- import: always verified; --overwrite only replaces a stored adapter of the same name ------------------
 
 @pytest.mark.parametrize("force", [False, True])

@@ -28,10 +28,11 @@ TRAINING_REPORTS = ("metrics.json", "roc.png", "calibration.png", "training_curv
 
 
 def other_files(folder: Path, manifest: AdapterManifest) -> list[str]:
-    """Files in an adapter folder that are not the adapter's own nor MedLoRA's marker (relative, sorted)."""
+    """What an adapter folder holds beside the adapter's own files and MedLoRA's marker (relative, sorted):
+    files, symlinks (never followed) and empty folders, which a whole replacement would delete too."""
     own = {MANIFEST_NAME, MARKER_NAME, *manifest.files}
     return sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                  if p.is_symlink() or not p.is_dir())
+                                  if p.is_symlink() or not p.is_dir() or not any(p.iterdir()))
                   if rel not in own)
 
 
