@@ -231,7 +231,7 @@ def _tta(params: dict) -> bool | int | str:
     try:
         resolve_tta(value)
     except TTAError as exc:
-        raise ProtocolError(f"'tta' must be true, false, a count or a set name, got {_short(value)}: {exc}") from None
+        raise ProtocolError(f"'tta': {exc}") from None  # says what was sent (cut short) and what may be
     return value
 
 

@@ -44,11 +44,17 @@ def _choices() -> str:
     return ", ".join(TTA_SETS)
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    """A value for a message, cut short: it may be anything a client or a file sent."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def check_tta_name(name: object, what: str = "test-time augmentation set") -> str:
     """``name`` if it names a set of ``TTA_SETS``; else a ``TTAError`` that lists them."""
     if isinstance(name, str) and name in TTA_SETS:
         return name
-    raise TTAError(f"{what} {name!r} is not one of MedLoRA's sets: {_choices()} "
+    raise TTAError(f"{what} {_shown(name)} is not one of MedLoRA's sets: {_choices()} "
                    "(d8: all eight flips/quarter turns; rot4: the four quarter turns; none: no augmentation)")
 
 
@@ -61,7 +67,7 @@ def resolve_tta(tta: bool | int | str, default: str = UNRECORDED_TTA) -> str:
         return TTA_BY_COUNT[int(tta)]
     if isinstance(tta, str) and tta in TTA_SETS:
         return tta
-    raise TTAError(f"unknown test-time augmentation {tta!r}: use true (the adapter's own set), false, a count "
+    raise TTAError(f"unknown test-time augmentation {_shown(tta)}: use true (the adapter's own set), false, a count "
                    f"({', '.join(map(str, TTA_BY_COUNT))}) or a set ({_choices()})")
 
 

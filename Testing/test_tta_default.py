@@ -134,8 +134,25 @@ def test_serve_true_means_the_adapters_set_and_results_say_which(tmp_path, engin
         reply = server.handle(json.dumps({"id": 2, "op": "score", "patches": blob, "tta": setting}))
         assert reply["ok"] and {r["tta"] for r in reply["result"]["results"]} == {name}
         assert _logits(reply["result"]["results"]).tolist() == _logits(engine.score_patches(PATCHES, tta=name)).tolist()
-    bad = server.handle(json.dumps({"id": 3, "op": "score", "patches": blob, "tta": "rot3"}))
-    assert not bad["ok"] and bad["error"]["type"] == "ProtocolError" and "rot4" in bad["error"]["message"]
+    for setting, shown in (("rot3", "'rot3'"), (0, "0"), ("true", "'true'"), (None, "None"), (4.0, "4.0"),
+                           ("x" * 100_000, "'xxxx")):
+        bad = server.handle(json.dumps({"id": 3, "op": "score", "patches": blob, "tta": setting}))
+        message = bad["error"]["message"]
+        assert not bad["ok"] and bad["error"]["type"] == "ProtocolError" and "rot4" in message, bad
+        assert f"test-time augmentation {shown}" in message and len(message) < 400, message  # said once, cut short
+
+
+def test_the_slicer_client_refuses_a_bad_setting_before_any_engine_starts():
+    from MedLoRALib.slicer.engine_client import EngineClient
+
+    class NoRunner:
+        def start(self, *args, **kwargs):
+            raise AssertionError("a bad tta must not start the engine")
+
+    client = EngineClient(runner=NoRunner())
+    for bad in (None, 4.5, "eight", 0):
+        with pytest.raises(TTAError, match="unknown test-time augmentation"):
+            client.score(PATCHES, tta=bad)
 
 
 # --- medlora train --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MedLoRAError
+from ..tta import resolve_tta
 from .process import ProcessHandle, ProcessRunner, SubprocessRunner, describe_exit
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,9 @@ class EngineClient:
         return self.request("detach_adapter", name=name)
 
     def score(self, patches: np.ndarray, adapter: str | None = None, tta: bool | int | str = True) -> list[dict]:
-        """Score patches (waits); ``tta``: True (the adapter's own set), False, a count or a set name."""
+        """Score patches (waits); ``tta``: True (the adapter's own set), False, a count or a set name
+        (``TTAError`` otherwise, before anything is sent)."""
+        resolve_tta(tta)
         params = {"patches": encode_patches(patches), "tta": tta if isinstance(tta, (bool, str)) else int(tta)}
         if adapter:
             params["adapter"] = adapter
