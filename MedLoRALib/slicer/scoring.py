@@ -27,6 +27,7 @@ from ..nodule import centres_lps
 from ..patches import PatchSpec, check_inside, extract_patches
 from ..tta import resolve_tta
 from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches
+from .jobs import EngineRequestJob
 from .mrml import ScenePoint, UnplacedPoint, markups_to_points, unplaced_points, volume_to_ct_image
 from .process import ProcessRunner, Reaper, SubprocessRunner
 from .results import ScoreRow, colour_control_points, write_table
@@ -173,7 +174,7 @@ class EngineCall:
 
 
 @dataclass
-class ScoreJob:
+class ScoreJob(EngineRequestJob):
     """One volume's points being scored; ``poll`` advances it, True once the rows are in.
 
     Stages: ``engine`` (starting it, loading adapters), ``score`` (the request is with the
@@ -206,10 +207,6 @@ class ScoreJob:
         return self.rows is not None
 
     @property
-    def progress(self) -> float:
-        return 1.0 if self.finished else 0.0
-
-    @property
     def status(self) -> str:
         if self.cancelled:
             return "scoring cancelled"
@@ -217,7 +214,7 @@ class ScoreJob:
             return f"scoring failed: {self.error}"
         if self.rows is not None:
             return f"{len(self.rows)} nodules scored"
-        return "starting the scoring engine…" if self.stage == "engine" else "scoring…"
+        return self.waiting_status("scoring…")
 
     @property
     def results_table(self):
