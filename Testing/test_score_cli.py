@@ -115,9 +115,25 @@ def test_score_tta_set_overrides_the_adapters_own(phantom_case, tiny_adapter, tm
     code, out = score("--tta", "eight")
     assert code == 2 and not out.exists()
     assert "unknown test-time augmentation 'eight'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # --tta and --no-tta contradict each other (argparse)
+    with pytest.raises(SystemExit) as exited:  # --tta and --no-tta contradict each other (argparse)
         main(["score", "--volume", str(folder), "--points", str(points), "--adapter", str(adapter),
               "--tta", "rot4", "--no-tta"])
+    assert exited.value.code == 2 and "--no-tta: not allowed with argument --tta" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_results_written_before_the_tta_column_and_nothing_else(tmp_path):
+    from MedLoRALib.cli.score import COLUMNS, ENSEMBLE_COLUMNS, check_results_output
+    from MedLoRALib.errors import MedLoRAError
+
+    for columns in (COLUMNS, ENSEMBLE_COLUMNS, COLUMNS[:-1], (*ENSEMBLE_COLUMNS[:-1], "p_a", "p_b")):
+        out = tmp_path / "scores.csv"
+        out.write_text(",".join(columns) + "\n")
+        check_results_output(out, overwrite=True)  # an earlier medlora score result, old or new
+        with pytest.raises(MedLoRAError, match="pass --overwrite"):
+            check_results_output(out, overwrite=False)
+    out.write_text("study,nodule_id,case_id,x_lps,y_lps,z_lps,probability,mine\n")
+    with pytest.raises(MedLoRAError, match="not a medlora score results file"):
+        check_results_output(out, overwrite=True)
 
 
 def test_score_folder_of_studies(store_root, tmp_path, capsys):

@@ -129,8 +129,8 @@ def check_results_output(out: Path, overwrite: bool) -> None:
             head = handle.read(4096)
     except (OSError, UnicodeDecodeError):
         head = ""
-    headers = [",".join(columns) for columns in (COLUMNS, ENSEMBLE_COLUMNS, COLUMNS[:-1], ENSEMBLE_COLUMNS[:-1])]
-    ours = head.startswith(tuple(headers)) or (head.lstrip().startswith("{") and '"results"' in head
+    # the header up to ``note``: files written before the ``tta`` column (added last) are ours too
+    ours = head.startswith((",".join(COLUMNS[:-1]), ",".join(ENSEMBLE_COLUMNS[:-1]))) or (head.lstrip().startswith("{") and '"results"' in head
                                                    and '"adapter"' in head)
     if not ours:
         raise MedLoRAError(f"--out {out} is not a medlora score results file, so MedLoRA will not replace it even "
