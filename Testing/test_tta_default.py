@@ -210,6 +210,10 @@ def test_sr_records_the_set_used():
         _member_tta_sets([{"tta": "rot4"}, {"tta": "d8"}], [own], None)
     with pytest.raises(SRError, match="'eight' is not one of MedLoRA's sets"):
         _member_tta_sets([{"tta": "eight"}], [own], None)
+    unrecorded = {"probability": 0.5, "members": [{"adapter": "a"}, {"adapter": "b"}]}
+    for setting in (["rot4", "d8"], 0, "true"):  # a call's setting is one value (a list came as 'rot4+d8' each)
+        with pytest.raises(SRError, match="unknown test-time augmentation"):
+            _member_tta_sets([unrecorded], [own, old], setting)
 
 
 # --- 3D Slicer: the rows and the results table say the set; the SR export passes it on --------------

@@ -116,6 +116,7 @@ class SRSettings:
 
 
 TTASetting = Union[bool, int, str, Sequence[str], None]  # a score call's tta, or the set each member used
+TTACall = Union[bool, int, str, None]  # a score call's tta (None: not known)
 
 
 def _tta_text(tta: TTASetting, manifests: Sequence[AdapterManifest]) -> str | None:
@@ -316,7 +317,7 @@ def _members(manifest) -> list[AdapterManifest]:
 
 
 def _member_tta_sets(results: Sequence[dict], members: Sequence[AdapterManifest],
-                     tta: TTASetting) -> list[str] | None:
+                     tta: TTACall) -> list[str] | None:
     """The TTA set each member scored with: the one its results record (the engine's ``"tta"``; an ensemble's
     result's own ``"tta"`` where its members' lack it), else the ``tta`` setting resolved for it; None when
     neither says (then the SR records no set)."""
@@ -328,7 +329,7 @@ def _member_tta_sets(results: Sequence[dict], members: Sequence[AdapterManifest]
             if len(recorded) > 1:
                 raise SRError(f"the results of adapter {member.name!r} were scored with different test-time "
                               f"augmentation sets ({', '.join(sorted(recorded))}): score them in one call.")
-            sets.append(recorded.pop() if recorded else _tta_text(tta, [member]))
+            sets.append(recorded.pop() if recorded else None if tta is None else resolve_tta(tta, member.default_tta))
     except TTAError as exc:
         raise SRError(f"the results' test-time augmentation: {exc}") from None
     return None if None in sets else sets
@@ -465,7 +466,7 @@ def _quiet_highdicom() -> Iterator[None]:
 
 
 def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest: Manifests,
-                   headers: Sequence, *, tta: TTASetting = None, settings: SRSettings | None = None):
+                   headers: Sequence, *, tta: TTACall = None, settings: SRSettings | None = None):
     """The SR as a ``highdicom.sr.Comprehensive3DSR`` (see the module docstring for its content).
 
     Args:
@@ -559,7 +560,7 @@ def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
 
 
 def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Sequence[Nodule], results: Sequence[dict],
-                   manifest: Manifests, *, tta: TTASetting = None,
+                   manifest: Manifests, *, tta: TTACall = None,
                    dicom_files: Sequence[str | os.PathLike] | None = None, overwrite: bool = False,
                    settings: SRSettings | None = None) -> Path:
     """Write the scores of one study's nodules as a DICOM SR file (atomically).
