@@ -141,6 +141,19 @@ def test_export_overwrite_never_drops_training_reports_or_files_beside_the_adapt
     assert not any(is_leftover(p.name) for p in [*same.iterdir(), *same.parent.iterdir()])
 
 
+def test_export_overwrite_is_refused_while_another_process_writes_the_folder(tmp_path, store, capsys):
+    from MedLoRALib.locks import OutputLock
+
+    dest = _trained_folder(tmp_path / "out" / "run", seed=0)  # same weights: only manifest.json would be rewritten
+    before = tree_digest(tmp_path / "out")
+    with OutputLock(dest, activity="trained"):  # a training of that folder still running (it swaps it when done)
+        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
+    assert code == 2 and "is already being written by process" in err, err
+    assert tree_digest(tmp_path / "out") == before
+    code, _ = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
+    assert code == 0 and read_checked(dest).manifest.description == "stored"
+
+
 def test_export_overwrite_counts_a_users_empty_folder_and_symlink_as_theirs(tmp_path, store, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
