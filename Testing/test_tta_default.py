@@ -153,6 +153,10 @@ def test_the_slicer_client_refuses_a_bad_setting_before_any_engine_starts():
     for bad in (None, 4.5, "eight", 0):
         with pytest.raises(TTAError, match="unknown test-time augmentation"):
             client.score(PATCHES, tta=bad)
+    from MedLoRALib.slicer.engine_client import tta_param
+
+    sent = [json.dumps(tta_param(setting)) for setting in (True, False, "rot4", np.int64(4))]
+    assert sent == ["true", "false", '"rot4"', "4"]  # what ScoreJob and the client put in the request
 
 
 # --- medlora train --------------------------------------------------------------------------------

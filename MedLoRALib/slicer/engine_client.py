@@ -70,6 +70,13 @@ def encode_patches(patches: np.ndarray) -> dict:
     return {"dtype": "float32", "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
+def tta_param(tta: bool | int | str) -> bool | int | str:
+    """A ``tta`` setting as the ``score`` request carries it (a numpy count as a plain int); ``TTAError``
+    for a setting the engine would refuse, so it is refused before anything is cut or sent."""
+    resolve_tta(tta)
+    return tta if isinstance(tta, (bool, str)) else int(tta)
+
+
 class EngineClient:
     """Talks to one ``medlora serve`` process, restarting it after it dies."""
 
@@ -270,8 +277,7 @@ class EngineClient:
     def score(self, patches: np.ndarray, adapter: str | None = None, tta: bool | int | str = True) -> list[dict]:
         """Score patches (waits); ``tta``: True (the adapter's own set), False, a count or a set name
         (``TTAError`` otherwise, before anything is sent)."""
-        resolve_tta(tta)
-        params = {"patches": encode_patches(patches), "tta": tta if isinstance(tta, (bool, str)) else int(tta)}
+        params = {"patches": encode_patches(patches), "tta": tta_param(tta)}
         if adapter:
             params["adapter"] = adapter
         return self.request("score", **params)["results"]

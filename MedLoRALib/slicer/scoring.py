@@ -25,8 +25,7 @@ from ..ensemble import check_compatible
 from ..errors import MedLoRAError
 from ..nodule import centres_lps
 from ..patches import PatchSpec, check_inside, extract_patches
-from ..tta import resolve_tta
-from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches
+from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches, tta_param
 from .jobs import EngineRequestJob
 from .mrml import ScenePoint, UnplacedPoint, markups_to_points, unplaced_points, volume_to_ct_image
 from .process import ProcessRunner, Reaper, SubprocessRunner
@@ -392,7 +391,7 @@ class ScoringSession:
         ``d8`` for adapters that record none), False without; a count or set name overrides it. Each
         row's ``tta`` is the set the engine used.
         """
-        resolve_tta(tta)  # a bad setting is refused before anything is cut or sent
+        tta = tta_param(tta)  # a bad setting is refused before anything is cut or sent
         if isinstance(adapter, (list, tuple)) and len(adapter) > 1:
             manifests = self.ensemble(list(adapter))
             members = list(manifests)
