@@ -36,8 +36,11 @@ DEFAULT_VARIANTS = ["fp32:d8:64", "int8:d8:64", "fp32:rot4:64", "int8:rot4:64", 
 
 
 def _parse(variant: str) -> tuple[str, str, int]:
+    """``precision:tta-set:pixels``, the set checked here rather than once the engines have started."""
+    from MedLoRALib.tta import check_tta_name
+
     precision, tta, pixels = variant.split(":")
-    return precision, tta, int(pixels)
+    return precision, check_tta_name(tta, f"--variants {variant}: set"), int(pixels)
 
 
 def _adapter(folder: Path, pixels: int) -> Path:
