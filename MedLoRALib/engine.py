@@ -47,10 +47,9 @@ from .models.classifier import NoduleClassifier
 from .models.lora import frozen_prefix_blocks
 from .nodule import Nodule, centres_lps
 from .patches import extract_patches
-from .tta import TTA_BY_COUNT, TTA_SETS, TTA_TRANSFORMS, TTAError, ensemble_tta, resolve_tta, tta_variants  # noqa: F401
+from .tta import TTA_SETS, ensemble_tta, resolve_tta
 
 log = logging.getLogger(__name__)
-# TTA_BY_COUNT, TTA_TRANSFORMS, TTAError and tta_variants above are re-exported: their importers predate tta.py
 
 
 @dataclass

@@ -71,11 +71,6 @@ def resolve_tta(tta: bool | int | str, default: str = UNRECORDED_TTA) -> str:
                    f"({', '.join(map(str, TTA_BY_COUNT))}) or a set ({_choices()})")
 
 
-def tta_variants(tta: bool | int | str, default: str = UNRECORDED_TTA) -> tuple[tuple[int, bool], ...]:
-    """The (quarter turns, flip) variants of a ``tta`` setting (``resolve_tta``)."""
-    return TTA_SETS[resolve_tta(tta, default)]
-
-
 def parse_tta_option(text: str) -> str:
     """A command line's ``--tta`` value (a set name or a count) as a set name; ``TTAError`` otherwise."""
     value = text.strip()
