@@ -32,8 +32,16 @@ def other_files(folder: Path, manifest: AdapterManifest) -> list[str]:
     files, symlinks (never followed) and empty folders, which a whole replacement would delete too."""
     own = {MANIFEST_NAME, MARKER_NAME, *manifest.files}
     return sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                  if p.is_symlink() or not p.is_dir() or not any(p.iterdir()))
+                                  if p.is_symlink() or not p.is_dir() or _empty_or_unreadable(p))
                   if rel not in own)
+
+
+def _empty_or_unreadable(folder: Path) -> bool:
+    """A folder whose files would not be listed: empty, or unreadable (counted as someone's, never deleted)."""
+    try:
+        return not any(folder.iterdir())
+    except OSError:
+        return True
 
 
 def _same_weights(folder: Path, manifest: AdapterManifest) -> bool:
