@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import AnnotationError, MedLoRAError
-from ..tta import TTA_SETS, ensemble_tta, parse_tta_option
+from ..tta import TTA_BY_COUNT, TTA_SETS, ensemble_tta, parse_tta_option
 from .inputs import add_input_arguments, read_inputs
 
 COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, or $MEDLORA_DEVICE)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--tta", metavar="SET", type=str,
-                     help=f"test-time augmentation set ({', '.join(TTA_SETS)}) or count (8, 4, 2, 1) instead of the "
+                     help=f"test-time augmentation set ({', '.join(TTA_SETS)}) or count ({', '.join(map(str, TTA_BY_COUNT))}) instead of the "
                           "adapter's own (its manifest's tta; d8, all eight flips/quarter turns, if it records none)")
     tta.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
     parser.add_argument("--weights", help="backbone weights file (.safetensors), when not found otherwise")
