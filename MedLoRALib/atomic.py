@@ -213,7 +213,8 @@ def sweep_leftovers(folder: str | Path) -> list[str]:
 
     Staging folders/files and deleted trees are removed; a folder set aside by
     ``replace_dir`` goes back to its name if nothing took its place, else it is removed.
-    Entries of running processes are left alone; failures (read-only folder) are ignored.
+    Entries of running processes are left alone, and so is every name ``staging_name`` does not
+    make; failures (read-only folder) are ignored.
     """
     folder = Path(folder)
     handled = []

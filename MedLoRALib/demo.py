@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapters.overwrite import TRAINING_REPORTS
 from .atomic import atomic_path, write_text_atomic
 from .errors import MedLoRAError
 from .nodule import Nodule
@@ -420,7 +421,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] | None = None) -> De
     }
     files["metrics"] = _write_json(out / "metrics.json", metrics)
     files["summary"] = write_text_atomic(out / "summary.txt", summary_text(config, metrics, adapter))
-    for name in ("training_curves.png", "roc.png", "calibration.png", "metrics.json"):
+    for name in TRAINING_REPORTS:  # what medlora train wrote beside the adapter
         if (adapter / name).is_file():
             files[f"adapter/{name}"] = adapter / name
     say("wrote " + ", ".join(str(p.relative_to(out)) for p in files.values()) + f" in {out}")

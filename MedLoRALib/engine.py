@@ -8,9 +8,11 @@ backbone gets a second backbone kept beside the first (``status`` lists them); a
 probes share an unsplit backbone and run with LoRA disabled.
 
 Scores are deterministic on CPU: the same patches in the same call give bit-identical
-results. Test-time augmentation (on by default) averages the logits of the eight
-in-plane flips/90° rotations of every plane, all variants and views in one forward pass;
-``tta`` may also name a smaller set (``TTA_SETS``; docs/benchmarks.md measures their AUC).
+results. Test-time augmentation (on by default) averages the logits of in-plane flips/90°
+rotations of every plane, all variants and views in one forward pass. ``tta=True`` uses each
+adapter's own set (its manifest's ``tta``; ``d8``, all eight, for adapters that record none),
+``False`` none, and a count or set name (``tta.TTA_SETS``) overrides it; every result names the
+set it was scored with (``"tta"``).
 
 Precision (``device.choose_precision``): fp32 on the CPU unless asked otherwise, so scores
 are those of the trained model; ``int8`` scores with a quantised copy of each adapter's
@@ -38,44 +40,16 @@ from .adapters.shared import SharedBackbone, backbone_key
 from .adapters.store import AdapterStore, check_name, resolve_adapter
 from .device import choose_device, choose_precision, precision_context, prepare_for_precision
 from .ensemble import check_compatible, combine
-from .errors import AdapterError, MedLoRAError, PatchError
+from .errors import AdapterError, PatchError
 from .image import CTImage
 from .models.backbones import create_backbone
 from .models.classifier import NoduleClassifier
 from .models.lora import frozen_prefix_blocks
 from .nodule import Nodule, centres_lps
 from .patches import extract_patches
+from .tta import TTA_SETS, ensemble_tta, resolve_tta
 
 log = logging.getLogger(__name__)
-
-TTA_TRANSFORMS = tuple(itertools.product((0, 1, 2, 3), (False, True)))  # (quarter turns, flip columns)
-# Named subsets of the eight in-plane flips/rotations (benchmarks/tta.py measures what each costs in AUC).
-TTA_SETS = {
-    "d8": TTA_TRANSFORMS,  # every flip and quarter turn (the default)
-    "rot4": ((0, False), (1, False), (2, False), (3, False)),  # the four quarter turns
-    "flip4": ((0, False), (0, True), (2, False), (2, True)),  # identity, column flip, 180°, row flip
-    "flip2": ((0, False), (0, True)),  # identity and column flip
-    "rot2": ((0, False), (2, False)),  # identity and 180°
-    "none": ((0, False),),
-}
-TTA_BY_COUNT = {8: "d8", 4: "rot4", 2: "flip2", 1: "none"}  # per count, the set that lost least AUC
-
-
-class TTAError(MedLoRAError):
-    """A test-time augmentation setting the engine does not know."""
-
-
-def tta_variants(tta: bool | int | str) -> tuple[tuple[int, bool], ...]:
-    """The (quarter turns, flip) variants of a ``tta`` setting: True (all 8), False (none),
-    a count (8, 4, 2, 1) or a name from ``TTA_SETS``."""
-    if isinstance(tta, bool):
-        return TTA_TRANSFORMS if tta else TTA_SETS["none"]
-    if isinstance(tta, (int, np.integer)) and int(tta) in TTA_BY_COUNT:
-        return TTA_SETS[TTA_BY_COUNT[int(tta)]]
-    if isinstance(tta, str) and tta in TTA_SETS:
-        return TTA_SETS[tta]
-    raise TTAError(f"unknown test-time augmentation {tta!r}: use true, false, a count "
-                   f"({', '.join(map(str, TTA_BY_COUNT))}) or a set ({', '.join(TTA_SETS)})")
 
 
 @dataclass
@@ -247,21 +221,26 @@ class ScoringEngine:
         array = np.ascontiguousarray(array, dtype=np.float32)
         return array if array.flags.writeable else array.copy()  # torch wants writable memory
 
-    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta: bool | int | str,
+    def tta_set(self, tta: bool | int | str = True, adapter: str | None = None) -> str:
+        """The TTA set a score call with ``tta`` uses for ``adapter`` (True: the adapter's own set)."""
+        resolve_tta(tta)  # a bad setting is refused whichever adapter is asked about
+        return resolve_tta(tta, self._get(adapter).manifest.default_tta)
+
+    def _forward_view_logits(self, model: NoduleClassifier, batch: torch.Tensor, tta_set: str,
                              precision: str = "fp32") -> torch.Tensor:
-        """(B, views) logits, averaged over the TTA variants (all variants in one forward pass)."""
-        variants = tta_variants(tta)
+        """(B, views) logits, averaged over the set's TTA variants (all variants in one forward pass)."""
+        variants = TTA_SETS[tta_set]
         stacked = torch.cat([apply_tta(batch, k, flip) for k, flip in variants])
         with precision_context(self.device, precision):
             logits = model.view_logits(stacked).float()
         return logits.reshape(len(variants), batch.shape[0], -1).mean(dim=0)
 
-    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta: bool | int | str,
+    def _view_logits(self, attached: _Attached, patches: np.ndarray, tta_set: str,
                      precision: str | None = None) -> np.ndarray:
         requested = precision
         precision = choose_precision(self.device, requested) if requested else self.precision
         model = attached.model
-        per_item = model.views * len(tta_variants(tta))
+        per_item = model.views * len(TTA_SETS[tta_set])
         chunk = max(1, self.max_batch_images // per_item)
         out: list[np.ndarray] = []
         start = 0
@@ -271,7 +250,7 @@ class ScoringEngine:
                 try:
                     runner, context = self._model_at(attached, precision)
                     with context:
-                        out.append(self._forward_view_logits(runner, batch, tta, precision).cpu().numpy())
+                        out.append(self._forward_view_logits(runner, batch, tta_set, precision).cpu().numpy())
                 except torch.cuda.OutOfMemoryError:
                     if len(batch) == 1 and self.device.type == "cpu":
                         raise
@@ -309,16 +288,18 @@ class ScoringEngine:
                       precision: str | None = None) -> list[dict]:
         """One result per patch: probability, logit, per-view probabilities, label, provenance.
 
-        ``tta``: True (all eight flips/rotations), False, a count or a named set (``tta_variants``).
+        ``tta``: True (the adapter's own set, ``AdapterManifest.default_tta``), False (none), a
+        count or a set name (``tta.resolve_tta``); ``tta`` in each result names the set used.
         ``logit`` is the fused logit divided by the adapter's temperature, and
         ``probability`` its sigmoid; ``label`` applies the adapter's threshold.
         ``precision`` overrides the engine's for this call (see ``choose_precision``).
         """
+        tta_set = self.tta_set(tta, adapter)
         attached = self._get(adapter)
         array = self._check_patches(patches, attached)
-        return self._results(attached, self._view_logits(attached, array, tta, precision))
+        return self._results(attached, self._view_logits(attached, array, tta_set, precision), tta_set)
 
-    def _results(self, attached: _Attached, view_logits: np.ndarray) -> list[dict]:
+    def _results(self, attached: _Attached, view_logits: np.ndarray, tta_set: str) -> list[dict]:
         """Results of (N, views) raw logits: the adapter's temperature, fusion, threshold and provenance."""
         manifest = attached.manifest
         view_logits = view_logits.astype(np.float64) / float(manifest.temperature)
@@ -334,12 +315,13 @@ class ScoringEngine:
             "adapter": attached.name,
             "adapter_version": manifest.version_id,
             "random_init": bool(manifest.random_init),
+            "tta": tta_set,
         } for p, z, views in zip(probabilities, fused, view_probabilities)]
 
     def score(self, image: CTImage, nodules: list[Nodule], adapter: str | None = None,
               tta: bool | int | str = True, precision: str | None = None) -> list[dict]:
         """Cut each nodule's patch with the adapter's patch spec and score it."""
-        tta_variants(tta)  # a bad setting fails before the crop
+        resolve_tta(tta)  # a bad setting fails before the crop
         if not nodules:
             return []
         attached = self._get(adapter)
@@ -380,11 +362,13 @@ class ScoringEngine:
         """
         manifests = self.ensemble_manifests(adapters)
         members = [self._adapters[name] for name in manifests]
+        sets = {m.name: self.tta_set(tta, m.name) for m in members}  # each member its own set under tta=True
         array = self._check_patches(patches, members[0])
-        shared = self._shared_prefix_view_logits(members, array, tta, precision)
-        per_member = {m.name: self._results(m, shared[m.name]) if shared is not None
-                      else self.score_patches(array, m.name, tta, precision) for m in members}
-        return _ensemble_results(per_member, manifests)
+        shared = (self._shared_prefix_view_logits(members, array, sets[members[0].name], precision)
+                  if len(set(sets.values())) == 1 else None)
+        per_member = {m.name: self._results(m, shared[m.name], sets[m.name]) if shared is not None
+                      else self.score_patches(array, m.name, sets[m.name], precision) for m in members}
+        return _ensemble_results(per_member, manifests, ensemble_tta(list(sets.values())))
 
     def shared_prefix_blocks(self, adapters: Sequence[str]) -> int:
         """How many leading ViT blocks an ensemble computes once for all its members.
@@ -401,19 +385,19 @@ class ScoringEngine:
         return min(depth if m.lora_name is None else frozen_prefix_blocks(depth, lora_spec_of(m.manifest))
                    for m in members)
 
-    def _shared_prefix_view_logits(self, members: list[_Attached], array: np.ndarray, tta,
+    def _shared_prefix_view_logits(self, members: list[_Attached], array: np.ndarray, tta_set: str,
                                    precision: str | None) -> dict[str, np.ndarray] | None:
         """Each member's (N, views) raw logits with the blocks no member adapts run once per batch.
 
-        The batches, TTA variants and precision are those of ``_view_logits``, so each member's
-        logits are those it gives alone. ``None`` where nothing is shared (or for int8 models, or
-        after a CUDA out-of-memory): then each member runs on its own.
+        The batches, TTA variants (one set for all members) and precision are those of
+        ``_view_logits``, so each member's logits are those it gives alone. ``None`` where nothing
+        is shared (or for int8 models, or after a CUDA out-of-memory): then each member runs on its own.
         """
         prefix = self.shared_prefix_blocks([m.name for m in members])
         precision = choose_precision(self.device, precision) if precision else self.precision
         if prefix == 0 or precision == "int8":
             return None
-        variants = tta_variants(tta)
+        variants = TTA_SETS[tta_set]
         first = members[0].model
         chunk = max(1, self.max_batch_images // (first.views * len(variants)))
         out: dict[str, list[np.ndarray]] = {m.name: [] for m in members}
@@ -465,10 +449,11 @@ class ScoringEngine:
             return saliency_maps(attached.model, array, method), cell_pixels(attached.model, method)
 
 
-MEMBER_FIELDS = ("adapter", "adapter_version", "probability", "logit", "label", "random_init")
+MEMBER_FIELDS = ("adapter", "adapter_version", "probability", "logit", "label", "random_init", "tta")
 
 
-def _ensemble_results(per_member: dict[str, list[dict]], manifests: dict[str, AdapterManifest]) -> list[dict]:
+def _ensemble_results(per_member: dict[str, list[dict]], manifests: dict[str, AdapterManifest],
+                      tta_set: str) -> list[dict]:
     """Each patch's members' results combined by ``ensemble.combine`` (one rule for every report)."""
     names = list(manifests)
     probabilities = np.array([[r["probability"] for r in per_member[name]] for name in names])
@@ -485,5 +470,6 @@ def _ensemble_results(per_member: dict[str, list[dict]], manifests: dict[str, Ad
         "adapters": names,
         "adapter_version": "+".join(manifests[name].version_id for name in names),
         "random_init": random_init,
+        "tta": tta_set,
         "members": [{key: per_member[name][i][key] for key in MEMBER_FIELDS} for name in names],
     } for i in range(probabilities.shape[1])]

@@ -223,14 +223,15 @@ def _flag(params: dict, key: str, default: bool) -> bool:
 
 
 def _tta(params: dict) -> bool | int | str:
-    """``tta``: true (default) or false, or a variant count or set name (``engine.tta_variants``)."""
-    from .engine import TTAError, tta_variants
+    """``tta``: true (default: each adapter's own set) or false, or a variant count or set name
+    (``tta.resolve_tta``); each result's ``tta`` names the set used."""
+    from .tta import TTAError, resolve_tta
 
     value = params.get("tta", True)
     try:
-        tta_variants(value)
+        resolve_tta(value)
     except TTAError as exc:
-        raise ProtocolError(f"'tta' must be true, false, a count or a set name, got {_short(value)}: {exc}") from None
+        raise ProtocolError(f"'tta': {exc}") from None  # says what was sent (cut short) and what may be
     return value
 
 

@@ -110,6 +110,64 @@ def test_export_into_a_plain_folder_puts_the_adapter_inside(tmp_path, store, cap
     assert (tmp_path / "share" / "notes.txt").read_text() == "mine"
 
 
+def _trained_folder(dest: Path, seed: int) -> Path:
+    """An adapter folder as ``medlora train`` leaves it: the adapter, its reports, MedLoRA's marker,
+    and a file the user added."""
+    from MedLoRALib.adapters.overwrite import TRAINING_REPORTS
+    from MedLoRALib.outputs import ADAPTER, write_marker
+
+    _adapter(dest, description="trained", seed=seed)
+    for name in TRAINING_REPORTS:
+        (dest / name).write_bytes(f"report {name} of the run".encode())
+    write_marker(dest, ADAPTER)
+    (dest / "notes.txt").write_text("mine")
+    return dest
+
+
+def test_export_overwrite_never_drops_training_reports_or_files_beside_the_adapter(tmp_path, store, capsys):
+    other = _trained_folder(tmp_path / "out" / "other", seed=5)  # other weights than the stored 'site'
+    before = tree_digest(tmp_path / "out")
+    code, err = _cli(capsys, "--store", store.root, "export", "site", other, "--overwrite")
+    assert code == 2 and "Traceback" not in err
+    assert ("the training reports of adapter 'site' (calibration.png, metrics.json, roc.png, training_curves.png)"
+            in err and "files MedLoRA did not write (notes.txt)" in err and "left as it is" in err), err
+    assert tree_digest(tmp_path / "out") == before
+
+    same = _trained_folder(tmp_path / "out" / "same", seed=0)  # the stored adapter's own weights
+    reports = tree_digest(*(p for p in same.iterdir() if p.name != "manifest.json"))
+    code, _ = _cli(capsys, "--store", store.root, "export", "site", same, "--overwrite")
+    assert code == 0 and read_checked(same).manifest.description == "stored"  # the manifest is the store's
+    assert tree_digest(*(p for p in same.iterdir() if p.name != "manifest.json")) == reports  # the rest stays
+    assert not any(is_leftover(p.name) for p in [*same.iterdir(), *same.parent.iterdir()])
+
+
+def test_export_overwrite_is_refused_while_another_process_writes_the_folder(tmp_path, store, capsys):
+    from MedLoRALib.locks import OutputLock
+
+    dest = _trained_folder(tmp_path / "out" / "run", seed=0)  # same weights: only manifest.json would be rewritten
+    before = tree_digest(tmp_path / "out")
+    with OutputLock(dest, activity="trained"):  # a training of that folder still running (it swaps it when done)
+        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
+    assert code == 2 and "is already being written by process" in err, err
+    assert tree_digest(tmp_path / "out") == before
+    code, _ = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
+    assert code == 0 and read_checked(dest).manifest.description == "stored"
+
+
+def test_export_overwrite_counts_a_users_empty_folder_and_symlink_as_theirs(tmp_path, store, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("mine")
+    empty = _adapter(tmp_path / "out" / "empty", seed=5)  # other weights than the stored 'site'
+    (empty / "scans").mkdir()  # a folder the user made, nothing in it yet
+    linked = _adapter(tmp_path / "out" / "linked", seed=5)
+    (linked / "data").symlink_to(outside, target_is_directory=True)
+    before = tree_digest(tmp_path / "out", outside)
+    for dest, name in ((empty, "scans"), (linked, "data")):
+        code, err = _cli(capsys, "--store", store.root, "export", "site", dest, "--overwrite")
+        assert code == 2 and f"files MedLoRA did not write ({name})" in err, err
+    assert tree_digest(tmp_path / "out", outside) == before and (empty / "scans").is_dir()
+
 # --- import: always verified; --overwrite only replaces a stored adapter of the same name ------------------
 
 @pytest.mark.parametrize("force", [False, True])

@@ -282,6 +282,43 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(cohort, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), f"killed after {kills} step events"  # bit-identical
 
 
+
+# The trainer killed (SIGKILL, by itself) while it writes the finished adapter: after the weights and
+# metrics.json are in its staging folder, before the plots and the rename into --out.
+_KILLED_WHILE_WRITING = """
+import os, signal, sys
+from MedLoRALib.training import reports
+reports.plot_roc = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+from MedLoRALib.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two short training runs in child processes
+def test_staging_left_by_a_run_killed_while_writing_is_swept_and_resume_still_finishes(cohort, tmp_path):
+    from MedLoRALib.atomic import is_leftover, staging_name
+
+    out = tmp_path / "adapter"
+    args = ["train", "--manifest", str(cohort), "--out", str(out), *FAST]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, *args], env=ENV, cwd=REPO,
+                            capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    [staging] = [p for p in tmp_path.iterdir() if is_leftover(p.name)]
+    assert staging.name.startswith(".adapter.tmp-") and (staging / "metrics.json").is_file()
+    assert not out.exists() and (tmp_path / "adapter.checkpoint" / "state.json").is_file()
+    users = {".adapter.tmp-notes": "mine", ".adapter.staging-1": "mine too", "adapter.txt": "and mine"}
+    for name, text in users.items():  # names MedLoRA does not make stay, whatever they look like
+        (tmp_path / name).write_text(text)
+    running = staging_name(out)  # a staging folder of a live process (this one) stays too
+    running.mkdir()
+
+    assert train_cli(cohort, out, "--resume") == 0  # the checkpoint finishes the run; staging is not needed
+    assert read_marker(out)["kind"] == "adapter" and (out / "metrics.json").is_file()
+    assert not staging.exists() and running.is_dir()
+    assert {name: (tmp_path / name).read_text() for name in users} == users
+    assert not (tmp_path / "adapter.checkpoint").exists()  # consumed by the finished run, as always
+
+
 # --- full and read-only disks ----------------------------------------------------------------------
 
 

@@ -10,13 +10,14 @@ from safetensors.torch import save_file
 
 from MedLoRALib.adapters import AdapterManifest
 from MedLoRALib.adapters.package import save_adapter
-from MedLoRALib.engine import TTA_BY_COUNT, TTA_SETS, TTA_TRANSFORMS, ScoringEngine, TTAError, apply_tta, tta_variants
+from MedLoRALib.engine import ScoringEngine, apply_tta
 from MedLoRALib.errors import AdapterError, PatchError
 from MedLoRALib.geometry import Geometry
 from MedLoRALib.image import CTImage
 from MedLoRALib.models import LoraSpec, create_backbone
 from MedLoRALib.nodule import Nodule
 from MedLoRALib.patches import PatchSpec, extract_patches
+from MedLoRALib.tta import TTA_BY_COUNT, TTA_SETS, TTA_TRANSFORMS, TTAError, resolve_tta
 
 torch.set_num_threads(1)  # a busy 2-core CI machine: more threads only contend
 SPEC = PatchSpec(views="multiview9", pixels=64)
@@ -176,7 +177,7 @@ def test_tta_count_or_named_set_averages_exactly_those_variants(tmp_path, engine
     assert np.array_equal(logits(True), logits("d8")) and np.array_equal(logits(8), logits("d8"))
     assert np.array_equal(logits(False), logits("none")) and np.array_equal(logits(1), logits("none"))
     assert np.array_equal(logits(2), logits(TTA_BY_COUNT[2])) and np.array_equal(logits(4), logits(TTA_BY_COUNT[4]))
-    assert tta_variants(np.int64(2)) == TTA_SETS[TTA_BY_COUNT[2]]
+    assert resolve_tta(np.int64(2)) == TTA_BY_COUNT[2]
     for bad in (3, 0, "d4", None, 2.0, "D8"):
         with pytest.raises(TTAError, match="unknown test-time augmentation"):
             engine.score_patches(SMALL_PATCHES, tta=bad)

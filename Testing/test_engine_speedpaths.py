@@ -83,14 +83,19 @@ def test_int8_matches_fp32_on_the_benchmark_set_for_shared_lora_and_probe(tmp_pa
     assert len({tuple(_probabilities(results)) for results in int8.values()}) == 3
 
 
-@needs_int8
-def test_int8_with_tta_and_the_copy_dropped_on_detach(tmp_path, engine):
+def _fp32_and(engine, tmp_path, precision: str, seed: int, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny adapter "a" attached; its probabilities on four patches in fp32 and at ``precision``."""
     torch.manual_seed(0)
     patches = _benchmark_patches(SMALL, n=4)
-    path, _ = save_tiny_adapter(tmp_path, "a", SMALL, seed=4, scale=0.05)
+    path, _ = save_tiny_adapter(tmp_path, "a", SMALL, seed=seed, scale=0.05)
     engine.attach_adapter(path)
-    fp32 = _probabilities(engine.score_patches(patches, tta=True))
-    int8 = _probabilities(engine.score_patches(patches, tta=True, precision="int8"))
+    return (_probabilities(engine.score_patches(patches, tta=tta)),
+            _probabilities(engine.score_patches(patches, tta=tta, precision=precision)))
+
+
+@needs_int8
+def test_int8_with_tta_and_the_copy_dropped_on_detach(tmp_path, engine):
+    fp32, int8 = _fp32_and(engine, tmp_path, "int8", seed=4, tta=True)
     assert np.abs(int8 - fp32).max() <= INT8_PROBABILITY_TOLERANCE
     assert ("a", "int8") in engine._fast_models
     engine.detach_adapter("a")
@@ -115,12 +120,7 @@ def test_prepare_for_int8_leaves_the_model_alone(tmp_path):
 
 
 def test_bf16_autocast_on_the_cpu_is_close_to_fp32(tmp_path, engine, caplog):
-    torch.manual_seed(0)
-    patches = _benchmark_patches(SMALL, n=4)
-    path, _ = save_tiny_adapter(tmp_path, "a", SMALL, seed=6, scale=0.05)
-    engine.attach_adapter(path)
-    fp32 = _probabilities(engine.score_patches(patches, tta=False))
-    bf16 = _probabilities(engine.score_patches(patches, tta=False, precision="bf16"))
+    fp32, bf16 = _fp32_and(engine, tmp_path, "bf16", seed=6, tta=False)
     assert 0 < np.abs(bf16 - fp32).max() <= BF16_PROBABILITY_TOLERANCE
     features = device_module.cpu_features()
     emulated = not (features["amx"] or features["avx512_bf16"])

@@ -472,7 +472,9 @@ def test_scene_logic_shows_the_explanation_of_a_marked_point_over_its_ct(tiny_ad
         logic.register_adapter(str(tiny_adapter("explain-a", PatchSpec(views="multiview9", fov_mm=40.0, pixels=64))))
         job = logic.begin_explanation(ct_node, points[0], method="gradxinput", opacity=0.4)
         assert not job.finished  # the engine starts and answers while the caller keeps polling
+        assert (job.progress, job.status) == (0.0, "starting the scoring engine…")
         node = run_to_end(job, timeout_s=300).node
+        assert (job.progress, job.status) == (1.0, f"explanation of {points[0].name} shown (gradxinput)")
         composite = headless.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
         assert composite.GetForegroundVolumeID() == node.GetID()
         assert composite.GetBackgroundVolumeID() == ct_node.GetID()

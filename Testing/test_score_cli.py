@@ -81,10 +81,59 @@ def test_score_json_and_no_tta(phantom_case, store_root, tmp_path):
     assert main(["score", "--volume", str(folder), "--points", str(points), "--adapter", "tiny", "--store",
                  str(store_root), "--out", str(out), "--device", "cpu", "--no-tta"]) == 0
     data = json.loads(out.read_text())
-    assert data["adapter"]["random_init"] is True and data["adapter"]["tta"] is False
-    assert len(data["results"]) == len(nodules)
+    assert data["adapter"]["random_init"] is True and data["adapter"]["tta"] == "none"
+    assert len(data["results"]) == len(nodules) and {r["tta"] for r in data["results"]} == {"none"}
     assert all(r["random_init"] is True and r["note"] == RANDOM_INIT_NOTE for r in data["results"])
     assert all(len(r["view_probabilities"]) == 9 for r in data["results"])
+
+
+def test_score_tta_set_overrides_the_adapters_own(phantom_case, tiny_adapter, tmp_path, capsys):
+    """Without --tta the adapter's own set scores (its manifest's tta); --tta SET or a count overrides it, and
+    the JSON and CSV name the set used; an unknown set is refused before anything is written."""
+    folder, points, nodules = phantom_case
+    adapter = tiny_adapter("tiny-rot4", SPEC, lora=LoraSpec(rank=4), manifest={"tta": "rot4"})
+    engine = ScoringEngine(device="cpu")
+    engine.attach_adapter(adapter)
+    ct = load_ct(folder)
+    expected = {name: [r["probability"] for r in engine.score(ct, nodules, tta=name)] for name in ("rot4", "d8")}
+    assert not np.allclose(expected["rot4"], expected["d8"])
+
+    def score(*extra, suffix=".json"):
+        out = tmp_path / f"scores{len(list(tmp_path.iterdir()))}{suffix}"
+        code = main(["score", "--volume", str(folder), "--points", str(points), "--adapter", str(adapter),
+                     "--out", str(out), "--device", "cpu", *extra])
+        return code, out
+
+    for extra, name in (((), "rot4"), (("--tta", "rot4"), "rot4"), (("--tta", "d8"), "d8"), (("--tta", "8"), "d8")):
+        code, out = score(*extra)
+        data = json.loads(out.read_text())
+        assert code == 0 and data["adapter"]["tta"] == name and {r["tta"] for r in data["results"]} == {name}
+        assert np.allclose([r["probability"] for r in data["results"]], expected[name], atol=1e-12, rtol=0)
+    code, out = score("--tta", "d8", suffix=".csv")
+    assert code == 0 and {row["tta"] for row in _read_csv(out)} == {"d8"}
+    capsys.readouterr()
+    code, out = score("--tta", "eight")
+    assert code == 2 and not out.exists()
+    assert "unknown test-time augmentation 'eight'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # --tta and --no-tta contradict each other (argparse)
+        main(["score", "--volume", str(folder), "--points", str(points), "--adapter", str(adapter),
+              "--tta", "rot4", "--no-tta"])
+    assert exited.value.code == 2 and "--no-tta: not allowed with argument --tta" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_results_written_before_the_tta_column_and_nothing_else(tmp_path):
+    from MedLoRALib.cli.score import COLUMNS, ENSEMBLE_COLUMNS, check_results_output
+    from MedLoRALib.errors import MedLoRAError
+
+    for columns in (COLUMNS, ENSEMBLE_COLUMNS, COLUMNS[:-1], (*ENSEMBLE_COLUMNS[:-1], "p_a", "p_b")):
+        out = tmp_path / "scores.csv"
+        out.write_text(",".join(columns) + "\n")
+        check_results_output(out, overwrite=True)  # an earlier medlora score result, old or new
+        with pytest.raises(MedLoRAError, match="pass --overwrite"):
+            check_results_output(out, overwrite=False)
+    out.write_text("study,nodule_id,case_id,x_lps,y_lps,z_lps,probability,mine\n")
+    with pytest.raises(MedLoRAError, match="not a medlora score results file"):
+        check_results_output(out, overwrite=True)
 
 
 def test_score_folder_of_studies(store_root, tmp_path, capsys):

@@ -103,7 +103,7 @@ def test_protocol_operations(server, adapter_path):
     (json.dumps({"id": 9, "op": "score", "patches": _blob(np.zeros((1, 3, 32, 32))), "tta": "yes"}),
      "ProtocolError", "tta"),
     (json.dumps({"id": 9, "op": "score", "patches": _blob(np.zeros((1, 3, 32, 32))), "tta": 3}),
-     "ProtocolError", "'tta' must be"),
+     "ProtocolError", "'tta': unknown test-time augmentation 3"),
 ])
 def test_bad_requests_get_error_responses(server, adapter_path, request_line, error_type, words):
     _ask(server, {"id": 1, "op": "attach_adapter", "path": str(adapter_path)})

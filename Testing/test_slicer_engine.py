@@ -49,9 +49,10 @@ def _our_engines() -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def adapter_paths(tiny_adapter) -> dict[str, Path]:
-    """Two real adapters for the same tiny backbone: different LoRA weights and heads."""
-    return {name: tiny_adapter(name, SPEC, seed=seed, head_bias=bias)
-            for seed, (name, bias) in enumerate((("site-a", 1.5), ("site-b", -1.5)))}
+    """Two real adapters for the same tiny backbone: different LoRA weights and heads; site-b records its own
+    test-time augmentation set (rot4), site-a none (d8, as adapters made before the manifest recorded one)."""
+    return {name: tiny_adapter(name, SPEC, seed=seed, head_bias=bias, manifest=manifest)
+            for seed, (name, bias, manifest) in enumerate((("site-a", 1.5, {}), ("site-b", -1.5, {"tta": "rot4"})))}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_scoring_through_the_engine_fills_one_row_per_control_point(scene, attac
     batch = cut_patches(volume, markups, SPEC)
     np.testing.assert_allclose([r.probability for r in scored], expected(batch.patches, "site-a"), rtol=1e-5)
     for row in scored:
-        assert row.adapter == "site-a" and row.random_init and not row.error
+        assert row.adapter == "site-a" and row.random_init and not row.error and row.tta == "d8"
         assert row.label == int(row.probability >= 0.5)
         assert row.label_name == ("malignant" if row.label else "benign")
         assert len(row.adapter_version) == 12
@@ -135,6 +136,7 @@ def test_switching_adapters_in_one_engine_gives_each_adapters_own_scores(scene, 
         attached.set_adapter(name)
         _, rows = attached.score(volume, markups)  # the active adapter
         assert {r.adapter for r in rows if not r.error} == {name}
+        assert {r.tta for r in rows if not r.error} == {"rot4" if name == "site-b" else "d8"}  # its own set
         got = np.array([r.probability for r in rows if not r.error])
         np.testing.assert_allclose(got, expected(patches, name), rtol=1e-5)
         if name in probabilities:

@@ -147,6 +147,7 @@ def test_export_sr_reads_back_to_the_scored_points_and_probabilities(case, lidc_
         (label,) = group.get_qualitative_evaluations(name=hd.sr.CodedConcept(*LABEL_CONCEPT))
         assert label.value.meaning.lower() == ("malignant" if probability >= 0.5 else "benign")
     assert groups[0].roi.value.tolist() != groups[1].roi.value.tolist()
+    assert "tta=none" in sr_text(groups[0][0], "Algorithm Parameters")  # the set the rows say they were scored with
     (evidence,) = pydicom.dcmread(out).CurrentRequestedProcedureEvidenceSequence
     (series,) = evidence.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == first.SeriesInstanceUID
@@ -185,7 +186,7 @@ def test_an_ensemble_scored_volume_exports_the_sr_score_writes_for_that_ensemble
             assert sr_text(group[0], "Algorithm Name") == ["site-a+site-b"]
             assert sr_text(group[0], "Algorithm Version") == [row.adapter_version]
             parameters = sr_text(group[0], "Algorithm Parameters")
-            assert "members=site-a,site-b" in parameters
+            assert "members=site-a,site-b" in parameters and "tta=none" in parameters
             for name in names:
                 manifest = logic.session.store.info(name)
                 assert any(f"member {name}: version={manifest.version_id} manifest_sha256={manifest_sha256(manifest)}"

@@ -32,6 +32,7 @@ from MedLoRALib.training.evaluation import improves
 from MedLoRALib.training.loop import pos_weight
 from MedLoRALib.training.manifest import check_training_set
 from MedLoRALib.training.progress import CallbackReporter
+from MedLoRALib.tta import NEW_ADAPTER_TTA
 
 torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives on a busy 2-core machine
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +122,8 @@ def events_of(text: str) -> list[dict]:
 def test_train_streams_json_and_writes_a_scoring_adapter_with_reports(cohort, tmp_path, capsys):
     out = tmp_path / "adapter"
     code = main(["train", "--manifest", str(cohort), "--out", str(out), *TINY, *SPEC_ARGS, "--epochs", "4",
-                 "--batch-size", "4", "--val-fraction", "0.34", "--progress", "json", "--progress-every", "2"])
+                 "--batch-size", "4", "--val-fraction", "0.34", "--progress", "json", "--progress-every", "2",
+                 "--tta", "flip4"])
     assert code == 0
     events = events_of(capsys.readouterr().out)  # every stdout line is one JSON object
     kinds = [e["event"] for e in events]
@@ -141,6 +143,7 @@ def test_train_streams_json_and_writes_a_scoring_adapter_with_reports(cohort, tm
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["threshold"] == report["metrics"]["threshold"]
     assert manifest["temperature"] == report["metrics"]["temperature"]
+    assert manifest["tta"] == "flip4"  # the set scoring with TTA on uses (--tta)
     assert manifest["metrics"]["auc"] == done["metrics"]["auc"]
     predictions = report["validation_predictions"]
     assert len(predictions) == start["val_size"]
@@ -206,7 +209,7 @@ def test_last_n_block_lora_trains_records_and_scores_on_a_shared_backbone(cohort
     assert main(["train", "--manifest", str(cohort), "--out", str(out), *TINY, *SPEC_ARGS, "--epochs", "1",
                  "--batch-size", "8", "--val-fraction", "0.34", "--last-n-blocks", "2", "--progress", "none"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["lora"]["last_n_blocks"] == 2
+    assert manifest["lora"]["last_n_blocks"] == 2 and manifest["tta"] == NEW_ADAPTER_TTA  # no --tta: the default
     lora_blocks = {int(k.split("blocks.")[1].split(".")[0]) for k in adapter_tensors(out) if "lora_" in k}
     assert lora_blocks == {4, 5}  # medlora_tiny has 6 blocks
     other, _ = save_tiny_adapter(tmp_path, "every-block", SPEC, seed=3)

@@ -42,6 +42,8 @@ NEW_PROBABILITY_OR_RESTART_ERROR = """() => {
     const e = document.querySelector('#error');
     return e && e.offsetParent !== null && e.innerText.includes('restarted on the next request') ? 'restart' : null;
 }"""
+ENGINE_STOPPED_STATUS = "scoring stopped: the scoring engine stopped. Press Score again to restart it."
+FIRST_PROBABILITY = "() => { const p = document.querySelector('#results .probability'); return p && p.innerText; }"
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,15 @@ def _error_text(page, expected: str) -> str:
     return page.inner_text("#error") if page.locator("#error").is_visible() else ""
 
 
+def _engine(server):
+    """The web app's live ``medlora serve`` process."""
+    import psutil
+
+    [engine] = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE and "serve" in p.cmdline()]
+    return engine
+
+
 def _colour_mask(pixels: np.ndarray, rgb, tolerance: int = 45) -> np.ndarray:
     return np.all(np.abs(pixels[..., :3].astype(float) - np.array(rgb) * 255) < tolerance, axis=-1)
 
@@ -120,6 +131,7 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
                      "--store", str(store), "--device", "cpu", "--out", str(out)]) == 0
     [row] = list(csv.DictReader(out.open()))
     assert abs(float(row["probability"]) - probability) < 1e-5
+    assert page.inner_text("#results .tta") == row["tta"] == "d8"  # the adapter records no set: all eight
 
     time.sleep(1.0)  # the view redraws with the point's new colour (the RCA stream is ~30 fps)
     shot = tmp_path / "scored.png"
@@ -134,7 +146,7 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
 
     import psutil  # a crashed engine is started again by the next request; the study stays loaded
 
-    [engine] = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline()]
+    engine = _engine(server)
     engine.kill()
     deadline = time.monotonic() + 10  # it stays a zombie until the app notices (not our child to reap)
     while engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
@@ -145,12 +157,24 @@ def test_click_on_the_lidc_nodule_scores_it_as_the_cli_does_and_draws_it_in_its_
     # Found dead before the request, the engine is restarted at once; found dead while answering, the page
     # says so and the next request restarts it (as in Slicer). Either way the same probability follows.
     outcome = browser.wait_for(page, NEW_PROBABILITY_OR_RESTART_ERROR, 240).json_value()
-    if outcome == "restart":
+    if outcome == "restart":  # the status line says what happened and what to do, not "scoring…"
+        browser.wait_for(page, "s => document.querySelector('#status').innerText === s", 10, ENGINE_STOPPED_STATUS)
         page.click("#score-btn")
-        outcome = browser.wait_for(page, "() => { const p = document.querySelector('#results .probability');"
-                                         " return p && p.innerText; }", 240).json_value()
+        outcome = browser.wait_for(page, FIRST_PROBABILITY, 240).json_value()
     rescored = outcome
     assert abs(float(rescored) - probability) < 1e-6
+    assert page.inner_text("#status").startswith("1 nodules scored")
+
+    engine = _engine(server)  # found dead while it answers, for certain: stopped, asked, then killed
+    engine.suspend()
+    before = page.locator("#results .probability").first.element_handle()
+    page.click("#score-btn")  # the row leaves the table in the action that sends the request
+    browser.wait_for(page, "old => !old.isConnected", 60, arg=before)
+    engine.kill()
+    browser.wait_for(page, "s => document.querySelector('#status').innerText === s", 60, ENGINE_STOPPED_STATUS)
+    assert "stopped while answering 'score'" in page.inner_text("#error")
+    page.click("#score-btn")  # restarts the engine: the same probability, the study still open
+    assert abs(float(browser.wait_for(page, FIRST_PROBABILITY, 240).json_value()) - probability) < 1e-6
 
     page.locator("#results tr.result-row").first.click()
     browser.wait_for(page, "() => document.querySelector('#thumbnail').src.startsWith('data:image/png')", 30)

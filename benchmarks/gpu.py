@@ -44,10 +44,11 @@ from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 from MedLoRALib.adapters import AdapterManifest  # noqa: E402
 from MedLoRALib.adapters.package import save_adapter  # noqa: E402
-from MedLoRALib.engine import TTA_TRANSFORMS, ScoringEngine  # noqa: E402
+from MedLoRALib.engine import ScoringEngine  # noqa: E402
 from MedLoRALib.models import LoraSpec, build_model  # noqa: E402
 from MedLoRALib.models.classifier import trainable_parameter_count  # noqa: E402
 from MedLoRALib.patches import PatchSpec  # noqa: E402
+from MedLoRALib.tta import TTA_TRANSFORMS  # noqa: E402
 
 SPEC = PatchSpec()  # the adapters' default: multiview9, 64 px over 50 mm
 

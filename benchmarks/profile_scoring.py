@@ -34,10 +34,11 @@ from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 from helpers import tiny_model  # noqa: E402  (Testing/helpers.py)
 
 from MedLoRALib.device import cpu_peak_gflops, precision_context, prepare_for_precision  # noqa: E402
-from MedLoRALib.engine import TTA_TRANSFORMS, apply_tta  # noqa: E402
+from MedLoRALib.engine import apply_tta  # noqa: E402
 from MedLoRALib.models import LoraSpec  # noqa: E402
 from MedLoRALib.patches import PatchSpec, extract_patches  # noqa: E402
 from MedLoRALib.synthetic import make_phantom  # noqa: E402
+from MedLoRALib.tta import TTA_TRANSFORMS  # noqa: E402
 
 
 def fp32_flops(model, stacked: torch.Tensor) -> int:

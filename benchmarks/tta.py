@@ -1,8 +1,10 @@
 """Fewer test-time augmentation variants: what they cost in AUC and what they save in time.
 
-The engine averages the logits of eight in-plane flips/rotations of every plane (``tta=True``);
-a click scores 8× the images of a plain forward pass. This benchmark scores held-out phantom
-nodules with trained adapters under each named TTA set of ``MedLoRALib.engine.TTA_SETS``
+With test-time augmentation the engine averages the logits of in-plane flips/rotations of every
+plane: ``d8``, all eight, makes a click score 8× the images of a plain forward pass. ``tta=True``
+uses the adapter's own set (its manifest's ``tta``, ``NEW_ADAPTER_TTA`` for new adapters, ``d8``
+for adapters that record none); this benchmark is the evidence for that default. It scores held-out
+phantom nodules with trained adapters under each named TTA set of ``MedLoRALib.tta.TTA_SETS``
 (``d8`` = all eight, ``rot4``, ``flip4``, ``flip2``, ``rot2``, ``none``) and prints per adapter
 and set: the AUC with its bootstrap 95% interval (``training.metrics``), the paired bootstrap
 interval of the AUC difference against ``d8`` (same resampled nodules), the label agreement with
@@ -17,7 +19,11 @@ LoRA q/v, cohort drawn anew per seed). The test cohort (``--test-cases`` phantom
 ``--test-seed``) is never used in training.
 
     HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/tta.py --threads 1 [--adapters A B ...]
-        [--seeds 0 1 2] [--test-cases 40] [--time-backbone dinov2_vits14] [--out result.json]
+        [--seeds 0 1 2] [--views multiview9 --fov-mm 50] [--test-cases 40] [--time-backbone dinov2_vits14]
+        [--out result.json]
+
+``--views multiview9 --fov-mm 50`` (64 px) trains adapters the way ``make demo`` does (the product's
+default crop); the default ``ortho3`` over 24 mm is the first table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -79,9 +85,10 @@ def train_adapters(seeds: list[int], args, work: Path) -> list[Path]:
 
 
 def evaluate_adapter(path: Path, data, sets: list[str], repeats: int) -> dict:
-    from MedLoRALib.engine import TTA_SETS, ScoringEngine
+    from MedLoRALib.engine import ScoringEngine
     from MedLoRALib.patches import extract_patches
     from MedLoRALib.training.metrics import bootstrap_auc_ci, roc_auc
+    from MedLoRALib.tta import TTA_SETS
 
     engine = ScoringEngine(device="cpu")
     manifest = engine.attach_adapter(path)  # the backbone is found by the SHA-256 in its manifest
@@ -126,8 +133,9 @@ def vits_click_times(backbone: str, sets: list[str], repeats: int, work: Path) -
     """Seconds per click (one nodule, patches pre-cut) of a random-init adapter under each TTA set."""
     from helpers import save_tiny_adapter
 
-    from MedLoRALib.engine import TTA_SETS, ScoringEngine
+    from MedLoRALib.engine import ScoringEngine
     from MedLoRALib.patches import PatchSpec
+    from MedLoRALib.tta import TTA_SETS
 
     spec = PatchSpec(views="multiview9", fov_mm=50.0, pixels=64)
     path, _ = save_tiny_adapter(work, f"time-{backbone}", spec, backbone=backbone, scale=0.02)
@@ -163,7 +171,7 @@ def summarise(per_adapter: list[dict], sets: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from MedLoRALib.engine import TTA_SETS
+    from MedLoRALib.tta import TTA_SETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapters", nargs="*", type=Path, help="trained adapter folders (default: train one per seed)")

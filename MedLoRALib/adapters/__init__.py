@@ -2,7 +2,8 @@
 
 Torch-free, for 3D Slicer's own process: ``manifest`` (what an adapter is), ``archive``
 (reading and writing adapter folders and ``.zip`` packages safely), ``tensorfile`` (a
-safetensors file is complete), ``store`` (the named adapters on this workstation).
+safetensors file is complete), ``store`` (the named adapters on this workstation),
+``overwrite`` (what an explicit overwrite may replace in a folder: only the adapter's own files).
 With torch: ``package`` (an adapter ↔ a ready ``NoduleClassifier``) and ``shared`` (many
 adapters on one loaded backbone, for the engine): import those from their modules, so
 importing this package never imports torch.

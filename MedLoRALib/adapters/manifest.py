@@ -19,6 +19,7 @@ from ..atomic import sha256_bytes
 from ..atomic import sha256_file as sha256_file  # re-exported: older importers hash files from here
 from ..errors import AdapterError
 from ..patches import PatchSpec
+from ..tta import UNRECORDED_TTA, TTAError, check_tta_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -60,6 +61,9 @@ class AdapterManifest:
             ``{"name", "version_id", "manifest_sha256"}`` each; empty otherwise. Optional:
             manifests written before it existed load unchanged.
         merge: for a merged adapter, how it was merged (method, density, rank, truncation error).
+        tta: the adapter's default test-time augmentation set (``tta.TTA_SETS``), what scoring with
+            TTA on uses; ``None`` in manifests written before it existed, which score with
+            ``d8`` (``default_tta``) exactly as before.
     """
 
     format_version: int = FORMAT_VERSION
@@ -83,10 +87,16 @@ class AdapterManifest:
     description: str = ""
     parents: list[dict] = field(default_factory=list)
     merge: dict | None = None
+    tta: str | None = None
 
     @property
     def spec(self) -> PatchSpec:
         return PatchSpec.from_dict(self.patch_spec)
+
+    @property
+    def default_tta(self) -> str:
+        """The TTA set ``tta=True`` scores with: the recorded one, else ``d8`` (older adapters)."""
+        return self.tta if self.tta is not None else UNRECORDED_TTA
 
     @property
     def version_id(self) -> str:
@@ -95,10 +105,10 @@ class AdapterManifest:
         return sha256_bytes(joined.encode())[:12]
 
     def to_dict(self) -> dict:
-        """All fields; ``parents`` and ``merge`` only when set, so an ordinary adapter's manifest (and
-        its ``manifest_sha256``) is what it was before merged adapters existed."""
+        """All fields; ``parents``, ``merge`` and ``tta`` only when set, so an ordinary adapter's manifest
+        (and its ``manifest_sha256``) is what it was before merged adapters and recorded TTA sets existed."""
         data = asdict(self)
-        for key, empty in (("parents", []), ("merge", None)):
+        for key, empty in (("parents", []), ("merge", None), ("tta", None)):
             if data[key] == empty:
                 del data[key]
         return data
@@ -154,6 +164,11 @@ class AdapterManifest:
             problems.append("merge must be an object or null")
         if self.fusion not in ("mean", "max"):
             problems.append(f"fusion {self.fusion!r} is not 'mean' or 'max'")
+        if self.tta is not None:
+            try:
+                check_tta_name(self.tta, "tta")
+            except TTAError as exc:
+                problems.append(str(exc))
         if problems:
             raise AdapterError(f"{source}: invalid adapter manifest: " + "; ".join(problems))
         try:

@@ -245,6 +245,7 @@ def merged_manifest(parents: list[AdapterFiles], spec: LoraSpec, record: dict, n
         name=name, backbone=first.backbone, backbone_sha256=first.backbone_sha256, random_init=first.random_init,
         random_init_fingerprint=first.random_init_fingerprint, patch_spec=dict(first.patch_spec),
         lora=spec.to_dict(), mode="lora", label_names=list(first.label_names), fusion=first.fusion,
+        tta=first.tta if len({p.manifest.tta for p in parents}) == 1 else None,  # parents' common set, else d8
         threshold=sum(float(p.manifest.threshold) for p in parents) / count,
         temperature=sum(float(p.manifest.temperature) for p in parents) / count,
         training={"merged_from": [p.manifest.name for p in parents],

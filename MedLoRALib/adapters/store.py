@@ -19,8 +19,10 @@ from pathlib import Path
 
 from ..atomic import remove, staging_name, sweep_leftovers, writing
 from ..errors import AdapterError
+from ..locks import OutputLock
 from .archive import is_adapter, read_checked, read_manifest, write_adapter
 from .manifest import MANIFEST_NAME, AdapterManifest
+from .overwrite import overwrite_in_place
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +113,24 @@ class AdapterStore:
 
         An existing plain folder receives the adapter inside it. An adapter already at the
         destination is replaced only with ``overwrite``, and anything else never: MedLoRA
-        replaces only what has a valid MedLoRA manifest (what it wrote).
+        replaces only what has a valid MedLoRA manifest (what it wrote), and in an adapter folder
+        only the adapter's own files (training reports and other files: ``overwrite.py``).
         """
         adapter = read_checked(self.path(name))
         dest = Path(dest).expanduser()
         if dest.is_dir() and dest.suffix.lower() != ".zip" and not (dest / MANIFEST_NAME).exists():
             dest = dest / name  # an existing plain folder: put the adapter inside it
-        if dest.exists() or dest.is_symlink():
-            if dest.is_symlink() or not is_adapter(dest):
-                raise AdapterError(f"{dest} exists and is not a MedLoRA adapter: MedLoRA will not replace it. "
-                                   "Choose another destination.")
-            if not overwrite:
-                raise AdapterError(f"{dest} already holds an adapter; pass --overwrite to replace it")
-        sweep_leftovers(dest.parent)
-        return write_adapter(adapter.manifest, adapter.contents, dest)
+        with OutputLock(dest):  # a training or merge writing dest holds it; what is there is read under it
+            if dest.exists() or dest.is_symlink():
+                if dest.is_symlink() or not is_adapter(dest):
+                    raise AdapterError(f"{dest} exists and is not a MedLoRA adapter: MedLoRA will not replace it. "
+                                       "Choose another destination.")
+                if not overwrite:
+                    raise AdapterError(f"{dest} already holds an adapter; pass --overwrite to replace it")
+                if dest.is_dir() and overwrite_in_place(dest, adapter):  # reports or other files beside it
+                    return dest
+            sweep_leftovers(dest.parent)
+            return write_adapter(adapter.manifest, adapter.contents, dest)
 
     def delete(self, name: str) -> None:
         folder = self.path(name)

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("name")
     export.add_argument("dest", help="a .zip file name, or a folder")
     export.add_argument("--overwrite", "--force", dest="force", action="store_true",
-                        help="replace an adapter already at DEST (never anything that is not an adapter)")
+                        help="replace an adapter already at DEST, and only its own files: never what is not an "
+                        "adapter, nor the training reports or other files kept beside it")
     delete = actions.add_parser("delete", parents=[store], help="remove an adapter from the store")
     delete.add_argument("name")
     rename = actions.add_parser("rename", parents=[store], help="rename a stored adapter")

@@ -5,7 +5,9 @@ annotation file. Several studies: ``--volume`` is a folder whose subfolders (or 
 files) are one study each, found as ``medlora crop`` finds them, and ``--points`` says
 which study each nodule belongs to; a progress bar shows the studies. Patches are cut
 with the adapter's own patch spec. A study that cannot be read is reported and skipped.
-Every row says whether the adapter's backbone was randomly initialised.
+Every row says whether the adapter's backbone was randomly initialised, and which test-time
+augmentation set scored it (``tta``): the adapter's own (its manifest's ``tta``; ``d8`` for
+adapters that record none) unless ``--tta SET`` or ``--no-tta`` says otherwise.
 
 ``--adapter`` given several times scores with an ensemble (``ensemble.py``): the adapters must
 read the same patches of the same backbone (refused before any model loads otherwise); the
@@ -25,12 +27,14 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import AnnotationError, MedLoRAError
+from ..tta import TTA_BY_COUNT, TTA_SETS, ensemble_tta, parse_tta_option
 from .inputs import add_input_arguments, read_inputs
 
 COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "logit", "label",
-           "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note")
+           "threshold", "adapter", "adapter_version", "random_init", "view_probabilities", "note", "tta")
 ENSEMBLE_COLUMNS = ("study", "nodule_id", "case_id", "x_lps", "y_lps", "z_lps", "probability", "spread", "disagree",
-                    "label", "threshold", "adapter", "adapter_version", "random_init", "note")  # + p_<adapter> each
+                    "label", "threshold", "adapter", "adapter_version", "random_init", "note",
+                    "tta")  # + p_<adapter> each
 RANDOM_INIT_NOTE = "backbone randomly initialised: not a clinical result"
 
 
@@ -41,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ensemble (mean probability, spread between adapters, disagreement)")
     parser.add_argument("--out", help="results file, .csv or .json (default: CSV on stdout)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: auto, or $MEDLORA_DEVICE)")
-    parser.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--tta", metavar="SET", type=str,
+                     help=f"test-time augmentation set ({', '.join(TTA_SETS)}) or count ({', '.join(map(str, TTA_BY_COUNT))}) instead of the "
+                          "adapter's own (its manifest's tta; d8, all eight flips/quarter turns, if it records none)")
+    tta.add_argument("--no-tta", action="store_true", help="no test-time augmentation (flips/rotations)")
     parser.add_argument("--weights", help="backbone weights file (.safetensors), when not found otherwise")
     parser.add_argument("--store", help="adapter store folder (default: the user's data folder)")
     parser.add_argument("--sr", metavar="OUT.dcm",
@@ -68,6 +76,7 @@ def result_rows(results: list[dict], study: str, threshold: float | None = None)
             "probability": result["probability"], "label": result["label"],
             "adapter": result["adapter"], "adapter_version": result["adapter_version"],
             "random_init": result["random_init"], "note": RANDOM_INIT_NOTE if result["random_init"] else "",
+            "tta": result["tta"],
         }
         if "members" in result:
             row.update(spread=result["spread"], disagree=result["disagree"], threshold=result["threshold"],
@@ -120,14 +129,15 @@ def check_results_output(out: Path, overwrite: bool) -> None:
             head = handle.read(4096)
     except (OSError, UnicodeDecodeError):
         head = ""
-    ours = head.startswith((",".join(COLUMNS), ",".join(ENSEMBLE_COLUMNS))) or (head.lstrip().startswith("{") and '"results"' in head
+    # the header up to ``note``: files written before the ``tta`` column (added last) are ours too
+    ours = head.startswith((",".join(COLUMNS[:-1]), ",".join(ENSEMBLE_COLUMNS[:-1]))) or (head.lstrip().startswith("{") and '"results"' in head
                                                    and '"adapter"' in head)
     if not ours:
         raise MedLoRAError(f"--out {out} is not a medlora score results file, so MedLoRA will not replace it even "
                            "with --overwrite; name a new file")
 
 
-def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool,
+def _score_study(engine, ct, points: Path, fmt: str, study: str, args, tta: bool | str,
                  sr: Path | None = None, members: list[str] | None = None) -> list[dict]:
     from ..annotations import load_nodules, validate_inside
 
@@ -166,18 +176,20 @@ def read_ensemble(adapters: list[str], store) -> dict[str, Path]:
     return locations
 
 
-def _adapter_info(engine, members: list[str] | None, tta: bool) -> dict:
-    """The JSON output's ``adapter``: the one adapter, or the ensemble and its members."""
+def _adapter_info(engine, members: list[str] | None, tta: bool | str) -> dict:
+    """The JSON output's ``adapter``: the one adapter, or the ensemble and its members; ``tta`` is the set
+    each scored with (``"none"`` without TTA)."""
     def info(m):
         return {"name": m.name, "version": m.version_id, "backbone": m.backbone, "random_init": m.random_init,
-                "threshold": m.threshold}
+                "threshold": m.threshold, "tta": engine.tta_set(tta, m.name)}
 
     if not members:
-        return {**info(engine.manifest()), "tta": tta}
+        return info(engine.manifest())
     manifests = [engine.manifest(name) for name in members]
     return {"name": "+".join(members), "ensemble": True, "members": [info(m) for m in manifests],
             "backbone": manifests[0].backbone, "random_init": any(m.random_init for m in manifests),
-            "threshold": sum(m.threshold for m in manifests) / len(manifests), "tta": tta}
+            "threshold": sum(m.threshold for m in manifests) / len(manifests),
+            "tta": ensemble_tta([engine.tta_set(tta, name) for name in members])}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from ..ctio import load_ct
     from ..engine import ScoringEngine
 
+    tta = False if args.no_tta else parse_tta_option(args.tta) if args.tta is not None else True
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise MedLoRAError(f"--out {out}: use a .csv or .json file name")
@@ -216,7 +229,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"medlora score: warning: adapter {manifest.name!r} was trained on a randomly initialised "
                   "backbone; its scores are not clinical results (every row says so)", file=sys.stderr)
     members = list(ensemble) if ensemble else None
-    tta = not args.no_tta
     rows: list[dict] = []
     if studies is None:
         rows = _score_study(engine, ct, points, fmt, volume.name, args, tta, sr, members)

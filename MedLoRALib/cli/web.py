@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     config = WebConfig(data_root=root, store=Path(args.store).expanduser() if args.store else None,
                        work_dir=Path(args.work_dir).expanduser() if args.work_dir else None, device=args.device,
                        engine_python=args.engine_python, adapters=tuple(Path(p).expanduser() for p in args.adapter))
-    for name in ("trame_server", "trame_client", "trame_slicer", "wslink", "aiohttp"):  # INFO says nothing to users
+    for name in ("trame_server", "trame_client", "trame_slicer", "trame_rca", "wslink", "aiohttp"):  # INFO says nothing to users
         logging.getLogger(name).setLevel(logging.WARNING)
     server = get_server("medlora-web", client_type="vue3")
     token = None if access.is_local(args.host) else access.new_token()

@@ -6,11 +6,14 @@ The request is one JSON object::
     {"out": "scores.dcm", "series_uid": "1.2...", "study_uid": "1.2...",
      "dicom_files": ["...dcm", ...]  or  "dicom_folder": "...",
      "nodules": [{"nodule_id": "n1", "centre_lps": [x, y, z]}, ...],
-     "results": [{"probability": 0.8, "label": "malignant"}, ...],   # the engine's, same order
+     "results": [{"probability": 0.8, "label": "malignant", "tta": "rot4"}, ...],   # the engine's, same order
      "manifest": {...},  "tta": true,  "overwrite": false}
 
+Each result's ``"tta"`` (optional) is the test-time augmentation set the engine scored it with; the
+request's ``"tta"`` (optional) the score call's setting, used where the results do not say.
+
 An ensemble gives ``"manifest"`` as the list of its members' manifests, and each result also carries
-``"spread"``, ``"disagree"`` and ``"members": [{"adapter": "a", "probability": 0.7}, ...]``
+``"spread"``, ``"disagree"`` and ``"members": [{"adapter": "a", "probability": 0.7, "tta": "d8"}, ...]``
 (``ScoringEngine.score_ensemble``'s results), as ``write_score_sr`` takes them.
 
 ``sr_request`` builds it, ``write_from_request`` carries it out; both sides use this module.
@@ -40,7 +43,7 @@ def child_command(python: str | None = None, request: str | os.PathLike = "-") -
 def sr_request(out: str | os.PathLike, ids: StudyIds, nodules: Sequence[Nodule], results: Sequence[dict],
                manifest: AdapterManifest | dict | Sequence[AdapterManifest | dict], *,
                dicom_files: Sequence[str | os.PathLike] | None = None,
-               dicom_folder: str | os.PathLike | None = None, tta: bool | None = None,
+               dicom_folder: str | os.PathLike | None = None, tta: bool | int | str | None = None,
                overwrite: bool = False) -> dict:
     """The JSON-ready request for ``write_score_sr`` with these arguments (see the module docstring);
     ``manifest`` a list of the members' manifests for an ensemble's results."""
@@ -62,13 +65,18 @@ def _manifest(manifest: AdapterManifest | dict) -> dict:
 
 
 def _result(result: dict) -> dict:
-    """The JSON of one result: probability and label, and an ensemble's spread, disagreement and members."""
-    item = {"probability": float(result["probability"]), "label": str(result["label"])}
+    """The JSON of one result: probability, label and TTA set, and an ensemble's spread, disagreement and
+    members."""
+    item = {"probability": float(result["probability"]), "label": str(result["label"]), **_tta_of(result)}
     if "spread" in result or "members" in result:
         item.update(spread=float(result["spread"]), disagree=bool(result["disagree"]),
-                    members=[{"adapter": str(m["adapter"]), "probability": float(m["probability"])}
+                    members=[{"adapter": str(m["adapter"]), "probability": float(m["probability"]), **_tta_of(m)}
                              for m in result["members"]])
     return item
+
+
+def _tta_of(result: dict) -> dict:
+    return {"tta": str(result["tta"])} if result.get("tta") else {}
 
 
 def write_from_request(request: dict) -> Path:

@@ -16,7 +16,8 @@ of the scored CT series as evidence. It holds one TID 1410 measurement group per
 * the algorithm as TID 4019 Algorithm Identification: name (the adapter's name), version (the
   adapter's content id, ``AdapterManifest.version_id``) and parameters
   naming the backbone, its weights' SHA-256, the manifest's SHA-256 (``manifest_sha256``), the
-  threshold, temperature, view set and test-time augmentation.
+  threshold, temperature, view set and test-time augmentation set (``tta=rot4``; ``tta=none``
+  without; the set each result says it was scored with, ``"tta"`` in the engine's results).
 
 An ensemble (``manifest`` a list of several adapters' manifests, ``results`` from
 ``ScoringEngine.score_ensemble``) is reported in the same groups: the probability is the members'
@@ -60,6 +61,7 @@ from ..atomic import atomic_path
 from ..errors import MedLoRAError
 from ..image import CTImage, StudyIds
 from ..nodule import Nodule
+from ..tta import TTAError, check_tta_name, ensemble_tta, member_tta_sets, resolve_tta
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 MANUFACTURER = "MedLoRA"
@@ -113,14 +115,29 @@ class SRSettings:
     institution_name: str | None = None
 
 
-def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> list[str]:
+TTASetting = Union[bool, int, str, Sequence[str], None]  # a score call's tta, or the set each member used
+TTACall = Union[bool, int, str, None]  # a score call's tta (None: not known)
+
+
+def _tta_text(tta: TTASetting, manifests: Sequence[AdapterManifest]) -> str | None:
+    """The set(s) the scores were made with, as ``ensemble_tta`` names them: a score call's ``tta``
+    resolved for each adapter (True: its own set), or the set names the members used; None: unknown."""
+    if tta is None:
+        return None
+    if isinstance(tta, (list, tuple)):
+        return ensemble_tta([check_tta_name(name) for name in tta])
+    return ensemble_tta([resolve_tta(tta, m.default_tta) for m in manifests])
+
+
+def algorithm_parameters(manifest: AdapterManifest, tta: TTASetting = None) -> list[str]:
     """The Algorithm Parameters (TID 4019) that identify how the scores were made."""
     params = [f"backbone={manifest.backbone}", f"backbone_sha256={manifest.backbone_sha256}",
               f"manifest_sha256={manifest_sha256(manifest)}", f"mode={manifest.mode}",
               f"threshold={float(manifest.threshold)!r}", f"temperature={float(manifest.temperature)!r}",
               f"views={manifest.spec.views}", f"fusion={manifest.fusion}"]
-    if tta is not None:
-        params.append(f"tta={str(bool(tta)).lower()}")
+    tta_text = _tta_text(tta, [manifest])
+    if tta_text is not None:
+        params.append(f"tta={tta_text}")
     params.append(f"medlora_version={__version__}")
     params.append(COORDINATE_PARAMETER)
     if manifest.random_init:
@@ -128,7 +145,7 @@ def algorithm_parameters(manifest: AdapterManifest, tta: bool | None = None) -> 
     return params
 
 
-def ensemble_parameters(manifests: Sequence[AdapterManifest], tta: bool | None = None) -> list[str]:
+def ensemble_parameters(manifests: Sequence[AdapterManifest], tta: TTASetting = None) -> list[str]:
     """The Algorithm Parameters (TID 4019) of an ensemble: its members and how they were combined."""
     first = manifests[0]
     params = [f"members={','.join(m.name for m in manifests)}",
@@ -137,8 +154,9 @@ def ensemble_parameters(manifests: Sequence[AdapterManifest], tta: bool | None =
               ENSEMBLE_RULE_PARAMETER, f"backbone={first.backbone}", f"backbone_sha256={first.backbone_sha256}",
               f"threshold={sum(float(m.threshold) for m in manifests) / len(manifests)!r}",
               f"views={first.spec.views}"]
-    if tta is not None:
-        params.append(f"tta={str(bool(tta)).lower()}")
+    tta_text = _tta_text(tta, manifests)
+    if tta_text is not None:
+        params.append(f"tta={tta_text}")
     params += [f"medlora_version={__version__}", COORDINATE_PARAMETER]
     if any(m.random_init for m in manifests):
         params.append(RANDOM_INIT_PARAMETER)
@@ -298,6 +316,35 @@ def _members(manifest) -> list[AdapterManifest]:
     return [_manifest(manifest)]
 
 
+def _member_tta_sets(results: Sequence[dict], members: Sequence[AdapterManifest],
+                     tta: TTACall) -> list[str] | None:
+    """The TTA set each member scored with: the one its results record (the engine's ``"tta"``; an ensemble's
+    result's own ``"tta"`` where its members' lack it), else the ``tta`` setting resolved for it; None when
+    neither says (then the SR records no set)."""
+    try:
+        per_result = [_recorded_tta(result, len(members)) for result in results]
+        sets = []
+        for index, member in enumerate(members):
+            recorded = {found[index] for found in per_result} - {None}
+            if len(recorded) > 1:
+                raise SRError(f"the results of adapter {member.name!r} were scored with different test-time "
+                              f"augmentation sets ({', '.join(sorted(recorded))}): score them in one call.")
+            sets.append(recorded.pop() if recorded else None if tta is None else resolve_tta(tta, member.default_tta))
+    except TTAError as exc:
+        raise SRError(f"the results' test-time augmentation: {exc}") from None
+    return None if None in sets else sets
+
+
+def _recorded_tta(result: dict, members: int) -> list[str | None]:
+    """The set each member's part of ``result`` records (None: not recorded)."""
+    if members == 1:
+        return [None if result.get("tta") is None else check_tta_name(result["tta"])]
+    own = [m.get("tta") for m in result["members"]]
+    if all(name is None for name in own) and result.get("tta") is not None:
+        return member_tta_sets(result["tta"], members)
+    return [None if name is None else check_tta_name(name) for name in own]
+
+
 def _finite_fraction(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
 
@@ -419,7 +466,7 @@ def _quiet_highdicom() -> Iterator[None]:
 
 
 def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest: Manifests,
-                   headers: Sequence, *, tta: bool | None = None, settings: SRSettings | None = None):
+                   headers: Sequence, *, tta: TTACall = None, settings: SRSettings | None = None):
     """The SR as a ``highdicom.sr.Comprehensive3DSR`` (see the module docstring for its content).
 
     Args:
@@ -428,7 +475,8 @@ def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest:
         manifest: the adapter's manifest (object, or its dict as the engine returns it), or a list of
             the members' manifests for ensemble results (``ScoringEngine.score_ensemble``).
         headers: ``read_series_headers(ct)``.
-        tta: whether test-time augmentation was used (recorded when given).
+        tta: the score call's test-time augmentation (True: each adapter's own set, False, a count or a
+            set name); recorded as the set name, unless the results record theirs (``"tta"``).
         settings: series number and description.
     """
     require_highdicom()
@@ -459,10 +507,12 @@ def build_score_sr(nodules: Sequence[Nodule], results: Sequence[dict], manifest:
     frame_uid = str(first.FrameOfReferenceUID)
 
     name, version = "+".join(m.name for m in members), "+".join(m.version_id for m in members)
+    sets = _member_tta_sets(results, members, tta)
     algorithm = AlgorithmIdentification(name=name, version=version, parameters=(
-        ensemble_parameters(members, tta) if ensemble else algorithm_parameters(manifest, tta)))
+        ensemble_parameters(members, sets) if ensemble else algorithm_parameters(manifest, sets)))
     member_algorithms = [AlgorithmIdentification(name=m.name, version=m.version_id,
-                                                 parameters=algorithm_parameters(m, tta)) for m in members]
+                                                 parameters=algorithm_parameters(m, sets and sets[i:i + 1]))
+                         for i, m in enumerate(members)]
     device = DeviceObserverIdentifyingAttributes(
         uid=generate_uid(prefix=None, entropy_srcs=["MedLoRA", name, version]),
         name=f"MedLoRA {__version__}", manufacturer_name=MANUFACTURER, model_name=name[:64])
@@ -510,7 +560,7 @@ def check_sr_output(out: str | os.PathLike, overwrite: bool = False) -> None:
 
 
 def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Sequence[Nodule], results: Sequence[dict],
-                   manifest: Manifests, *, tta: bool | None = None,
+                   manifest: Manifests, *, tta: TTACall = None,
                    dicom_files: Sequence[str | os.PathLike] | None = None, overwrite: bool = False,
                    settings: SRSettings | None = None) -> Path:
     """Write the scores of one study's nodules as a DICOM SR file (atomically).
@@ -525,7 +575,8 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Seq
             ``centre_lps`` are checked against the nodules when present).
         manifest: the adapter's manifest (``engine.manifest()``, or its dict); for an ensemble's results
             (``engine.score_ensemble``), the list of its members' manifests, in the members' order.
-        tta: whether test-time augmentation was used (recorded in the algorithm parameters).
+        tta: the score call's test-time augmentation (see ``build_score_sr``); the algorithm parameters
+            record the set used (``tta=rot4``).
         dicom_files: the series' files when ``ct.source`` is not its folder.
         settings: series number and description of the SR.
 
@@ -539,6 +590,7 @@ def write_score_sr(out: str | os.PathLike, ct: CTImage | SeriesRef, nodules: Seq
     _checked_results(nodules, results, members[0])  # before the headers: bad results fail fast
     if len(members) > 1:
         _checked_ensemble(results, members)
+    _member_tta_sets(results, members, tta)
     headers = read_series_headers(ct, dicom_files)
     with _quiet_highdicom():
         sr = build_score_sr(nodules, results, manifest, headers, tta=tta, settings=settings)

@@ -86,14 +86,15 @@ class BatchScoring:
         session: the ``ScoringSession`` that scores one volume.
         studies: from ``find_studies``.
         adapter: adapter name (default: the active one), or a list of names: an ensemble.
-        tta: test-time augmentation.
+        tta: test-time augmentation: True (each adapter's own set, as its manifest records), False, a count
+            or a set name; each row records the set used.
         on_study: called with (studies done, studies in all, volume name) after each study.
     """
 
     session: object
     studies: list[Study]
     adapter: str | list[str] | None = None
-    tta: bool = True
+    tta: bool | int | str = True
     on_study: Callable[[int, int, str], None] | None = None
     rows: list[ScoreRow] = field(default_factory=list)
     done: int = 0

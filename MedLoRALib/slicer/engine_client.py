@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import MedLoRAError
+from ..tta import resolve_tta
 from .process import ProcessHandle, ProcessRunner, SubprocessRunner, describe_exit
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ def encode_patches(patches: np.ndarray) -> dict:
     """Patches as the protocol's base64 float32 blob."""
     array = np.ascontiguousarray(patches, dtype=np.float32)
     return {"dtype": "float32", "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def tta_param(tta: bool | int | str) -> bool | int | str:
+    """A ``tta`` setting as the ``score`` request carries it (a numpy count as a plain int); ``TTAError``
+    for a setting the engine would refuse, so it is refused before anything is cut or sent."""
+    resolve_tta(tta)
+    return tta if isinstance(tta, (bool, str)) else int(tta)
 
 
 class EngineClient:
@@ -266,8 +274,10 @@ class EngineClient:
     def detach_adapter(self, name: str) -> dict:
         return self.request("detach_adapter", name=name)
 
-    def score(self, patches: np.ndarray, adapter: str | None = None, tta: bool = True) -> list[dict]:
-        params = {"patches": encode_patches(patches), "tta": bool(tta)}
+    def score(self, patches: np.ndarray, adapter: str | None = None, tta: bool | int | str = True) -> list[dict]:
+        """Score patches (waits); ``tta``: True (the adapter's own set), False, a count or a set name
+        (``TTAError`` otherwise, before anything is sent)."""
+        params = {"patches": encode_patches(patches), "tta": tta_param(tta)}
         if adapter:
             params["adapter"] = adapter
         return self.request("score", **params)["results"]

@@ -17,6 +17,7 @@ from ..explain.volume import saliency_volume
 from ..image import CTImage
 from ..patches import PatchSpec, extract_patches
 from .engine_client import encode_patches
+from .jobs import EngineRequestJob
 from .mrml import ScenePoint
 from .scoring import EngineCall, ScoringSession
 
@@ -24,7 +25,7 @@ METHODS = ("gradxinput", "rollout")
 
 
 @dataclass
-class ExplainJob:
+class ExplainJob(EngineRequestJob):
     """One point's explanation in flight: engine setup, the ``explain`` request, then the overlay."""
 
     session: ScoringSession
@@ -44,16 +45,12 @@ class ExplainJob:
         return self.node is not None or self.cancelled
 
     @property
-    def progress(self) -> float:
-        return 1.0 if self.finished else 0.0
-
-    @property
     def status(self) -> str:
         if self.cancelled:
             return "explanation cancelled"
         if self.node is not None:
             return f"explanation of {self.point.name} shown ({self.method})"
-        return "starting the scoring engine…" if self.call and self.call.starting else f"explaining {self.point.name}…"
+        return self.waiting_status(f"explaining {self.point.name}…")
 
     @property
     def results_table(self):

@@ -40,6 +40,20 @@ class Job(Protocol):
         """Ask the job to stop; never waits (poll until ``finished``)."""
 
 
+class EngineRequestJob:
+    """Shared by jobs that are one request to the engine (``ScoreJob``, ``ExplainJob``): no progress
+    between not done and done, and the same words while the engine is being started. Needs
+    ``finished`` and ``call`` (an ``EngineCall`` or ``None``) from the job."""
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.finished else 0.0
+
+    def waiting_status(self, working: str) -> str:
+        """``working`` once the request is with the engine; before, that the engine is starting."""
+        return "starting the scoring engine…" if self.call is not None and self.call.starting else working
+
+
 def run_to_end(job: Job, timeout_s: float, poll_s: float = 0.02) -> Job:
     """Poll a job until it has finished (scripts and tests)."""
     deadline = time.monotonic() + timeout_s

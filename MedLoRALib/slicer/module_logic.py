@@ -231,7 +231,10 @@ class ModuleLogic:
 
     # --- scoring ----------------------------------------------------------------------------
     def beginScore(self, volume, markups, adapter, table=None, tta=True, device="auto"):
-        """Score the points of one volume; the pair is remembered for batch scoring and training."""
+        """Score the points of one volume; the pair is remembered for batch scoring and training.
+
+        ``tta=True``: the adapter's own test-time augmentation set (its manifest's ``tta``); the rows say which.
+        """
         if volume is None or markups is None:
             raise MedLoRAError("select a volume and a point list (or ROI) first.")
         if mrml.markups_for_volume(volume) is None:

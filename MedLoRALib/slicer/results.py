@@ -54,6 +54,7 @@ class ScoreRow:
     spread: float | None = None  # ensembles: the members' standard deviation
     disagree: bool | None = None  # ensembles: the members' own labels differ
     members: dict[str, float] = field(default_factory=dict)  # ensembles: member adapter -> its probability
+    tta: str = ""  # the test-time augmentation set the engine scored with ("rot4"; "" in tables saved before)
 
     def __post_init__(self) -> None:
         if not self.label_name and self.label is not None:
@@ -66,9 +67,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("R", "r", "double"), ("A", "a", "double"), ("S", "s", "double"),
     ("Probability", "probability", "double"), ("Label", "label_name", "string"), ("Class", "label", "string"),
     ("Spread", "spread", "double"), ("Disagree", "disagree", "string"), ("Adapter", "adapter", "string"), ("Adapter version", "adapter_version", "string"),
-    ("Random init", "random_init", "string"), ("Error", "error", "string"),
+    ("Random init", "random_init", "string"), ("TTA", "tta", "string"), ("Error", "error", "string"),
 )
 ENSEMBLE_COLUMNS = ("Spread", "Disagree")  # tables saved before ensembles lack them
+OPTIONAL_COLUMNS = (*ENSEMBLE_COLUMNS, "TTA")  # ... and tables saved before the TTA set was recorded
 
 
 def _cell(row: ScoreRow, field_name: str):
@@ -125,7 +127,7 @@ def read_table(table_node) -> list[ScoreRow]:
     """The rows of a results table node (e.g. after reloading a scene)."""
     table = table_node.GetTable()
     titles = [table.GetColumn(c).GetName() for c in range(table.GetNumberOfColumns())]
-    missing = [title for title, _, _ in COLUMNS if title not in titles and title not in ENSEMBLE_COLUMNS]
+    missing = [title for title, _, _ in COLUMNS if title not in titles and title not in OPTIONAL_COLUMNS]
     if missing:
         raise MedLoRAError(f"table '{table_node.GetName()}' is not a MedLoRA results table (missing columns: "
                            f"{', '.join(missing)}).")

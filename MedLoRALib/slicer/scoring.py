@@ -25,7 +25,8 @@ from ..ensemble import check_compatible
 from ..errors import MedLoRAError
 from ..nodule import centres_lps
 from ..patches import PatchSpec, check_inside, extract_patches
-from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches
+from .engine_client import EngineClient, EngineConfig, EngineError, encode_patches, tta_param
+from .jobs import EngineRequestJob
 from .mrml import ScenePoint, UnplacedPoint, markups_to_points, unplaced_points, volume_to_ct_image
 from .process import ProcessRunner, Reaper, SubprocessRunner
 from .results import ScoreRow, colour_control_points, write_table
@@ -86,6 +87,7 @@ def rows_from_results(batch: PatchBatch, results: list[dict], adapter: str, vers
             row.adapter = str(result.get("adapter", adapter))
             row.adapter_version = str(result.get("adapter_version", version))
             row.random_init = bool(result.get("random_init", False))
+            row.tta = str(result.get("tta") or "")
             if "spread" in result:  # an ensemble's result
                 row.spread, row.disagree = float(result["spread"]), bool(result["disagree"])
                 row.members = {str(m["adapter"]): float(m["probability"]) for m in result["members"]}
@@ -171,7 +173,7 @@ class EngineCall:
 
 
 @dataclass
-class ScoreJob:
+class ScoreJob(EngineRequestJob):
     """One volume's points being scored; ``poll`` advances it, True once the rows are in.
 
     Stages: ``engine`` (starting it, loading adapters), ``score`` (the request is with the
@@ -184,7 +186,7 @@ class ScoreJob:
     adapter: str
     version: str
     label_names: tuple[str, str]
-    tta: bool = True
+    tta: bool | int | str = True  # True: each adapter's own set (its manifest's tta); each row records the set used
     table_node: object = None
     write_results_table: bool = True
     members: list[str] | None = None  # an ensemble's adapters (``adapter`` then joins their names)
@@ -204,10 +206,6 @@ class ScoreJob:
         return self.rows is not None
 
     @property
-    def progress(self) -> float:
-        return 1.0 if self.finished else 0.0
-
-    @property
     def status(self) -> str:
         if self.cancelled:
             return "scoring cancelled"
@@ -215,7 +213,7 @@ class ScoreJob:
             return f"scoring failed: {self.error}"
         if self.rows is not None:
             return f"{len(self.rows)} nodules scored"
-        return "starting the scoring engine…" if self.stage == "engine" else "scoring…"
+        return self.waiting_status("scoring…")
 
     @property
     def results_table(self):
@@ -385,11 +383,15 @@ class ScoringSession:
 
     # --- scoring -------------------------------------------------------------------------
     def begin_score(self, volume_node, markups_node, adapter: str | list[str] | None = None, table_node=None,
-                    tta: bool = True, write_results_table: bool = True) -> ScoreJob:
+                    tta: bool | int | str = True, write_results_table: bool = True) -> ScoreJob:
         """Cut patches here and start a score job; poll it (never blocks).
 
         ``adapter``: a registered adapter's name, or a list of names to score with as an ensemble.
+        ``tta``: True scores with each adapter's own test-time augmentation set (its manifest's ``tta``;
+        ``d8`` for adapters that record none), False without; a count or set name overrides it. Each
+        row's ``tta`` is the set the engine used.
         """
+        tta = tta_param(tta)  # a bad setting is refused before anything is cut or sent
         if isinstance(adapter, (list, tuple)) and len(adapter) > 1:
             manifests = self.ensemble(list(adapter))
             members = list(manifests)
@@ -426,7 +428,7 @@ class ScoringSession:
                           method=method, opacity=opacity).start()
 
     def score(self, volume_node, markups_node, adapter: str | list[str] | None = None, table_node=None,
-              tta: bool = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
+              tta: bool | int | str = True, write_results_table: bool = True) -> tuple[object, list[ScoreRow]]:
         """Score every control point, waiting; returns the results table node and the rows."""
         job = self.begin_score(volume_node, markups_node, adapter, table_node, tta, write_results_table)
         rows = job.wait(self.engine.config.start_timeout_s + self.engine.config.request_timeout_s)

@@ -218,7 +218,7 @@ def _members(row: ScoreRow) -> list[tuple[str, str]]:
 
 def _result(row: ScoreRow, members: Sequence[str]) -> dict:
     """The engine's result object of a row (an ensemble's with its spread, disagreement and members)."""
-    result = {"probability": float(row.probability), "label": row.label_name}
+    result = {"probability": float(row.probability), "label": row.label_name, **({"tta": row.tta} if row.tta else {})}
     if len(members) > 1:
         missing = [member for member in members if member not in row.members]
         if missing:

@@ -19,6 +19,7 @@ from ..errors import DatasetError
 from ..lora_spec import LoraSpec, option
 from ..outputs import protected_reason
 from ..patches import PatchSpec
+from ..tta import NEW_ADAPTER_TTA, TTA_SETS, TTAError, check_tta_name
 from .augment import AugmentConfig
 from .progress import jsonable
 
@@ -90,6 +91,10 @@ class TrainConfig:
         "--mode", "lora (LoRA + final norm + head), full or linear (head only)", choices=MODES, group="model"))
     lora: LoraSpec = field(default_factory=LoraSpec, metadata={"group": "model"})
     patch_spec: PatchSpec | None = field(default=None, metadata={"group": "model"})
+    tta: str = field(default=NEW_ADAPTER_TTA, metadata=option(
+        "--tta", f"the test-time augmentation the adapter scores with by default, recorded in its manifest: "
+        f"{', '.join(TTA_SETS)} (default {NEW_ADAPTER_TTA}; d8: all eight flips/quarter turns, rot4: the four "
+        "quarter turns)", type=str, group="model"))
     epochs: int = field(default=20, metadata=option("--epochs", "most epochs per stage", group="optimisation"))
     batch_size: int = field(default=16, metadata=option(
         "--batch-size", "samples per micro-batch on each process", group="optimisation"))
@@ -163,6 +168,10 @@ class TrainConfig:
             problems.append(f"seed must be ≥ 0, got {self.seed} (--seed)")
         if self.num_workers < 0:
             problems.append(f"num_workers must be ≥ 0, got {self.num_workers} (--workers)")
+        try:
+            check_tta_name(self.tta, "--tta")
+        except TTAError as exc:
+            problems.append(str(exc))
         problems += self._path_problems()
         return problems
 

@@ -2,14 +2,15 @@
 
 Every action goes to the same code the Slicer module uses: ``ModuleLogic`` scores (warm
 ``medlora serve`` engine, restarted on the next request if it died), colours the points and
-cuts the thumbnail; ``Studies`` opens CTs and imports points. A timer (``tick``) advances the
-running job and refreshes the point list and the views' geometry in the page.
+cuts the thumbnail; ``Studies`` opens CTs and imports points; the Train tab is ``TrainTab``
+(``training_view.py``). A timer (``tick``) advances the running job and refreshes the point list
+and the views' geometry in the page; what the page shows of results, and the status line after
+a failed job, come from ``results_view.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import tempfile
@@ -24,18 +25,15 @@ from ..slicer.batch import BatchScoring
 from ..slicer.module_logic import ModuleLogic
 from ..slicer.results import export_csv
 from ..slicer.scoring import ScoreJob
-from ..slicer.training import TrainingConfig, TrainingJob
-from ..training.config import TrainConfig
-from . import page, training_view, views
+from ..slicer.training import TrainingJob
+from . import page, views
 from .guard import guarded
 from .paths import DataRoot, WebInputError
+from .results_view import data_link, failure_status, row_dict
 from .studies import Studies
+from .training_view import TrainTab
 
 TICK_S = 0.1
-#: after Cancel, how long the trainer may take to save its stop checkpoint before its process tree
-#: is ended (the module's default is 30 s; a browser user expects Cancel to be quick, and the
-#: checkpoint of the last finished epoch stays for Resume either way)
-CANCEL_GRACE_S = 5.0
 
 
 @dataclass
@@ -59,6 +57,7 @@ class MedLoRAWeb:
         from trame_slicer.rca_view import register_rca_factories
 
         self.server, self.state, self.config = server, server.state, config
+        views.prefer_egl_without_display()  # before the first render window: no X probe and its warning
         self.slicer_app = SlicerApp()
         slicer.mrmlScene = self.slicer_app.scene  # slicer.util helpers work on it
         register_rca_factories(self.slicer_app.view_manager, server)
@@ -72,8 +71,8 @@ class MedLoRAWeb:
         self.logic.setEnginePython(config.engine_python)
         self.extra_adapters = [self.logic.session.register_adapter(str(path)) for path in config.adapters]
         self.studies = Studies(self.slicer_app.scene)
+        self.train = TrainTab(self.state, self.logic)
         self._rows: list = []
-        self._training_job: TrainingJob | None = None
         self._init_state()
         page.build(self)
         server.controller.on_server_ready.add(self._start_ticking)
@@ -93,8 +92,7 @@ class MedLoRAWeb:
         s.window = "lung"
         s.view_geometry = "{}"
         s.tab = "score"
-        s.train_name, s.train_preset, s.train_epochs = "my-adapter", "default", TrainConfig().epochs
-        s.train_progress, s.train_status, s.train_curve, s.training = 0, "", "", False
+        self.train.init_state()
         s.labelled = ""
         s.batch_folder, s.batch_results, s.batch_progress, s.batch_status, s.batch_csv = "", [], 0, "", ""
         s.max_upload_bytes = self.config.data_root.max_upload_bytes
@@ -115,17 +113,18 @@ class MedLoRAWeb:
     def tick(self) -> None:
         logic = self.logic
         if logic.busy():
-            finished = logic.tick()
-            self.state.status = logic.jobStatus(finished) if finished else logic.jobStatus()
+            job = logic.job
+            try:
+                finished = logic.tick()
+            except MedLoRAError as exc:  # the error box gets the message (guard); the status line what to do
+                self._job_failed(job, exc)
+                raise
+            if job is not None:  # else only processes wind down: the last status stays
+                self.state.status = logic.jobStatus(finished) if finished else logic.jobStatus()
             if finished is not None:
                 self._job_finished(finished)
         self.state.busy = logic.job is not None
-        if isinstance(logic.job, TrainingJob):
-            self._training_job = logic.job
-        if self._training_job is not None:  # also while a cancelled run winds down
-            self._show_training(self._training_job)
-            if self._training_job.finished:
-                self._training_job = None
+        self.train.follow(logic.job)
         if isinstance(logic.job, BatchScoring):
             self._show_batch(logic.job)
         self._refresh_points()
@@ -135,8 +134,7 @@ class MedLoRAWeb:
 
     def _job_finished(self, job) -> None:
         if isinstance(job, TrainingJob):
-            self._show_training(job)
-            self.state.training = False
+            self.train.finished(job)
             self.refresh_adapters()
             if job.stored_adapter:
                 self.state.adapter = job.stored_adapter
@@ -145,8 +143,16 @@ class MedLoRAWeb:
             self._batch_csv(job.rows)
         if isinstance(job, ScoreJob) and job.rows is not None:
             self._rows = list(job.rows)
-            self.state.results = [_row_dict(i, row) for i, row in enumerate(self._rows)]
+            self.state.results = [row_dict(i, row) for i, row in enumerate(self._rows)]
             self.state.status = job.status
+
+    def _job_failed(self, job, exc: MedLoRAError) -> None:
+        status = failure_status(job, exc, engine_running=self.logic.session.engine.is_running())
+        self.state.status = status
+        if isinstance(job, TrainingJob):
+            self.train.failed(status)
+        if isinstance(job, BatchScoring):
+            self.state.batch_status = status
 
     def _refresh_points(self) -> None:
         """The point list and the label counts, when they changed (removing or moving a control point
@@ -282,7 +288,7 @@ class MedLoRAWeb:
         if point is None:
             raise MedLoRAError(f"'{row.nodule}' was deleted after scoring: score again.")
         path = crops.save_thumbnail(study.volume, point, self._spec(row.adapter), self.upload_dir / "thumbnail.png")
-        self.state.thumbnail = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        self.state.thumbnail = data_link(path, "image/png")
 
     def _spec(self, adapter: str):
         """The patch geometry of an adapter, registered by path (``--adapter``) or in the store."""
@@ -290,31 +296,6 @@ class MedLoRAWeb:
         if adapter in session.adapters:
             return AdapterManifest.from_dict(session.adapters[adapter], f"adapter {adapter}").spec
         return session.store.info(adapter).spec
-
-    # --- training ---------------------------------------------------------------------
-    @guarded
-    def start_training(self, resume: bool, preset: str, name: str, epochs) -> None:
-        """Train on the labelled points of every open study (the module's ``startTraining``)."""
-        s = self.state
-        train = training_view.train_config(preset, name, epochs)
-        self.logic.startTraining(TrainingConfig(train=train), resume=bool(resume))
-        s.training, s.busy, s.error = True, True, ""
-        s.train_progress, s.train_curve, s.train_status = 0, "", "starting"
-
-    @guarded
-    def cancel_training(self) -> None:
-        if isinstance(self.logic.job, TrainingJob):
-            self.logic.job.cancel_grace_s = CANCEL_GRACE_S
-            self.logic.cancelJob()
-            self.state.train_status = "stopping: saving a resumable checkpoint…"
-        self.state.training = False
-
-    def _show_training(self, job: TrainingJob) -> None:
-        s = self.state
-        s.train_progress = int(round(100 * job.progress))
-        s.train_status = job.status
-        if len(job.state.epochs) != s.train_curve.count("<!--e-->"):
-            s.train_curve = training_view.curve_svg(job.state.epochs) + "<!--e-->" * len(job.state.epochs)
 
     # --- batch ------------------------------------------------------------------------
     @guarded
@@ -342,25 +323,13 @@ class MedLoRAWeb:
         s.batch_progress = int(round(100 * job.progress))
         s.batch_status = job.status
         if len(job.rows) != len(s.batch_results):
-            s.batch_results = [{**_row_dict(i, row), "volume": row.volume} for i, row in enumerate(job.rows)]
+            s.batch_results = [{**row_dict(i, row), "volume": row.volume} for i, row in enumerate(job.rows)]
 
     def _batch_csv(self, rows) -> None:
-        path = export_csv(rows, self.upload_dir / "batch-results.csv")
-        self.state.batch_csv = "data:text/csv;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        self.state.batch_csv = data_link(export_csv(rows, self.upload_dir / "batch-results.csv"), "text/csv")
 
     def close(self) -> None:
         self.logic.close()
-
-
-def _row_dict(index: int, row) -> dict:
-    """One results-table row as the page shows it (full precision kept for export and tests)."""
-    scored = row.probability is not None and not row.error
-    return {"index": index, "nodule": row.nodule, "point_id": row.point_id,
-            "probability": f"{row.probability:.6f}" if scored else "",
-            "label": row.label_name if scored else "", "adapter": row.adapter,
-            "ras": "" if math.isnan(row.r) else f"{row.r:.6f} {row.a:.6f} {row.s:.6f}",
-            "colour": ("malignant" if row.label == 1 else "benign") if scored else "none",
-            "error": row.error, "random_init": row.random_init}
 
 
 def create_app(config: WebConfig, server=None) -> MedLoRAWeb:

@@ -102,7 +102,7 @@ def _score_tab(app, v, html) -> None:
         v.VBtn("Cancel", id="cancel-btn", click=app.cancel, disabled=("!busy",), classes="ml-2")
     with html.Table(id="results", classes="text-body-2 mt-2", style="width: 100%;"):
         with html.Tr():
-            for title in ("Nodule", "Probability", "Label", "Adapter"):
+            for title in ("Nodule", "Probability", "Label", "Adapter", "TTA"):
                 html.Th(title, style="text-align: left;")
         with html.Tr(v_for="row in results", key="row.index", classes=("['result-row', row.index === selected_row ? "
                                                                             "'selected' : '']",),
@@ -112,6 +112,7 @@ def _score_tab(app, v, html) -> None:
                     __properties=[("data_ras", "data-ras")], data_ras=("row.ras",))
             html.Td("{{ row.label }}", classes=("['label', row.colour]",))
             html.Td("{{ row.adapter }}{{ row.random_init ? ' (random init)' : '' }}")
+            html.Td("{{ row.tta }}", classes="tta")
     html.Img(src=("thumbnail",), v_show=("thumbnail",), id="thumbnail", style="width: 100%; margin-top: 8px;")
 
 
@@ -131,9 +132,9 @@ def _train_tab(app, v, html) -> None:
         v.VTextField(v_model=("train_epochs", 20), label="Epochs", id="train-epochs", type="number",
                      density="compact", hide_details=True, classes="ml-2", style="max-width: 90px;")
     with html.Div(classes="d-flex mt-2"):
-        v.VBtn("Train", id="train-start", color="primary", click=(app.start_training, "[false, train_preset, train_name, train_epochs]"), disabled=("busy",))
-        v.VBtn("Resume", id="train-resume", click=(app.start_training, "[true, train_preset, train_name, train_epochs]"), disabled=("busy",), classes="ml-2")
-        v.VBtn("Cancel", id="train-cancel", click=app.cancel_training, disabled=("!training",), classes="ml-2")
+        v.VBtn("Train", id="train-start", color="primary", click=(app.train.start, "[false, train_preset, train_name, train_epochs]"), disabled=("busy",))
+        v.VBtn("Resume", id="train-resume", click=(app.train.start, "[true, train_preset, train_name, train_epochs]"), disabled=("busy",), classes="ml-2")
+        v.VBtn("Cancel", id="train-cancel", click=app.train.cancel, disabled=("!training",), classes="ml-2")
     v.VProgressLinear(model_value=("train_progress",), height=18, color="primary", classes="mt-2",
                       id="train-progress-bar")
     html.Div("{{ train_progress }}%", id="train-progress", classes="text-caption")

@@ -2,10 +2,15 @@
 
 The views are trame-slicer's, each with Slicer's own slice logic and displayable managers
 (volumes, markups). Window/level presets set the volume's display node, as Slicer's
-Volumes module does.
+Volumes module does. Without an X display their render windows are EGL ones
+(``prefer_egl_without_display``).
 """
 
 from __future__ import annotations
+
+import ctypes.util
+import os
+from collections.abc import MutableMapping
 
 import numpy as np
 
@@ -16,6 +21,25 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (2000.0, 300.0),
 }
 VIEW_NAMES = ("Red", "Yellow", "Green")  # axial, sagittal, coronal (Slicer's singleton tags)
+EGL_WINDOW = "vtkEGLRenderWindow"
+
+
+def prefer_egl_without_display(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Without an X display, ask VTK for an EGL render window (where libEGL is installed).
+
+    VTK 9.4+ chooses the OpenGL window class when the first render window is made
+    (``vtkOpenGLRenderWindow::New``, Rendering/OpenGL2/vtkOpenGLRenderWindow.cxx, v9.6.0): unless
+    ``VTK_DEFAULT_OPENGL_WINDOW`` names one, it tries X first, and with no display
+    ``vtkXOpenGLRenderWindow::EnsureGLX`` warns "bad X server connection. DISPLAY=" before it
+    falls back to EGL. trame-slicer's views render off screen (``views/abstract_view.py``,
+    ``SetOffScreenRendering(1)``) but are made through that same choice. Naming EGL skips the X
+    probe and gives the window the fallback gave anyway. A user's own setting wins. Returns the
+    value set, or ``None`` when nothing was changed.
+    """
+    if environ.get("DISPLAY") or environ.get("VTK_DEFAULT_OPENGL_WINDOW") or not ctypes.util.find_library("EGL"):
+        return None
+    environ["VTK_DEFAULT_OPENGL_WINDOW"] = EGL_WINDOW
+    return EGL_WINDOW
 
 
 def layout():
