@@ -4,7 +4,7 @@
     HF_HUB_OFFLINE=1 python scripts/pretrain_tiny_backbone.py            # the shipped file
     HF_HUB_OFFLINE=1 python scripts/pretrain_tiny_backbone.py --steps 1 --out /tmp/smoke.safetensors
     HF_HUB_OFFLINE=1 python scripts/pretrain_tiny_backbone.py --backbone dinov2_vits14 --pixels 56 \
-        --lr 5e-4 --warmup-fraction 0.1 --threads 1 --out /work/vits-study/dinov2_vits14_synthct_56px.safetensors
+        --steps 600 --lr 5e-4 --warmup-fraction 0.1 --threads 1 --out vits14_synthct_56px.safetensors
 
 See MedLoRALib/training/pretrain.py for the task and the data.
 """
