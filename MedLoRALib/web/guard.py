@@ -24,7 +24,11 @@ def message_for(exc: BaseException) -> str:
 
 
 def guarded(method: Callable) -> Callable:
-    """Run a page action; on failure put its message in ``state.error`` (cleared when it succeeds)."""
+    """Run a page action; on failure put its message in ``state.error``.
+
+    The message stays until an action that starts anew (opening a study, importing points,
+    scoring) clears it, so a background job's failure is not wiped by a click elsewhere.
+    """
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
