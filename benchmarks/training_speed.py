@@ -177,6 +177,7 @@ def train_once(manifest: Path, out: Path, mode: str, lora, seed: int, args) -> d
         **({"lora": lora} if lora is not None else {}),
         patch_spec=PatchSpec(args.views, fov_mm=args.fov_mm, pixels=args.pixels),
         epochs=args.epochs, patience=args.epochs, batch_size=args.batch_size, seed=seed,
+        lr=args.lora_lr if mode == "lora" else None,
         val_fraction=0.2, threads=args.threads, progress_every=1, overwrite=True)
     start = time.perf_counter()
     result = T.train(config, CallbackReporter(on_event))
@@ -230,12 +231,16 @@ def auc_comparison(args, report: dict) -> dict:
     from MedLoRALib.synthetic import write_cohort
 
     variants = auc_variants(args.last_n, backbone_depth(args.backbone), args.variants)
+    if args.lora_lr is not None:  # named apart, so --merge can pair them with default-rate runs
+        variants = {f"{name}_lr{args.lora_lr:g}" if mode == "lora" else name: (mode, lora)
+                    for name, (mode, lora) in variants.items()}
     runs: dict[str, dict[str, dict]] = {name: {} for name in variants}
     work = Path(tempfile.mkdtemp(prefix="medlora-trainspeed-"))
     keep = Path(args.keep_adapters) if args.keep_adapters else None
     section = {"backbone": args.backbone, "weights": str(args.weights), "cases": args.cases,
                "views": args.views, "pixels": args.pixels, "fov_mm": args.fov_mm, "epochs": args.epochs,
-               "batch_size": args.batch_size, "seeds": args.seeds, "lr": "trainer default per mode",
+               "batch_size": args.batch_size, "seeds": args.seeds,
+               "lr": "trainer default per mode" if args.lora_lr is None else f"LoRA {args.lora_lr:g}, full default",
                "load_before": _load(), "complete": False, "adapters": str(keep) if keep else None}
     report["auc"] = section
     for seed in args.seeds:
@@ -265,7 +270,8 @@ def merge_reports(paths: list[str]) -> dict:
                 if seed in runs.setdefault(name, {}):
                     raise SystemExit(f"--merge: {name} seed {seed} appears in more than one report")
                 runs[name][seed] = run
-    return {**{k: sections[0].get(k) for k in (*keys, "weights", "lr")}, "merged_from": paths,
+    return {**{k: sections[0].get(k) for k in (*keys, "weights")}, "merged_from": paths,
+            "lr": sorted({s.get("lr") for s in sections}),
             "complete": all(s.get("complete") for s in sections), "summary": auc_summary(runs), "runs": runs}
 
 
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="auc runs to do, in this order (default: lora_qv, lora_qv_lastN…, full)")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
                         help="summarise the auc runs of these reports as one (runs nothing)")
+    parser.add_argument("--lora-lr", type=float,
+                        help="peak learning rate of the LoRA runs (default: the trainer's); their names get _lrX")
     parser.add_argument("--keep-adapters", help="write the trained adapters into this folder")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
