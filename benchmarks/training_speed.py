@@ -27,7 +27,7 @@ Two sections, one JSON object:
     HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/training_speed.py --threads 1 \
         [--sections step,auc] [--last-n 8 6 4 2] [--seeds 0 1 2] [--cases 64] [--epochs 20] \
         [--backbone dinov2_vits14 --weights VITS.safetensors --pixels 56] [--step-pixels 56] \
-        [--variants full lora_qv_last4 lora_qv] [--keep-adapters DIR] [--out result.json]
+        [--variants full lora_qv_last4 lora_qv] [--lora-lr 3e-3] [--keep-adapters DIR] [--out result.json]
     python benchmarks/training_speed.py --merge seed0.json seed1.json [--out merged.json]
 """
 
