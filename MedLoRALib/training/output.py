@@ -45,8 +45,8 @@ def write_adapter(model, manifest, out: Path, report: AdapterReport) -> Path:
         sweep_leftovers(out.parent)  # what killed runs left (their processes are gone), never other files
         save_adapter(model, manifest, staging)
         write_json_atomic(staging / metrics, jsonable({"metrics": evaluation.metrics, "history": report.history,
-                                                              "training": report.training,
-                                                              "validation_predictions": evaluation.predictions}))
+                                                       "training": report.training,
+                                                       "validation_predictions": evaluation.predictions}))
         plot_roc(staging / roc, evaluation.labels, evaluation.logits, evaluation.overall)
         plot_calibration(staging / calibration, evaluation.labels, evaluation.logits,
                          evaluation.overall.temperature)

@@ -3,11 +3,12 @@
 Large pretrained backbones cannot be downloaded here, and a randomly initialised backbone
 makes LoRA vs full fine-tuning vs linear probe meaningless (there is nothing pretrained to
 keep frozen). So the ``medlora_tiny`` architecture is pre-trained on a *different* task than
-malignancy (any other registry ViT, e.g. ``dinov2_vits14`` from random init at a
-``pixels`` size the CPU affords, can be pre-trained the same way): naming the anatomical structure at the centre of a synthetic chest CT patch —
-lung parenchyma, vessel, vessel bifurcation, airway, pleura/chest wall, or nodule. Nodules
-of every shape and composition (smooth, lobulated, spiculated; solid, ground-glass,
-part-solid, calcified) are all just "nodule": the pretext labels never say anything about malignancy.
+malignancy (any other registry ViT, e.g. ``dinov2_vits14`` from random init at a ``pixels``
+size the CPU affords, can be pre-trained the same way): naming the anatomical structure at
+the centre of a synthetic chest CT patch — lung parenchyma, vessel, vessel bifurcation,
+airway, pleura/chest wall, or nodule. Nodules of every shape and composition (smooth,
+lobulated, spiculated; solid, ground-glass, part-solid, calcified) are all just "nodule": the
+pretext labels never say anything about malignancy.
 
 Each patch is an analytic scene (``synthetic/scenes.py``) evaluated at the very sample
 points ``patches.extract_patches`` uses for a randomly rotated frame, then given

@@ -27,7 +27,8 @@ def guarded(method: Callable) -> Callable:
     """Run a page action; on failure put its message in ``state.error``.
 
     The message stays until an action that starts anew (opening a study, importing points,
-    scoring) clears it, so a background job's failure is not wiped by a click elsewhere.
+    scoring, batch scoring, training) clears it, so a background job's failure is not wiped by a
+    click elsewhere.
     """
 
     @functools.wraps(method)
